@@ -1,0 +1,193 @@
+"""Datasets as in-memory uint8 tensors, and the batching, normalisation and augmentation that
+work on whole tensors: no per-sample PIL transform, no worker processes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cifar_exp.config import UserError
+
+IMAGE_SIZE = 32
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class ImageData:
+    """A whole dataset in memory: images are uint8 N x 3 x 32 x 32, labels int64 N."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+# ---------------------------------------------------------------- loaders (config `_target_`s)
+def load_cifar10(
+    root: str, download: bool = True, mean: tuple = (0.5,) * 3, std: tuple = (0.5,) * 3
+) -> ImageData:
+    """torchvision's CIFAR10 under `root`; its `.data` is already an N x 32 x 32 x 3 uint8 array."""
+    from torchvision.datasets import CIFAR10
+
+    splits = []
+    for train in (True, False):
+        try:
+            splits.append(CIFAR10(root, train=train, download=download))
+        except Exception as e:  # offline download, bad archive, no files and download=false
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(
+                f"CIFAR-10 not found under {os.path.abspath(root)} ({reason}). Either go online "
+                f"(dataset.download=true fetches it) or put cifar-10-python.tar.gz in "
+                f"{os.path.abspath(root)}; or use dataset=imagefolder dataset.root=DIR"
+            ) from None
+    train, test = splits
+    return ImageData(
+        train_images=torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous(),
+        train_labels=torch.tensor(train.targets, dtype=torch.int64),
+        test_images=torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous(),
+        test_labels=torch.tensor(test.targets, dtype=torch.int64),
+        classes=list(train.classes),
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+
+
+def _decode(path: Path) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    try:
+        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise UserError(f"cannot decode image {path}: {str(e).splitlines()[0]}") from None
+    if image.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        image = F.interpolate(
+            image[None].float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True
+        )[0].round().clamp(0, 255).to(torch.uint8)
+    return image
+
+
+def _read_split(folder: Path, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise UserError(f"no images under {folder}/<class>/ (looked for {sorted(IMAGE_SUFFIXES)})")
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # decoding releases the GIL
+        images = list(pool.map(_decode, files, chunksize=256))
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+def load_imagefolder(root: str, mean: tuple = (0.5,) * 3, std: tuple = (0.5,) * 3) -> ImageData:
+    """root/train/<class>/* and root/test/<class>/*, classes in sorted folder order, decoded once."""
+    base = Path(root)
+    for split in ("train", "test"):
+        if not (base / split).is_dir():
+            raise UserError(
+                f"dataset.root={root}: no folder {os.path.abspath(base / split)}; imagefolder needs "
+                f"{root}/train/<class>/ and {root}/test/<class>/"
+            )
+    classes = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
+    missing = [c for c in classes if not (base / "test" / c).is_dir()]
+    if not classes or missing:
+        raise UserError(
+            f"dataset.root={root}: train/ and test/ must hold the same class folders "
+            f"(train has {classes}, test lacks {missing})"
+        )
+    train_images, train_labels = _read_split(base / "train", classes)
+    test_images, test_labels = _read_split(base / "test", classes)
+    return ImageData(
+        train_images, train_labels, test_images, test_labels, classes, tuple(mean), tuple(std)
+    )
+
+
+def load_synthetic(
+    train_size: int = 5000,
+    test_size: int = 1000,
+    noise: float = 0.25,
+    seed: int = 0,
+    root: str = "",
+    mean: tuple = (0.5,) * 3,
+    std: tuple = (0.5,) * 3,
+    num_classes: int = 10,
+) -> ImageData:
+    """Learnable generated data: each class is a smooth random colour pattern; every image is its
+    class's pattern, randomly brightened, plus per-pixel Gaussian noise."""
+    for key, value in (("train_size", train_size), ("test_size", test_size)):
+        if value < num_classes:
+            raise UserError(f"dataset.{key}={value}: need at least one image per class ({num_classes})")
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(num_classes, 3, 4, 4, generator=gen)
+    patterns = F.interpolate(coarse, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear")
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(n) % num_classes
+        labels = labels[torch.randperm(n, generator=gen)]
+        scale = 0.75 + 0.5 * torch.rand(n, 1, 1, 1, generator=gen)
+        pixels = patterns[labels] * scale + noise * torch.randn(n, 3, 32, 32, generator=gen)
+        return (pixels.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+    train_images, train_labels = make(train_size)
+    test_images, test_labels = make(test_size)
+    classes = [f"class_{i}" for i in range(num_classes)]
+    return ImageData(
+        train_images, train_labels, test_images, test_labels, classes, tuple(mean), tuple(std)
+    )
+
+
+# ---------------------------------------------------------------- tensors in, batches out
+def normalise(
+    images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> (pixel / 255 - mean) / std, in `dtype`, on the images' device."""
+    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return ((images.float() / 255 - mean_t) / std_t).to(dtype)
+
+
+def augment(
+    images: torch.Tensor, flip: bool, translate: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Random horizontal flips and random shifts of up to `translate` pixels (reflect-padded),
+    on a whole batch at once."""
+    n = len(images)
+    if flip:
+        mask = torch.rand(n, generator=generator, device=generator.device) < 0.5
+        images = torch.where(mask.view(-1, 1, 1, 1).to(images.device), images.flip(-1), images)
+    if translate:
+        t = translate
+        padded = F.pad(images, (t, t, t, t), mode="reflect")
+        h, w = images.shape[-2:]
+        dev = generator.device
+        dy, dx = torch.randint(0, 2 * t + 1, (2, n, 1), generator=generator, device=dev)
+        rows = (dy + torch.arange(h, device=dev)).to(images.device)  # n x h
+        cols = (dx + torch.arange(w, device=dev)).to(images.device)  # n x w
+        index = torch.arange(n, device=images.device).view(n, 1, 1, 1)
+        channel = torch.arange(images.shape[1], device=images.device).view(1, -1, 1, 1)
+        images = padded[index, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+    return images
+
+
+def batches(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Slices of (images, labels); shuffled once per call when a generator is given."""
+    if generator is not None:
+        order = torch.randperm(len(images), generator=generator, device=generator.device)
+        order = order.to(images.device)
+        images, labels = images[order], labels[order]
+    for start in range(0, len(images), batch_size):
+        yield images[start : start + batch_size], labels[start : start + batch_size]

@@ -1,0 +1,77 @@
+"""run(cfg): the one page that wires the pieces together."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cifar_exp import tracking
+from cifar_exp.config import build, check_trainer
+from cifar_exp.data import ImageData
+from cifar_exp.devices import select_device, unwrap_model, wrap_model
+from cifar_exp.train import fit, prepare
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@functools.lru_cache(maxsize=2)
+def load_data(dataset_yaml: str) -> ImageData:
+    """Loads a dataset once per process: the jobs of an in-process sweep share it."""
+    return build(OmegaConf.create(dataset_yaml), _convert_="all")
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Trains and evaluates one configuration; returns the final metrics."""
+    check_trainer(cfg.trainer)
+    seed_everything(cfg.seed)
+    device = select_device(cfg.device)
+    data = load_data(OmegaConf.to_yaml(cfg.dataset))
+    net = build(cfg.model, num_classes=len(data.classes))
+    tensors = prepare(data, device, cfg.trainer.channels_last)
+    if hasattr(net, "init_whitening"):  # airbench: first layer whitens patches of the data
+        net.init_whitening(tensors.train_images[:5000].cpu())
+    if cfg.trainer.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model, gpus = wrap_model(net, device, cfg.device.data_parallel)
+    log.info(f"device: {device.type}" + (f", {gpus} GPU(s)" if gpus else ""))
+    if cfg.trainer.compile:
+        model = torch.compile(model)
+    optimizer = build(cfg.optimizer)(param_groups(net, cfg.optimizer.lr, cfg.trainer.norm_bias_lr_scale))
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    with tracking.start_run(cfg, device=device.type, gpus=gpus) as tracker:
+        tracker.log_sample_images(data)
+        metrics, confusion = fit(
+            model, optimizer, tensors, data.classes, cfg.trainer, generator, tracker.log_metrics
+        )
+        report(metrics, data.classes, len(tensors.test_images))
+        tracker.log_results(unwrap_model(model), data, tensors, confusion, metrics)
+    return metrics
+
+
+def param_groups(net: torch.nn.Module, lr: float, norm_bias_lr_scale: float) -> list[dict]:
+    """Trainable parameters; BatchNorm shifts get their own learning rate when scaled."""
+    trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    norm = [p for n, p in trainable if "norm" in n]
+    if norm_bias_lr_scale == 1.0 or not norm:
+        return [{"params": [p for _, p in trainable]}]
+    rest = [p for n, p in trainable if "norm" not in n]
+    return [{"params": norm, "lr": lr * norm_bias_lr_scale}, {"params": rest}]
+
+
+def report(metrics: dict[str, float], classes: list[str], n_test: int) -> None:
+    """The tutorial's closing report."""
+    print(f"Accuracy of the network on the {n_test} test images: {int(100 * metrics['test/acc'])} %")
+    for name in classes:
+        print(f"Accuracy of {name:>5s} : {int(100 * metrics[f'test/acc/{name}']):2d} %")
