@@ -61,7 +61,7 @@ def load_cifar10(
     )
 
 
-def _decode(path: Path) -> torch.Tensor:
+def read_image(path: Path) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image, read_file
 
     try:
@@ -69,9 +69,14 @@ def _decode(path: Path) -> torch.Tensor:
     except RuntimeError as e:
         raise UserError(f"cannot decode image {path}: {str(e).splitlines()[0]}") from None
     if image.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        image = F.interpolate(
-            image[None].float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True
-        )[0].round().clamp(0, 255).to(torch.uint8)
+        image = (
+            F.interpolate(
+                image[None].float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True
+            )[0]
+            .round()
+            .clamp(0, 255)
+            .to(torch.uint8)
+        )
     return image
 
 
@@ -84,7 +89,7 @@ def _read_split(folder: Path, classes: list[str]) -> tuple[torch.Tensor, torch.T
     if not files:
         raise UserError(f"no images under {folder}/<class>/ (looked for {sorted(IMAGE_SUFFIXES)})")
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # decoding releases the GIL
-        images = list(pool.map(_decode, files, chunksize=256))
+        images = list(pool.map(read_image, files, chunksize=256))
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
 
@@ -106,9 +111,7 @@ def load_imagefolder(root: str, mean: tuple = (0.5,) * 3, std: tuple = (0.5,) * 
         )
     train_images, train_labels = _read_split(base / "train", classes)
     test_images, test_labels = _read_split(base / "test", classes)
-    return ImageData(
-        train_images, train_labels, test_images, test_labels, classes, tuple(mean), tuple(std)
-    )
+    return ImageData(train_images, train_labels, test_images, test_labels, classes, tuple(mean), tuple(std))
 
 
 def load_synthetic(
@@ -140,9 +143,7 @@ def load_synthetic(
     train_images, train_labels = make(train_size)
     test_images, test_labels = make(test_size)
     classes = [f"class_{i}" for i in range(num_classes)]
-    return ImageData(
-        train_images, train_labels, test_images, test_labels, classes, tuple(mean), tuple(std)
-    )
+    return ImageData(train_images, train_labels, test_images, test_labels, classes, tuple(mean), tuple(std))
 
 
 # ---------------------------------------------------------------- tensors in, batches out
@@ -155,9 +156,7 @@ def normalise(
     return ((images.float() / 255 - mean_t) / std_t).to(dtype)
 
 
-def augment(
-    images: torch.Tensor, flip: bool, translate: int, generator: torch.Generator
-) -> torch.Tensor:
+def augment(images: torch.Tensor, flip: bool, translate: int, generator: torch.Generator) -> torch.Tensor:
     """Random horizontal flips and random shifts of up to `translate` pixels (reflect-padded),
     on a whole batch at once."""
     n = len(images)

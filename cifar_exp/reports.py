@@ -18,8 +18,13 @@ def close(fig: Any) -> None:
     plt.close(fig)
 
 
-def image_grid(images: torch.Tensor, labels: torch.Tensor, classes: list[str],
-               predicted: torch.Tensor | None = None, columns: int = 8) -> Any:
+def image_grid(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[str],
+    predicted: torch.Tensor | None = None,
+    columns: int = 8,
+) -> Any:
     """uint8 N x 3 x H x W images titled with their class (and prediction: red when wrong)."""
     n = len(images)
     rows = (n + columns - 1) // columns
@@ -47,11 +52,20 @@ def confusion_figure(confusion: torch.Tensor, classes: list[str]) -> Any:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     top = confusion.max().item() or 1
-    for (i, j), count in zip(torch.cartesian_prod(torch.arange(len(classes)),
-                                                  torch.arange(len(classes))).tolist(),
-                             confusion.flatten().tolist(), strict=True):
-        ax.text(j, i, count, ha="center", va="center", fontsize=7,
-                color="white" if count > top / 2 else "black")
+    for (i, j), count in zip(
+        torch.cartesian_prod(torch.arange(len(classes)), torch.arange(len(classes))).tolist(),
+        confusion.flatten().tolist(),
+        strict=True,
+    ):
+        ax.text(
+            j,
+            i,
+            count,
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if count > top / 2 else "black",
+        )
     fig.tight_layout()
     return fig
 
@@ -59,8 +73,12 @@ def confusion_figure(confusion: torch.Tensor, classes: list[str]) -> Any:
 def per_class_rows(confusion: torch.Tensor, classes: list[str]) -> list[dict[str, Any]]:
     correct, total = confusion.diag(), confusion.sum(1)
     return [
-        {"class": name, "correct": int(correct[i]), "total": int(total[i]),
-         "accuracy": round(float(correct[i]) / max(1, int(total[i])), 4)}
+        {
+            "class": name,
+            "correct": int(correct[i]),
+            "total": int(total[i]),
+            "accuracy": round(float(correct[i]) / max(1, int(total[i])), 4),
+        }
         for i, name in enumerate(classes)
     ]
 
@@ -86,11 +104,15 @@ def csv_table(rows: list[dict[str, Any]]) -> str:
 
 def sweep_figure(rows: list[dict[str, Any]], numeric_keys: list[str], metric: str = "test/acc") -> Any:
     """One panel per swept numeric key: `metric` of every finished child against that key."""
-    fig, axes = plt.subplots(1, max(1, len(numeric_keys)), figsize=(4.5 * max(1, len(numeric_keys)), 3.5),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(1, len(numeric_keys)), figsize=(4.5 * max(1, len(numeric_keys)), 3.5), squeeze=False
+    )
     for ax, key in zip(axes.flat, numeric_keys, strict=False):
-        points = sorted((float(r[key]), float(r[metric])) for r in rows
-                        if r.get(metric) not in (None, "") and r.get(key) not in (None, ""))
+        points = sorted(
+            (float(r[key]), float(r[metric]))
+            for r in rows
+            if r.get(metric) not in (None, "") and r.get(key) not in (None, "")
+        )
         if points:
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, "o")

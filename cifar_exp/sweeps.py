@@ -38,9 +38,14 @@ class SweepCallback(Callback):
         run = MlflowClient(self.uri).create_run(
             experiment_id,
             run_name="sweep:" + (",".join(overrides + [f"{k}={v}" for k, v in params.items()]) or "default"),
-            tags={"sweep": "true", "overrides": json.dumps(overrides),
-                  "sweep_params": json.dumps(params), "git_commit": commit, "git_dirty": str(dirty),
-                  "hydra_sweep_dir": str(config.hydra.sweep.dir)},
+            tags={
+                "sweep": "true",
+                "overrides": json.dumps(overrides),
+                "sweep_params": json.dumps(params),
+                "git_commit": commit,
+                "git_dirty": str(dirty),
+                "hydra_sweep_dir": str(config.hydra.sweep.dir),
+            },
         )
         self.parent_id = run.info.run_id
         os.environ[tracking.PARENT_RUN_ENV] = self.parent_id

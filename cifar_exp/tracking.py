@@ -51,16 +51,18 @@ def ensure_experiment(cfg: TrackingConfig) -> str:
         except OSError as e:
             raise UserError(f"cannot create the MLflow store folder {folder}: {e.strerror}") from None
         if not os.access(folder, os.W_OK):
-            raise UserError(f"the MLflow store folder {folder} is not writable; fix its permissions "
-                            "or set mlflow.tracking_uri")
+            raise UserError(
+                f"the MLflow store folder {folder} is not writable; fix its permissions "
+                "or set mlflow.tracking_uri"
+            )
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(cfg.experiment_name)
     if experiment is not None:
         return experiment.experiment_id
-    artifacts = None
-    if uri == default_store_uri():
-        artifacts = (STORE_DIR / "artifacts").as_uri()
+    artifacts = None  # a server or other store decides for itself
+    if uri.startswith("sqlite:///"):  # artifacts beside the database, wherever it is run from
+        artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
     try:
         return client.create_experiment(cfg.experiment_name, artifact_location=artifacts)
     except Exception:  # another process created it first
@@ -101,6 +103,7 @@ def run_name(overrides: list[str]) -> str:
 
 def git_state() -> tuple[str, bool | None]:
     """(commit, dirty) of the project's checkout, ('unknown', None) outside git."""
+
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True, timeout=10
@@ -137,8 +140,14 @@ class Tracker:
         mlflow.log_figure(fig, "figures/train_samples.png")
         reports.close(fig)
 
-    def log_results(self, model: torch.nn.Module, data: Any, tensors: Any, confusion: torch.Tensor,
-                    metrics: dict[str, float]) -> None:
+    def log_results(
+        self,
+        model: torch.nn.Module,
+        data: Any,
+        tensors: Any,
+        confusion: torch.Tensor,
+        metrics: dict[str, float],
+    ) -> None:
         """Figures, the per-class table and the final weights (loadable into the plain model)."""
         if self.run_id is None:
             return
@@ -189,7 +198,8 @@ def start_run(cfg: DictConfig, device: str, gpus: int) -> Iterator[Tracker]:
     if os.environ.get(PARENT_RUN_ENV):
         tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
     tags.update(json.loads(os.environ.get(EXTRA_TAGS_ENV, "{}")))
-    active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(overrides), tags=tags)
+    name = tags.pop("mlflow.runName", run_name(overrides))
+    active = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags)
     run_id = active.info.run_id
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -208,7 +218,7 @@ def start_run(cfg: DictConfig, device: str, gpus: int) -> Iterator[Tracker]:
         raise
     else:
         _end(mlflow, "FINISHED", None)
-    log.info(f"MLflow run {run_id} ({run_name(overrides)}) in {tracking_uri(cfg.mlflow)}")
+    log.info(f"MLflow run {run_id} ({name}) in {tracking_uri(cfg.mlflow)}")
 
 
 def _end(mlflow: Any, status: str, error: str | None) -> None:
@@ -228,8 +238,10 @@ def summarise_sweep(client: Any, parent_id: str) -> str:
 
     parent = client.get_run(parent_id)
     children = client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-        order_by=["attributes.start_time ASC"], max_results=10000,
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=10000,
     )
     swept: list[str] = []
     rows = []

@@ -86,8 +86,15 @@ def train_epoch(
     epoch_loss = torch.zeros((), device=device)
     window = epoch_steps = 0
     started = time.perf_counter()
-    bar = tqdm(total=len(data.train_images), unit="img", unit_scale=True, leave=False,
-               desc=f"epoch {epoch}", disable=None, mininterval=0.5)
+    bar = tqdm(
+        total=len(data.train_images),
+        unit="img",
+        unit_scale=True,
+        leave=False,
+        desc=f"epoch {epoch}",
+        disable=None,
+        mininterval=0.5,
+    )
     for images, labels in batches(data.train_images, data.train_labels, cfg.batch_size, generator):
         if cfg.flip or cfg.translate:
             images = augment(images, cfg.flip, cfg.translate, generator)
@@ -124,8 +131,7 @@ def _finite(value: float, step: int, optimizer: torch.optim.Optimizer) -> float:
     if not math.isfinite(value):
         lr = optimizer.param_groups[-1]["lr"]
         raise NonFiniteLossError(
-            f"training loss became {value} by step {step} (lr={lr:g}); "
-            "lower optimizer.lr or check the data"
+            f"training loss became {value} by step {step} (lr={lr:g}); lower optimizer.lr or check the data"
         )
     return value
 
@@ -202,7 +208,12 @@ def fit(
             model, optimizer, scheduler, data, cfg, generator, epoch, step, on_metrics
         )
         test_metrics, confusion = evaluate(
-            model, data.test_images, data.test_labels, classes, cfg.test_batch_size, cfg.tta,
+            model,
+            data.test_images,
+            data.test_labels,
+            classes,
+            cfg.test_batch_size,
+            cfg.tta,
             cfg.autocast,
         )
         metrics.update(test_metrics)
