@@ -98,6 +98,8 @@ def rerun(uri: str, run_id: str, overrides: list[str], train: Callable[[], objec
 
     with tempfile.TemporaryDirectory() as tmp:
         snapshot = yaml.safe_load(_download(uri, run_id, tracking.CONFIG_ARTIFACT, tmp).read_text())
+        if snapshot["mlflow"].get("tracking_uri"):  # the new run goes where the original was read
+            snapshot["mlflow"]["tracking_uri"] = uri
         hydra_settings = yaml.safe_load(Path(tracking.PROJECT_ROOT, "conf/config.yaml").read_text())
         primary = {
             "defaults": ["config_schema", "_self_"],

@@ -69,6 +69,7 @@ class AirbenchConfig:
     block2: int = 256
     block3: int = 256
     batchnorm_momentum: float = 0.6
+    whiten_bias_epochs: int = 3  # the whitening layer's bias trains for this many epochs, then freezes
 
 
 # ---------------------------------------------------------------- optimizer
@@ -104,7 +105,7 @@ class AdamWConfig(AdamConfig):
 class DeviceConfig:
     name: str = "auto"  # auto | cpu | cuda
     data_parallel: bool = True  # wrap in torch.nn.DataParallel when more than one GPU is visible
-    threads: int = 0  # CPU threads for torch; 0 keeps torch's default
+    threads: int = 0  # CPU threads for torch; 0: 1 thread below batch 32, else torch's default
 
 
 @dataclass
@@ -120,9 +121,12 @@ class TrainerConfig:
     translate: int = 0  # random shifts of training batches by up to this many pixels
     channels_last: bool = False
     compile: bool = False  # torch.compile the model (slower to start; pays off on long runs)
-    autocast: bool = False  # bfloat16 autocast on CUDA
+    autocast: bool = False  # mixed precision on CUDA
+    autocast_dtype: str = "bfloat16"  # bfloat16 | float16 (float16 adds gradient scaling)
+    drop_last: bool = False  # skip a last training batch smaller than batch_size
     tta: int = 0  # test-time augmentation: 0 none, 1 + mirror, 2 + mirror and 1-pixel shifts
     norm_bias_lr_scale: float = 1.0  # lr multiplier for BatchNorm shifts (airbench uses 64)
+    lookahead: bool = False  # pull weights onto their moving average every 5 steps (airbench)
 
 
 @dataclass
@@ -153,6 +157,8 @@ def check_trainer(cfg: TrainerConfig) -> None:
             raise UserError(f"trainer.{key}={getattr(cfg, key)}: must be a positive integer")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise UserError(f"trainer.lr_schedule={cfg.lr_schedule!r}: allowed are {', '.join(LR_SCHEDULES)}")
+    if cfg.autocast_dtype not in ("bfloat16", "float16"):
+        raise UserError(f"trainer.autocast_dtype={cfg.autocast_dtype!r}: allowed are bfloat16, float16")
     if cfg.tta not in (0, 1, 2):
         raise UserError(f"trainer.tta={cfg.tta}: allowed are 0, 1, 2")
     if cfg.translate < 0:

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -62,22 +63,18 @@ def load_cifar10(
 
 
 def read_image(path: Path) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    """One image file as uint8 3 x 32 x 32 (RGB; other sizes resized with antialiasing)."""
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except RuntimeError as e:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+                image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+            pixels = np.asarray(image, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as e:
         raise UserError(f"cannot decode image {path}: {str(e).splitlines()[0]}") from None
-    if image.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        image = (
-            F.interpolate(
-                image[None].float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True
-            )[0]
-            .round()
-            .clamp(0, 255)
-            .to(torch.uint8)
-        )
-    return image
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
 def _read_split(folder: Path, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,11 +179,14 @@ def batches(
     labels: torch.Tensor,
     batch_size: int,
     generator: torch.Generator | None = None,
+    drop_last: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Slices of (images, labels); shuffled once per call when a generator is given."""
+    """Slices of (images, labels); shuffled once per call when a generator is given; with
+    drop_last, a final batch smaller than batch_size is skipped."""
     if generator is not None:
         order = torch.randperm(len(images), generator=generator, device=generator.device)
         order = order.to(images.device)
         images, labels = images[order], labels[order]
-    for start in range(0, len(images), batch_size):
+    end = len(images) - len(images) % batch_size if drop_last and len(images) >= batch_size else len(images)
+    for start in range(0, end, batch_size):
         yield images[start : start + batch_size], labels[start : start + batch_size]

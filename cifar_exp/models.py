@@ -113,10 +113,12 @@ class Airbench94(nn.Module):
         block2: int = 256,
         block3: int = 256,
         batchnorm_momentum: float = 0.6,
+        whiten_bias_epochs: int = 3,
         num_classes: int = 10,
     ) -> None:
         super().__init__()
         _check_widths("model", whiten_width=whiten_width, block1=block1, block2=block2, block3=block3)
+        self.whiten_bias_epochs = whiten_bias_epochs
         if whiten_width % 2 or whiten_width > 24:
             raise UserError(
                 f"model.whiten_width={whiten_width}: must be even and at most 24 "
@@ -136,6 +138,10 @@ class Airbench94(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.layers(self.whiten(x))) / 9
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the training loop before each epoch (1-based)."""
+        self.whiten.bias.requires_grad = epoch <= self.whiten_bias_epochs
 
     @torch.no_grad()
     def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:

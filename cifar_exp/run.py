@@ -35,19 +35,20 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Trains and evaluates one configuration; returns the final metrics."""
     check_trainer(cfg.trainer)
     seed_everything(cfg.seed)
-    device = select_device(cfg.device)
+    device = select_device(cfg.device, cfg.trainer.batch_size)
     data = load_data(OmegaConf.to_yaml(cfg.dataset))
     net = build(cfg.model, num_classes=len(data.classes))
     tensors = prepare(data, device, cfg.trainer.channels_last)
     if hasattr(net, "init_whitening"):  # airbench: first layer whitens patches of the data
-        net.init_whitening(tensors.train_images[:5000].cpu())
+        net.init_whitening(tensors.train_images[:5000])
     if cfg.trainer.channels_last:
         net = net.to(memory_format=torch.channels_last)
     model, gpus = wrap_model(net, device, cfg.device.data_parallel)
     log.info(f"device: {device.type}" + (f", {gpus} GPU(s)" if gpus else ""))
     if cfg.trainer.compile:
         model = torch.compile(model)
-    optimizer = build(cfg.optimizer)(param_groups(net, cfg.optimizer.lr, cfg.trainer.norm_bias_lr_scale))
+    groups = param_groups(net, cfg.optimizer, cfg.trainer.norm_bias_lr_scale)
+    optimizer = build(cfg.optimizer)(groups)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     with tracking.start_run(cfg, device=device.type, gpus=gpus) as tracker:
@@ -55,23 +56,32 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics, confusion = fit(
             model, optimizer, tensors, data.classes, cfg.trainer, generator, tracker.log_metrics
         )
-        report(metrics, data.classes, len(tensors.test_images))
+        report(confusion, data.classes)
         tracker.log_results(unwrap_model(model), data, tensors, confusion, metrics)
     return metrics
 
 
-def param_groups(net: torch.nn.Module, lr: float, norm_bias_lr_scale: float) -> list[dict]:
-    """Trainable parameters; BatchNorm shifts get their own learning rate when scaled."""
+def param_groups(net: torch.nn.Module, optimizer: DictConfig, norm_bias_lr_scale: float) -> list[dict]:
+    """Trainable parameters. With a scale, BatchNorm shifts get lr * scale and weight decay / scale,
+    so their decay per step (lr * weight_decay) stays that of the other parameters (airbench)."""
     trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     norm = [p for n, p in trainable if "norm" in n]
     if norm_bias_lr_scale == 1.0 or not norm:
         return [{"params": [p for _, p in trainable]}]
     rest = [p for n, p in trainable if "norm" not in n]
-    return [{"params": norm, "lr": lr * norm_bias_lr_scale}, {"params": rest}]
+    scaled = {
+        "lr": optimizer.lr * norm_bias_lr_scale,
+        "weight_decay": optimizer.weight_decay / norm_bias_lr_scale,
+    }
+    return [{"params": norm, **scaled}, {"params": rest}]
 
 
-def report(metrics: dict[str, float], classes: list[str], n_test: int) -> None:
-    """The tutorial's closing report."""
-    print(f"Accuracy of the network on the {n_test} test images: {int(100 * metrics['test/acc'])} %")
-    for name in classes:
-        print(f"Accuracy of {name:>5s} : {int(100 * metrics[f'test/acc/{name}']):2d} %")
+def report(confusion: torch.Tensor, classes: list[str]) -> None:
+    """The tutorial's closing report, computed like the tutorial: 100 * correct // total."""
+    correct, total = confusion.diag(), confusion.sum(1)
+    print(
+        f"Accuracy of the network on the {int(total.sum())} test images: "
+        f"{int(100 * correct.sum() // total.sum())} %"
+    )
+    for i, name in enumerate(classes):
+        print(f"Accuracy of {name:>5s} : {int(100 * correct[i] // max(1, int(total[i]))):2d} %")

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from cifar_exp.config import TrainerConfig, UserError
 from cifar_exp.data import ImageData, augment, batches, normalise
+from cifar_exp.devices import unwrap_model
 
 log = logging.getLogger(__name__)
 MetricsCallback = Callable[[dict[str, float], int], None]
@@ -51,6 +52,26 @@ def prepare(data: ImageData, device: torch.device, channels_last: bool = False) 
     )
 
 
+class Lookahead:
+    """hlb-cifar10/airbench's lookahead: every 5 steps the weights and BatchNorm statistics are
+    pulled onto an exponential moving average of themselves, harder as training ends (decay
+    0.95^5 * progress^3); at the last step the model becomes the average."""
+
+    def __init__(self, model: nn.Module, total_steps: int) -> None:
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.total_steps = total_steps
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        if step % 5 and step < self.total_steps:
+            return
+        decay = 1.0 if step >= self.total_steps else 0.95**5 * (step / self.total_steps) ** 3
+        for average, current in zip(self.average.values(), model.state_dict().values(), strict=True):
+            if current.dtype.is_floating_point:
+                average.lerp_(current, 1 - decay)
+                current.copy_(average)
+
+
 def lr_factor(schedule: str, step: int, total_steps: int, warmup_fraction: float) -> float:
     """Multiplier of the base learning rate at `step`. onecycle: linear 0.2 -> 1 over the warm-up,
     then linear 1 -> 0.07 to the end (airbench's shape)."""
@@ -62,9 +83,11 @@ def lr_factor(schedule: str, step: int, total_steps: int, warmup_fraction: float
     return 1.0 - 0.93 * (step - warmup) / max(1, total_steps - warmup)
 
 
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+def _autocast(
+    device: torch.device, enabled: bool, dtype: str = "bfloat16"
+) -> contextlib.AbstractContextManager:
     if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=getattr(torch, dtype))
     return contextlib.nullcontext()
 
 
@@ -72,6 +95,7 @@ def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    lookahead: Lookahead | None,
     data: Tensors,
     cfg: TrainerConfig,
     generator: torch.Generator,
@@ -84,7 +108,7 @@ def train_epoch(
     device = data.train_images.device
     window_loss = torch.zeros((), device=device)  # summed on the device: no host sync per step
     epoch_loss = torch.zeros((), device=device)
-    window = epoch_steps = 0
+    window = epoch_steps = seen = 0
     started = time.perf_counter()
     bar = tqdm(
         total=len(data.train_images),
@@ -95,20 +119,27 @@ def train_epoch(
         disable=None,
         mininterval=0.5,
     )
-    for images, labels in batches(data.train_images, data.train_labels, cfg.batch_size, generator):
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.autocast and cfg.autocast_dtype == "float16")
+    for images, labels in batches(
+        data.train_images, data.train_labels, cfg.batch_size, generator, cfg.drop_last
+    ):
         if cfg.flip or cfg.translate:
             images = augment(images, cfg.flip, cfg.translate, generator)
-        with _autocast(device, cfg.autocast):
+        with _autocast(device, cfg.autocast, cfg.autocast_dtype):
             loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()  # float16 only: scaled so small gradients do not underflow
+        scaler.step(optimizer)
+        scaler.update()
         if scheduler is not None:
             scheduler.step()
+        if lookahead is not None:
+            lookahead.update(model, step + 1)
         loss = loss.detach()
         window_loss += loss
         epoch_loss += loss
         step, window, epoch_steps = step + 1, window + 1, epoch_steps + 1
+        seen += len(images)
         bar.update(len(images))
         if window == cfg.log_every_n_steps:
             mean = _finite(window_loss.item() / window, step, optimizer)  # this syncs the GPU
@@ -118,11 +149,12 @@ def train_epoch(
             window_loss.zero_()
             window = 0
     bar.close()
+    loss_epoch = _finite(epoch_loss.item() / max(1, epoch_steps), step, optimizer)  # syncs the GPU
     seconds = time.perf_counter() - started
     metrics = {
-        "train/loss_epoch": _finite(epoch_loss.item() / max(1, epoch_steps), step, optimizer),
+        "train/loss_epoch": loss_epoch,
         "time/epoch_s": seconds,
-        "throughput/images_per_s": len(data.train_images) / seconds,
+        "throughput/images_per_s": seen / seconds,
     }
     return metrics, step
 
@@ -160,6 +192,7 @@ def evaluate(
     batch_size: int,
     tta: int = 0,
     autocast: bool = False,
+    autocast_dtype: str = "bfloat16",
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Test loss, accuracy (a fraction) and per-class accuracy; plus the confusion matrix
     (rows: true class, columns: predicted)."""
@@ -168,7 +201,7 @@ def evaluate(
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.int64, device=images.device)
     total_loss = torch.zeros((), device=images.device)
     for x, y in batches(images, labels, batch_size):
-        with _autocast(images.device, autocast):
+        with _autocast(images.device, autocast, autocast_dtype):
             logits = predict_logits(model, x, tta).float()
         total_loss += F.cross_entropy(logits, y, reduction="sum")
         confusion += torch.bincount(y * n_classes + logits.argmax(1), minlength=n_classes**2).view(
@@ -202,10 +235,13 @@ def fit(
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(cfg.lr_schedule, s, total, cfg.warmup_fraction)
         )
+    lookahead = Lookahead(model, total) if cfg.lookahead else None
     step, metrics, confusion = 0, {}, torch.zeros(0)
     for epoch in range(1, cfg.epochs + 1):
+        if hasattr(unwrap_model(model), "start_epoch"):
+            unwrap_model(model).start_epoch(epoch)
         metrics, step = train_epoch(
-            model, optimizer, scheduler, data, cfg, generator, epoch, step, on_metrics
+            model, optimizer, scheduler, lookahead, data, cfg, generator, epoch, step, on_metrics
         )
         test_metrics, confusion = evaluate(
             model,

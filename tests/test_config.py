@@ -1,0 +1,213 @@
+"""Every option of every config group and every experiment composes in-process, and what the
+configs name can be built through the one allow-listed instantiate."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import hydra.utils
+import pytest
+import torch
+from conftest import CONF_DIR, REPO
+from omegaconf import OmegaConf
+
+from cifar_exp.config import UserError, build
+from cifar_exp.devices import select_device
+from cifar_exp.models import CNN
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("group", "expected"),
+    [
+        ("dataset", {"cifar10", "imagefolder", "synthetic"}),
+        ("model", {"cnn"}),
+        ("optimizer", {"sgd", "adam", "adamw"}),
+        ("device", {"auto", "cpu", "cuda"}),
+        ("experiment", {"tutorial", "width_sweep"}),
+    ],
+)
+def test_documented_options_exist(group: str, expected: set[str]) -> None:
+    assert expected <= set(options(group))
+
+
+def test_experiment_group_is_the_experiments_folder() -> None:
+    assert options("experiment") == EXPERIMENTS
+
+
+def test_default_config_is_the_tutorial_on_cifar10(compose_config) -> None:
+    cfg = compose_config()
+    assert cfg.dataset._target_ == "cifar_exp.data.load_cifar10"
+    assert cfg.model._target_ == "cifar_exp.models.CNN"
+    assert cfg.optimizer._target_ == "torch.optim.SGD"
+    assert cfg.device.name == "auto"
+    assert cfg.trainer.epochs == 2 and cfg.trainer.batch_size == 4
+    assert cfg.mlflow.enabled is True and cfg.seed == 0
+
+
+# ---------------------------------------------------------------- dataset
+@pytest.mark.parametrize("name", options("dataset"))
+def test_dataset_option_composes_and_fits_its_loader(compose_config, name: str) -> None:
+    cfg = compose_config(f"dataset={name}")
+    node = OmegaConf.to_container(cfg.dataset, resolve=True)
+    target = node.pop("_target_")
+    assert target.startswith("cifar_exp.data.")
+    loader = hydra.utils.get_method(target)
+    inspect.signature(loader).bind(**node)  # every key is a parameter of the loader
+    assert len(node["mean"]) == len(node["std"]) == 3
+
+
+def test_synthetic_dataset_builds(compose_config) -> None:
+    cfg = compose_config("dataset=synthetic", "dataset.train_size=20", "dataset.test_size=10")
+    data = build(cfg.dataset, _convert_="all")
+    assert data.train_images.shape == (20, 3, 32, 32) and data.test_images.shape == (10, 3, 32, 32)
+    assert data.mean == (0.5, 0.5, 0.5)
+
+
+# ---------------------------------------------------------------- device
+@pytest.mark.parametrize("name", options("device"))
+def test_device_option_composes(compose_config, name: str) -> None:
+    cfg = compose_config(f"device={name}")
+    assert cfg.device.name == name
+    if name in ("auto", "cpu") and not torch.cuda.is_available():
+        assert select_device(cfg.device, cfg.trainer.batch_size) == torch.device("cpu")
+
+
+# ---------------------------------------------------------------- model
+@pytest.mark.parametrize("name", options("model"))
+def test_model_option_builds_and_classifies(compose_config, name: str) -> None:
+    cfg = compose_config(f"model={name}")
+    model = build(cfg.model, num_classes=10)
+    assert isinstance(model, torch.nn.Module)
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "check"),
+    [
+        (["model.conv1_out=32"], lambda m: m.conv1.out_channels == 32 and m.conv2.in_channels == 32),
+        (["model.conv2_out=20"], lambda m: m.conv2.out_channels == 20 and m.fc1.in_features == 20 * 5 * 5),
+        (["model.fc1_out=64"], lambda m: m.fc1.out_features == 64 and m.fc2.in_features == 64),
+        (["model.fc2_out=50"], lambda m: m.fc2.out_features == 50 and m.fc3.in_features == 50),
+        (
+            ["model.kernel_size=3", "model.conv2_out=8"],
+            # 32 -conv3-> 30 -pool-> 15 -conv3-> 13 -pool-> 6
+            lambda m: m.conv1.kernel_size == (3, 3) and m.fc1.in_features == 8 * 6 * 6,
+        ),
+    ],
+    ids=["conv1_out", "conv2_out", "fc1_out", "fc2_out", "kernel_size"],
+)
+def test_cnn_widths_propagate(compose_config, overrides: list[str], check) -> None:
+    model = build(compose_config("model=cnn", *overrides).model, num_classes=10)
+    assert isinstance(model, CNN)
+    assert check(model)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_cnn_num_classes_sets_the_head(compose_config) -> None:
+    model = build(compose_config("model=cnn").model, num_classes=3)
+    assert model.fc3.out_features == 3
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+# ---------------------------------------------------------------- optimizer
+OPTIMIZER_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+@pytest.mark.parametrize("name", options("optimizer"))
+def test_optimizer_option_builds_with_model_parameters(compose_config, name: str) -> None:
+    cfg = compose_config(f"optimizer={name}", "optimizer.lr=0.05")
+    model = torch.nn.Linear(4, 2)
+    make = build(cfg.optimizer)  # _partial_: the parameters come later
+    optimizer = make(model.parameters())
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    if name in OPTIMIZER_CLASSES:
+        assert type(optimizer) is OPTIMIZER_CLASSES[name]
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 0.05
+    assert group["weight_decay"] == cfg.optimizer.weight_decay
+    assert len(group["params"]) == 2
+
+
+def test_optimizer_specific_keys_reach_torch(compose_config) -> None:
+    params = list(torch.nn.Linear(4, 2).parameters())
+    sgd = build(compose_config("optimizer=sgd", "optimizer.momentum=0.5").optimizer)(params)
+    assert sgd.param_groups[0]["momentum"] == 0.5 and sgd.param_groups[0]["nesterov"] is False
+    adam = build(compose_config("optimizer=adam", "optimizer.betas=[0.8,0.99]").optimizer)(params)
+    assert tuple(adam.param_groups[0]["betas"]) == (0.8, 0.99)
+    adamw = build(compose_config("optimizer=adamw").optimizer)(params)
+    assert adamw.param_groups[0]["weight_decay"] == 0.01
+
+
+# ---------------------------------------------------------------- experiments
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes(compose_config, name: str) -> None:
+    assert compose_config(f"experiment={name}", hydra_config=True).hydra.job.name
+    cfg = compose_config(f"experiment={name}")
+    assert OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # nothing left unset
+    build(cfg.model, num_classes=10)
+    build(cfg.optimizer)(torch.nn.Linear(2, 2).parameters())
+
+
+def test_tutorial_is_the_pytorch_tutorial(compose_config) -> None:
+    cfg = compose_config("experiment=tutorial")
+    assert cfg.trainer.batch_size == 4
+    assert cfg.trainer.epochs == 2
+    assert cfg.trainer.log_every_n_steps == 2000
+    assert cfg.trainer.lr_schedule == "constant"
+    assert cfg.trainer.label_smoothing == 0
+    assert cfg.trainer.flip is False and cfg.trainer.translate == 0 and cfg.trainer.tta == 0
+    assert cfg.optimizer._target_ == "torch.optim.SGD"
+    assert cfg.optimizer.lr == 0.001 and cfg.optimizer.momentum == 0.9
+    assert cfg.optimizer.weight_decay == 0 and cfg.optimizer.nesterov is False
+    assert list(cfg.dataset.mean) == [0.5] * 3 and list(cfg.dataset.std) == [0.5] * 3
+    model = build(cfg.model, num_classes=10)
+    assert isinstance(model, CNN)
+    layers = (model.conv1, model.conv2, model.fc1, model.fc2, model.fc3)
+    assert [layer.weight.shape[0] for layer in layers] == [6, 16, 120, 84, 10]
+    assert model.conv1.kernel_size == model.conv2.kernel_size == (5, 5)
+    assert model.fc1.in_features == 16 * 5 * 5
+
+
+def test_command_line_beats_the_experiment(compose_config) -> None:
+    cfg = compose_config("experiment=tutorial", "trainer.epochs=1", "optimizer.lr=0.01")
+    assert cfg.trainer.epochs == 1 and cfg.optimizer.lr == 0.01
+    assert cfg.trainer.batch_size == 4
+
+
+def test_width_sweep_sweeps_both_conv_widths(compose_config) -> None:
+    cfg = compose_config("experiment=width_sweep", hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert set(params) == {"model.conv1_out", "model.conv2_out"}
+    for key, values in params.items():
+        widths = [int(v) for v in str(values).split(",")]
+        assert len(widths) > 1, key
+        for width in widths:  # every point of the sweep builds
+            model = build(compose_config(f"{key}={width}").model, num_classes=10)
+            assert getattr(model, "conv1" if key.endswith("conv1_out") else "conv2").out_channels == width
+
+
+# ---------------------------------------------------------------- the allow-list
+def test_build_refuses_targets_outside_the_allow_list(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    node = OmegaConf.create({"_target_": "os.system", "command": f"touch {marker}"})
+    with pytest.raises(UserError, match="os.system"):
+        build(node)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("target", ["builtins.eval", "cifar_exp.run.run", "torch.optimizer_lookalike"])
+def test_build_allow_list_is_by_namespace(target: str) -> None:
+    with pytest.raises(UserError, match="not allowed"):
+        build(OmegaConf.create({"_target_": target}))

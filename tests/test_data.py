@@ -1,0 +1,189 @@
+"""Datasets become uint8 N x 3 x 32 x 32 tensors with the right labels and classes; batching,
+normalisation and augmentation work on whole tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_exp.config import UserError
+from cifar_exp.data import augment, batches, load_cifar10, load_imagefolder, load_synthetic, normalise
+
+
+# ---------------------------------------------------------------- CIFAR-10 pickles
+@pytest.mark.parametrize("download", [False, True], ids=["download=false", "download=true"])
+def test_cifar10_reads_the_pickles(cifar_folder, skip_cifar_md5, download: bool) -> None:
+    # download=true must use the files already there, not fetch (there is no network here).
+    data = load_cifar10(str(cifar_folder.root), download=download)
+
+    n_train, n_test = len(cifar_folder.train_labels), len(cifar_folder.test_labels)
+    assert data.train_images.dtype == torch.uint8 and data.test_images.dtype == torch.uint8
+    assert data.train_images.shape == (n_train, 3, 32, 32)
+    assert data.test_images.shape == (n_test, 3, 32, 32)
+    assert data.train_labels.dtype == torch.int64
+    assert data.train_labels.tolist() == cifar_folder.train_labels
+    assert data.test_labels.tolist() == cifar_folder.test_labels
+    assert data.classes == cifar_folder.classes
+    assert data.mean == (0.5, 0.5, 0.5) and data.std == (0.5, 0.5, 0.5)
+
+
+def test_cifar10_pixels_keep_channel_and_row_order(cifar_folder, skip_cifar_md5) -> None:
+    """A row of the pickle is 1024 red, 1024 green, 1024 blue values, each 32 rows of 32."""
+    data = load_cifar10(str(cifar_folder.root), download=False)
+
+    expected_train = torch.from_numpy(cifar_folder.train_data).view(-1, 3, 32, 32)
+    assert torch.equal(data.train_images, expected_train)
+    assert torch.equal(data.test_images, torch.from_numpy(cifar_folder.test_data).view(-1, 3, 32, 32))
+    # One pixel spelled out: image 7, green channel, row 2, column 5.
+    row = cifar_folder.train_data[7]
+    assert data.train_images[7, 1, 2, 5].item() == row[1024 + 2 * 32 + 5]
+    assert data.train_images[7, 2, 31, 0].item() == row[2048 + 31 * 32]
+
+
+def test_cifar10_missing_files_name_path_and_remedies(tmp_path: Path) -> None:
+    root = tmp_path / "empty"
+    with pytest.raises(UserError) as excinfo:
+        load_cifar10(str(root), download=False)
+    message = str(excinfo.value)
+    assert str(root) in message
+    assert "dataset.download=true" in message  # remedy 1: go online
+    assert "cifar-10-python.tar.gz" in message  # remedy 2: put the archive there
+
+
+# ---------------------------------------------------------------- image folders
+def test_imagefolder_decodes_pngs_with_sorted_classes(png_folder) -> None:
+    data = load_imagefolder(str(png_folder.root))
+
+    assert data.classes == png_folder.classes == ["apple", "mango", "zebra"]
+    for split, images, labels in (
+        ("train", data.train_images, data.train_labels),
+        ("test", data.test_images, data.test_labels),
+    ):
+        keys = sorted(k for k in png_folder.images if k.startswith(f"{split}/"))
+        assert images.dtype == torch.uint8
+        assert images.shape == (len(keys), 3, 32, 32)
+        # Files are read class by class in sorted order; the label is the folder's index.
+        expected_labels = [data.classes.index(k.split("/")[1]) for k in keys]
+        assert labels.tolist() == expected_labels
+        for i, key in enumerate(keys):
+            if key != png_folder.odd_image:
+                assert torch.equal(images[i], png_folder.images[key]), key
+
+
+def test_imagefolder_resizes_other_sizes_to_32x32(png_folder) -> None:
+    data = load_imagefolder(str(png_folder.root))
+
+    keys = sorted(k for k in png_folder.images if k.startswith("train/"))
+    odd = data.train_images[keys.index(png_folder.odd_image)]
+    assert png_folder.images[png_folder.odd_image].shape[1:] != (32, 32)
+    assert odd.shape == (3, 32, 32)
+    # A solid colour stays that colour when resized.
+    expected = png_folder.images[png_folder.odd_image][:, :1, :1].expand(3, 32, 32)
+    assert torch.equal(odd, expected)
+
+
+def test_imagefolder_undecodable_file_is_a_user_error(tmp_path: Path) -> None:
+    for split in ("train", "test"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+        (tmp_path / split / "cat" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="cannot decode image .*broken.png"):
+        load_imagefolder(str(tmp_path))
+
+
+# ---------------------------------------------------------------- synthetic
+def test_synthetic_is_deterministic_per_seed() -> None:
+    a = load_synthetic(train_size=50, test_size=20, seed=3)
+    b = load_synthetic(train_size=50, test_size=20, seed=3)
+    c = load_synthetic(train_size=50, test_size=20, seed=4)
+
+    for name in ("train_images", "train_labels", "test_images", "test_labels"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert not torch.equal(a.train_images, c.train_images)
+    assert a.train_images.dtype == torch.uint8 and a.train_images.shape == (50, 3, 32, 32)
+    assert a.test_images.shape == (20, 3, 32, 32)
+    assert a.classes == [f"class_{i}" for i in range(10)]
+
+
+def test_synthetic_is_balanced() -> None:
+    data = load_synthetic(train_size=100, test_size=30, seed=0)
+    assert data.train_labels.bincount(minlength=10).tolist() == [10] * 10
+    assert data.test_labels.bincount(minlength=10).tolist() == [3] * 10
+    assert not torch.equal(data.train_labels, torch.arange(100) % 10)  # shuffled, not cycled
+
+
+def test_synthetic_needs_an_image_per_class() -> None:
+    with pytest.raises(UserError, match="dataset.train_size=5"):
+        load_synthetic(train_size=5, test_size=20)
+
+
+# ---------------------------------------------------------------- tensors in, batches out
+def test_normalise_maps_the_pixel_range_to_minus_one_one() -> None:
+    images = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 2, 2)
+    x = normalise(images, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), torch.float32)
+    assert x.dtype == torch.float32 and x.shape == (2, 3, 2, 2)
+    assert torch.all(x[0] == -1) and torch.all(x[1] == 1)
+
+
+def test_normalise_is_per_channel() -> None:
+    images = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    x = normalise(images, (0.0, 0.5, 1.0), (1.0, 0.5, 0.25), torch.float32)
+    assert x[0, :, 0, 0].tolist() == [1.0, 1.0, 0.0]
+
+
+def _indexed(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images whose every pixel is their index, so image and label can be matched up."""
+    images = torch.arange(n).view(n, 1, 1, 1).expand(n, 3, 4, 4).clone()
+    return images, torch.arange(n)
+
+
+def test_shuffled_batches_cover_every_sample_once() -> None:
+    images, labels = _indexed(103)
+    gen = torch.Generator().manual_seed(0)
+    seen: list[list[int]] = []
+    for _ in range(2):  # two epochs
+        got = list(batches(images, labels, 10, gen))
+        assert [len(y) for _, y in got] == [10] * 10 + [3]
+        order = torch.cat([y for _, y in got])
+        for x, y in got:
+            assert torch.equal(x[:, 0, 0, 0], y)  # image and label stay together
+        assert sorted(order.tolist()) == list(range(103))
+        assert order.tolist() != list(range(103))
+        seen.append(order.tolist())
+    assert seen[0] != seen[1]  # a new order each epoch
+
+
+def test_batches_without_generator_keep_order() -> None:
+    images, labels = _indexed(25)
+    order = torch.cat([y for _, y in batches(images, labels, 10)])
+    assert order.tolist() == list(range(25))
+
+
+def test_augment_keeps_shape_and_content() -> None:
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator())
+    gen = torch.Generator().manual_seed(0)
+
+    flipped = augment(images, flip=True, translate=0, generator=gen)
+    assert flipped.shape == images.shape and flipped.dtype == images.dtype
+    is_same = [torch.equal(a, b) for a, b in zip(flipped, images, strict=True)]
+    is_mirror = [torch.equal(a, b.flip(-1)) for a, b in zip(flipped, images, strict=True)]
+    assert all(s or m for s, m in zip(is_same, is_mirror, strict=True))
+    assert any(is_mirror) and any(is_same)
+
+    shifted = augment(images, flip=True, translate=4, generator=gen)
+    assert shifted.shape == images.shape and shifted.dtype == images.dtype
+    assert not torch.equal(shifted, images)
+
+    assert torch.equal(augment(images, flip=False, translate=0, generator=gen), images)
+
+
+def test_augment_translation_shifts_whole_images() -> None:
+    # One bright pixel in the middle: a shift of up to 2 pixels moves it, it does not vanish.
+    images = torch.zeros(8, 1, 9, 9)
+    images[:, :, 4, 4] = 1
+    shifted = augment(images, flip=False, translate=2, generator=torch.Generator().manual_seed(1))
+    assert shifted.shape == images.shape
+    for image in shifted:
+        (ys, xs) = torch.nonzero(image[0], as_tuple=True)
+        assert len(ys) == 1 and abs(ys.item() - 4) <= 2 and abs(xs.item() - 4) <= 2
