@@ -34,7 +34,8 @@ for child in children:
     seed = child.data.params.get("seed")
     note = "  (warm-up, not counted)" if seed == args.warmup_seed else ""
     print(
-        f"  {child.info.run_name}: seed {seed}: {seconds:6.2f} s training, test acc {acc:.4f}, {child.info.status}{note}"
+        f"  {child.info.run_name}: seed {seed}: {seconds:6.2f} s training, "
+        f"test acc {acc:.4f}, {child.info.status}{note}"
     )
     if not note:
         kept.append((seconds, acc))
