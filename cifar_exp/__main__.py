@@ -1,24 +1,20 @@
-"""The front door: `python -m cifar_exp [overrides]` trains; `cifar-exp ui|rerun|predict` use
-what MLflow recorded. Bad input ends in one line on stderr and a non-zero exit
+"""The front door: `python -m cifar_exp [overrides]` trains; `cifar-exp ui|rerun|resume|predict`
+use what MLflow recorded. Bad input ends in one line on stderr and a non-zero exit
 (HYDRA_FULL_ERROR=1 shows the traceback)."""
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from cifar_exp import signals
 from cifar_exp.config import register_schemas
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_schemas()
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so runs end KILLED and the process exits 143."""
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -28,20 +24,16 @@ def train(cfg: DictConfig) -> float:
     return run(cfg)["test/acc"]
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signals.install()
     try:
-        if len(sys.argv) > 1 and sys.argv[1] in ("ui", "rerun", "predict"):
+        if len(sys.argv) > 1 and sys.argv[1] in ("ui", "rerun", "resume", "predict"):
             from cifar_exp import commands
 
             sys.exit(commands.dispatch(sys.argv[1], sys.argv[2:], train))
         train()
     except KeyboardInterrupt as e:
-        terminated = isinstance(e, Terminated)
+        terminated = isinstance(e, signals.Terminated)
         print("terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(143 if terminated else 130)
 

@@ -20,6 +20,7 @@ from cifar_exp.config import TrackingConfig, UserError
 USAGE = {
     "ui": "start the MLflow UI on the project's store, bound to 127.0.0.1",
     "rerun": "re-run a recorded run from its logged config snapshot into a new run",
+    "resume": "continue an interrupted run from its last checkpoint, into the same run",
     "predict": "print the top classes of each image with a recorded run's weights",
 }
 
@@ -40,14 +41,16 @@ def dispatch(command: str, argv: list[str], train: Callable[[], object]) -> int:
         parser.add_argument("--top", type=int, default=3, help="classes to show per image")
     if command == "rerun":
         parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (off the record)")
+    if command == "resume":
+        parser.add_argument("overrides", nargs="*", help="e.g. trainer.epochs=10 to train longer")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking.tracking_uri(TrackingConfig(tracking_uri=args.tracking_uri))
     try:
         if command == "ui":
             return ui(uri, args.port)
-        if command == "rerun":
-            return rerun(uri, args.run_id, args.overrides, train)
+        if command in ("rerun", "resume"):
+            return rerun(uri, args.run_id, args.overrides, train, resume=command == "resume")
         return predict(uri, args.run_id, args.images, args.top)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -91,15 +94,19 @@ def _download(uri: str, run_id: str, artifact: str, dest: str) -> Path:
         raise UserError(f"run {run_id}: cannot read {artifact} from {uri} ({e})") from None
 
 
-def rerun(uri: str, run_id: str, overrides: list[str], train: Callable[[], object]) -> int:
+def rerun(
+    uri: str, run_id: str, overrides: list[str], train: Callable[[], object], resume: bool = False
+) -> int:
     """Composes the run's logged resolved config (under the typed schema, with this project's
-    Hydra settings) and trains it into a new run tagged rerun_of=RUN_ID."""
+    Hydra settings) and trains it into a new run tagged rerun_of=RUN_ID, or with `resume`
+    continues RUN_ID itself from its last checkpoint."""
     from mlflow.tracking import MlflowClient
 
     with tempfile.TemporaryDirectory() as tmp:
         snapshot = yaml.safe_load(_download(uri, run_id, tracking.CONFIG_ARTIFACT, tmp).read_text())
         if snapshot["mlflow"].get("tracking_uri"):  # the new run goes where the original was read
             snapshot["mlflow"]["tracking_uri"] = uri
+        snapshot["resume"] = run_id if resume else None
         hydra_settings = yaml.safe_load(Path(tracking.PROJECT_ROOT, "conf/config.yaml").read_text())
         primary = {
             "defaults": ["config_schema", "_self_"],
@@ -108,9 +115,10 @@ def rerun(uri: str, run_id: str, overrides: list[str], train: Callable[[], objec
         }
         Path(tmp, "rerun.yaml").write_text(yaml.safe_dump(primary, sort_keys=False))
         original = MlflowClient(uri).get_run(run_id)
-        os.environ[tracking.EXTRA_TAGS_ENV] = json.dumps(
-            {"rerun_of": run_id, "mlflow.runName": f"rerun:{original.info.run_name}"}
-        )
+        if not resume:
+            os.environ[tracking.EXTRA_TAGS_ENV] = json.dumps(
+                {"rerun_of": run_id, "mlflow.runName": f"rerun:{original.info.run_name}"}
+            )
         if uri != tracking.default_store_uri():
             os.environ["MLFLOW_TRACKING_URI"] = uri
         sys.argv = [sys.argv[0], "--config-dir", tmp, "--config-name", "rerun", *overrides]

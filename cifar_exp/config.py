@@ -127,6 +127,7 @@ class TrainerConfig:
     tta: int = 0  # test-time augmentation: 0 none, 1 + mirror, 2 + mirror and 1-pixel shifts
     norm_bias_lr_scale: float = 1.0  # lr multiplier for BatchNorm shifts (airbench uses 64)
     lookahead: bool = False  # pull weights onto their moving average every 5 steps (airbench)
+    checkpoint: bool = True  # write <hydra output dir>/checkpoint.pt after every epoch and on a signal
 
 
 @dataclass
@@ -145,6 +146,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     mlflow: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
+    resume: str | None = None  # an MLflow run id or a checkpoint file: continue that run
 
 
 LR_SCHEDULES = ("constant", "onecycle")

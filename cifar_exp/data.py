@@ -174,19 +174,26 @@ def augment(images: torch.Tensor, flip: bool, translate: int, generator: torch.G
     return images
 
 
+def shuffle(
+    images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random permutation of the whole set, drawn from `generator` (so it can be replayed)."""
+    order = torch.randperm(len(images), generator=generator, device=generator.device).to(images.device)
+    return images[order], labels[order]
+
+
 def batches(
     images: torch.Tensor,
     labels: torch.Tensor,
     batch_size: int,
     generator: torch.Generator | None = None,
     drop_last: bool = False,
+    skip: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Slices of (images, labels); shuffled once per call when a generator is given; with
-    drop_last, a final batch smaller than batch_size is skipped."""
+    """Slices of (images, labels); shuffled first when a generator is given; with drop_last, a
+    final batch smaller than batch_size is skipped; the first `skip` batches are left out."""
     if generator is not None:
-        order = torch.randperm(len(images), generator=generator, device=generator.device)
-        order = order.to(images.device)
-        images, labels = images[order], labels[order]
+        images, labels = shuffle(images, labels, generator)
     end = len(images) - len(images) % batch_size if drop_last and len(images) >= batch_size else len(images)
-    for start in range(0, end, batch_size):
+    for start in range(skip * batch_size, end, batch_size):
         yield images[start : start + batch_size], labels[start : start + batch_size]

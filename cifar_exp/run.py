@@ -5,16 +5,18 @@ from __future__ import annotations
 import functools
 import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp import tracking
+from cifar_exp import checkpoints, signals, tracking
 from cifar_exp.config import build, check_trainer
 from cifar_exp.data import ImageData
 from cifar_exp.devices import select_device, unwrap_model, wrap_model
-from cifar_exp.train import fit, prepare
+from cifar_exp.train import Loop, prepare
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,15 @@ def load_data(dataset_yaml: str) -> ImageData:
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Trains and evaluates one configuration; returns the final metrics."""
+    """Trains and evaluates one configuration (or continues an interrupted one); returns the
+    final metrics."""
     check_trainer(cfg.trainer)
+    previous = tracking.previous_run(cfg)  # in a re-run sweep: this config's earlier run, if any
+    if previous and previous.status == "FINISHED":
+        log.info(f"skipped: run {previous.run_id} already finished this config")
+        return previous.metrics
+    resume_from = cfg.resume or (previous.run_id if previous and previous.checkpoint else None)
+    state = checkpoints.load(tracking.checkpoint_path(resume_from, cfg.mlflow)) if resume_from else None
     seed_everything(cfg.seed)
     device = select_device(cfg.device, cfg.trainer.batch_size)
     data = load_data(OmegaConf.to_yaml(cfg.dataset))
@@ -47,18 +56,34 @@ def run(cfg: DictConfig) -> dict[str, float]:
     log.info(f"device: {device.type}" + (f", {gpus} GPU(s)" if gpus else ""))
     if cfg.trainer.compile:
         model = torch.compile(model)
-    groups = param_groups(net, cfg.optimizer, cfg.trainer.norm_bias_lr_scale)
-    optimizer = build(cfg.optimizer)(groups)
+    optimizer = build(cfg.optimizer)(param_groups(net, cfg.optimizer, cfg.trainer.norm_bias_lr_scale))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    with tracking.start_run(cfg, device=device.type, gpus=gpus) as tracker:
-        tracker.log_sample_images(data)
-        metrics, confusion = fit(
-            model, optimizer, tensors, data.classes, cfg.trainer, generator, tracker.log_metrics
+    run_id = state["mlflow_run_id"] if state else None
+    with tracking.start_run(cfg, device=device.type, gpus=gpus, run_id=run_id) as tracker:
+        path = checkpoint_file(cfg)
+        save = (lambda s: checkpoints.save({**s, "mlflow_run_id": tracker.run_id}, path)) if path else None
+        loop = Loop(
+            model, optimizer, tensors, data.classes, cfg.trainer, generator, tracker.log_metrics, save
         )
+        if state:
+            loop.load_state_dict(state)
+            log.info(f"resumed from {resume_from}: epoch {loop.progress.epoch}, step {loop.progress.step}")
+        else:
+            tracker.log_sample_images(data)
+        tracker.set_checkpoint(path)
+        with signals.deferred():  # Ctrl-C/SIGTERM: finish the step, checkpoint, then stop
+            metrics, confusion = loop.fit()
         report(confusion, data.classes)
         tracker.log_results(unwrap_model(model), data, tensors, confusion, metrics)
     return metrics
+
+
+def checkpoint_file(cfg: DictConfig) -> Path | None:
+    """<hydra output dir>/checkpoint.pt, or None with checkpoints off or outside Hydra."""
+    if not cfg.trainer.checkpoint or not HydraConfig.initialized():
+        return None
+    return Path(HydraConfig.get().runtime.output_dir) / checkpoints.FILENAME
 
 
 def param_groups(net: torch.nn.Module, optimizer: DictConfig, norm_bias_lr_scale: float) -> list[dict]:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import logging
 import os
+import queue
+import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +32,8 @@ STORE_DIR = PROJECT_ROOT / "mlruns"
 PARENT_RUN_ENV = "CIFAR_EXP_PARENT_RUN_ID"  # set by the sweep callback for every job it launches
 EXTRA_TAGS_ENV = "CIFAR_EXP_RUN_TAGS"  # JSON object of tags, set by `cifar-exp rerun`
 CONFIG_ARTIFACT = "config/config.yaml"
+TRAIN_SAMPLES_ARTIFACT = "figures/train_samples.png"
+PNG_COMPRESSION = 1  # zlib level: ~3x faster than Pillow's default 6, files a few % larger
 WEIGHTS_ARTIFACT = "model/state_dict.pt"
 CLASSES_ARTIFACT = "model/classes.json"
 
@@ -101,8 +110,10 @@ def run_name(overrides: list[str]) -> str:
     return ",".join(parts) or "default"
 
 
+@functools.lru_cache(maxsize=1)
 def git_state() -> tuple[str, bool | None]:
-    """(commit, dirty) of the project's checkout, ('unknown', None) outside git."""
+    """(commit, dirty) of the project's checkout, ('unknown', None) outside git. Read once per
+    process: that is the code running, and the jobs of an in-process sweep all report it."""
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -115,30 +126,167 @@ def git_state() -> tuple[str, bool | None]:
         return "unknown", None
 
 
+HASH_TAG = "config_hash"
+CHECKPOINT_TAG = "checkpoint"
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Identifies what a run computes: the resolved config without `resume` and `mlflow`."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("resume", "mlflow"):
+        resolved.pop(key, None)
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:20]
+
+
+@dataclass
+class PreviousRun:
+    run_id: str
+    status: str
+    metrics: dict[str, float]
+    checkpoint: str | None
+
+
+def previous_run(cfg: DictConfig) -> PreviousRun | None:
+    """In a sweep, the earlier run of this same config: a FINISHED one (the job is skipped and
+    linked to this sweep's parent), else an interrupted one with a checkpoint (it is resumed and
+    moved under this sweep's parent). None outside sweeps, with tracking off or resume set."""
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if not parent or not cfg.mlflow.enabled or cfg.resume:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg.mlflow))
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment_name)
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.{HASH_TAG} = '{config_hash(cfg)}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=50,
+    )
+    for run in runs:
+        if run.info.status == "FINISHED":
+            client.set_tag(parent, f"linked/{run.info.run_id}", "finished in an earlier sweep")
+            return PreviousRun(run.info.run_id, "FINISHED", dict(run.data.metrics), None)
+    for run in runs:
+        path = run.data.tags.get(CHECKPOINT_TAG)
+        if run.info.status in ("KILLED", "RUNNING") and path and Path(path).is_file():
+            client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
+            return PreviousRun(run.info.run_id, run.info.status, dict(run.data.metrics), path)
+    return None
+
+
+def checkpoint_path(ref: str, cfg: TrackingConfig | None = None) -> Path:
+    """`ref` is a checkpoint file, or an MLflow run id whose `checkpoint` tag names one."""
+    if Path(ref).is_file():
+        return Path(ref)
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg or TrackingConfig())
+    try:
+        run = MlflowClient(uri).get_run(ref)
+    except MlflowException:
+        raise UserError(f"resume={ref}: neither a checkpoint file nor a run in {uri}") from None
+    path = run.data.tags.get(CHECKPOINT_TAG)
+    if not path:
+        raise UserError(
+            f"run {ref} recorded no checkpoint (trainer.checkpoint=false, or it never finished an epoch)"
+        )
+    return Path(path)
+
+
+class RecordWriter:
+    """Writes metrics and params to the store from a background thread: the training loop only
+    puts them on a queue. Whatever piles up while a write is in flight goes out as one batch.
+
+    MLflow's own asynchronous logging (`synchronous=False`) polls its queue with a 1 s timeout,
+    and flushing it, then ending the run, each waited out that poll: ~2 s per run. Here closing
+    waits only for what is still queued."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: str | None = None  # the first failed write
+        self.thread = threading.Thread(target=self._drain, name="mlflow-record-writer", daemon=True)
+        self.thread.start()
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)  # ms since the epoch, as MLflow stamps metrics
+        self.queue.put(("metrics", [Metric(k, float(v), now, step) for k, v in metrics.items()]))
+
+    def params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        self.queue.put(("params", [Param(k, v) for k, v in params.items()]))
+
+    def close(self) -> str | None:
+        """Waits until everything queued is written; returns the first error, if any."""
+        self.queue.put(None)
+        self.thread.join()
+        return self.error
+
+    def _drain(self) -> None:
+        done = False
+        while not done:
+            pending = [self.queue.get()]  # blocks until there is something to write
+            while not self.queue.empty():
+                pending.append(self.queue.get())
+            done = None in pending
+            batch: dict[str, list] = {"metrics": [], "params": []}
+            for kind, items in (item for item in pending if item is not None):
+                batch[kind] += items
+            self._write(batch["metrics"], batch["params"])
+
+    def _write(self, metrics: list, params: list) -> None:
+        # The store's limits per call: 1000 values of which at most 100 params.
+        chunks = [([], params[i : i + 100]) for i in range(0, len(params), 100)]
+        chunks += [(metrics[i : i + 1000], []) for i in range(0, len(metrics), 1000)]
+        for chunk_metrics, chunk_params in chunks:
+            try:
+                self.client.log_batch(self.run_id, metrics=chunk_metrics, params=chunk_params)
+            except Exception as e:  # reported when the run ends; training goes on
+                if self.error is None:
+                    log.error(f"MLflow: could not record metrics or params: {e}")
+                    self.error = (str(e).splitlines() or [type(e).__name__])[0]
+
+
 class Tracker:
     """The run's handle for the runner. With tracking off (run_id None) every call does nothing."""
 
-    def __init__(self, run_id: str | None) -> None:
+    def __init__(self, run_id: str | None, writer: RecordWriter | None = None) -> None:
         self.run_id = run_id
+        self.writer = writer
+
+    def set_checkpoint(self, path: Path | None) -> None:
+        """Where this run's checkpoints go, for `cifar-exp resume RUN_ID`."""
+        if self.run_id is not None and path is not None:
+            import mlflow
+
+            mlflow.set_tag(CHECKPOINT_TAG, str(path.resolve()))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Queued, not written on the spot: training never waits for the store."""
-        if self.run_id is None:
-            return
-        import mlflow
-
-        mlflow.log_metrics(metrics, step=step, synchronous=False)
+        if self.writer is not None:
+            self.writer.metrics(metrics, step)
 
     def log_sample_images(self, data: Any) -> None:
+        """A grid of the first 32 training images with their labels."""
         if self.run_id is None:
             return
         import mlflow
 
         from cifar_exp import reports
 
-        fig = reports.image_grid(data.train_images[:32], data.train_labels[:32], data.classes)
-        mlflow.log_figure(fig, "figures/train_samples.png")
-        reports.close(fig)
+        grid = reports.image_grid(data.train_images[:32], data.train_labels[:32], data.classes)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp, Path(TRAIN_SAMPLES_ARTIFACT).name)
+            grid.save(path, compress_level=PNG_COMPRESSION)
+            mlflow.log_artifact(str(path), Path(TRAIN_SAMPLES_ARTIFACT).parent.as_posix())
 
     def log_results(
         self,
@@ -148,7 +296,8 @@ class Tracker:
         confusion: torch.Tensor,
         metrics: dict[str, float],
     ) -> None:
-        """Figures, the per-class table and the final weights (loadable into the plain model)."""
+        """Test predictions and the confusion matrix as figures, the per-class table and the final
+        weights (loadable into the plain model), written to a folder and logged in one call."""
         if self.run_id is None:
             return
         import mlflow
@@ -159,29 +308,39 @@ class Tracker:
             model.eval()
             logits = model(tensors.test_images[:32])
         predicted = logits.argmax(1).cpu()
-        fig = reports.image_grid(data.test_images[:32], data.test_labels[:32], data.classes, predicted)
-        mlflow.log_figure(fig, "figures/test_predictions.png")
-        reports.close(fig)
-        fig = reports.confusion_figure(confusion, data.classes)
-        mlflow.log_figure(fig, "figures/confusion_matrix.png")
-        reports.close(fig)
         rows = reports.per_class_rows(confusion, data.classes)
-        mlflow.log_text(reports.markdown_table(rows), "tables/per_class_accuracy.md")
-        mlflow.log_text(reports.csv_table(rows), "tables/per_class_accuracy.csv")
-        mlflow.log_dict({"classes": data.classes}, CLASSES_ARTIFACT)
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(WEIGHTS_ARTIFACT).name
-            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
-            mlflow.log_artifact(str(path), Path(WEIGHTS_ARTIFACT).parent.as_posix())
+            files = {
+                "figures/test_predictions.png": reports.image_grid(
+                    data.test_images[:32], data.test_labels[:32], data.classes, predicted
+                ),
+                "figures/confusion_matrix.png": reports.confusion_image(confusion, data.classes),
+                "tables/per_class_accuracy.md": reports.markdown_table(rows),
+                "tables/per_class_accuracy.csv": reports.csv_table(rows),
+                CLASSES_ARTIFACT: json.dumps({"classes": data.classes}, indent=2),
+                WEIGHTS_ARTIFACT: {k: v.cpu() for k, v in model.state_dict().items()},
+            }
+            for name, content in files.items():
+                path = Path(tmp, name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(content, str):
+                    path.write_text(content)
+                elif isinstance(content, dict):
+                    torch.save(content, path)
+                else:
+                    content.save(path, compress_level=PNG_COMPRESSION)  # a Pillow image
+            mlflow.log_artifacts(tmp)
 
 
 @contextlib.contextmanager
-def start_run(cfg: DictConfig, device: str, gpus: int) -> Iterator[Tracker]:
-    """Opens the MLflow run for one job; ends it FINISHED, FAILED (error as a tag) or KILLED."""
+def start_run(cfg: DictConfig, device: str, gpus: int, run_id: str | None = None) -> Iterator[Tracker]:
+    """Opens the MLflow run for one job (or reopens `run_id` to continue it); ends it FINISHED,
+    FAILED (error as a tag) or KILLED."""
     if not cfg.mlflow.enabled:
         yield Tracker(None)
         return
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     experiment_id = ensure_experiment(cfg.mlflow)
     overrides = task_overrides()
@@ -192,6 +351,7 @@ def start_run(cfg: DictConfig, device: str, gpus: int) -> Iterator[Tracker]:
         "git_dirty": str(dirty),
         "device": device,
         "gpus": str(gpus),
+        HASH_TAG: config_hash(cfg),
     }
     if HydraConfig.initialized():
         tags["hydra_output_dir"] = HydraConfig.get().runtime.output_dir
@@ -199,31 +359,56 @@ def start_run(cfg: DictConfig, device: str, gpus: int) -> Iterator[Tracker]:
         tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
     tags.update(json.loads(os.environ.get(EXTRA_TAGS_ENV, "{}")))
     name = tags.pop("mlflow.runName", run_name(overrides))
-    active = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags)
+    resuming = run_id is not None
+    if resuming:  # continuing: params stay as first recorded (MLflow refuses changed values)
+        active = mlflow.start_run(run_id=run_id)
+        name = active.info.run_name
+        tags = {k: v for k, v in tags.items() if k not in ("overrides", HASH_TAG)}
+        mlflow.set_tags({**tags, "resumed_with_overrides": json.dumps(overrides)})
+    else:
+        active = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags)
     run_id = active.info.run_id
+    writer = RecordWriter(MlflowClient(tracking_uri(cfg.mlflow)), run_id)
     try:
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        mlflow.log_params(flatten(resolved), synchronous=False)
-        mlflow.log_dict(resolved, CONFIG_ARTIFACT)
-        if HydraConfig.initialized():
-            snapshot = Path(HydraConfig.get().runtime.output_dir) / ".hydra"
-            if snapshot.is_dir():
-                mlflow.log_artifacts(str(snapshot), "config/hydra")
-        yield Tracker(run_id)
+        if not resuming:
+            writer.params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+        log_config(cfg)
+        yield Tracker(run_id, writer)
     except KeyboardInterrupt:
-        _end(mlflow, "KILLED", "interrupted (Ctrl-C or SIGTERM)")
+        _end(writer, "KILLED", "interrupted (Ctrl-C or SIGTERM)")
         raise
     except BaseException as e:
-        _end(mlflow, "FAILED", (str(e).splitlines() or [type(e).__name__])[0])
+        _end(writer, "FAILED", (str(e).splitlines() or [type(e).__name__])[0])
         raise
     else:
-        _end(mlflow, "FINISHED", None)
+        _end(writer, "FINISHED", None)
     log.info(f"MLflow run {run_id} ({name}) in {tracking_uri(cfg.mlflow)}")
 
 
-def _end(mlflow: Any, status: str, error: str | None) -> None:
+def log_config(cfg: DictConfig) -> None:
+    """The resolved config and, under Hydra, its .hydra snapshot, logged in one call."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp, Path(CONFIG_ARTIFACT).parent)
+        folder.mkdir()
+        (folder / Path(CONFIG_ARTIFACT).name).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        if HydraConfig.initialized():
+            snapshot = Path(HydraConfig.get().runtime.output_dir) / ".hydra"
+            if snapshot.is_dir():
+                shutil.copytree(snapshot, folder / "hydra")
+        mlflow.log_artifacts(tmp)
+
+
+def _end(writer: RecordWriter, status: str, error: str | None) -> None:
+    """Waits for queued metrics and params, then ends the run; a run whose metrics or params
+    could not all be written ends FAILED with that error, not FINISHED."""
+    import mlflow
+
     try:
-        mlflow.flush_async_logging()
+        problem = writer.close()
+        if problem and status == "FINISHED":
+            status, error = "FAILED", f"metrics or params not recorded: {problem}"
         if error:
             mlflow.set_tag("error", error[:5000])
     finally:
@@ -243,6 +428,8 @@ def summarise_sweep(client: Any, parent_id: str) -> str:
         order_by=["attributes.start_time ASC"],
         max_results=10000,
     )
+    linked = [k.removeprefix("linked/") for k in parent.data.tags if k.startswith("linked/")]
+    children = [client.get_run(run_id) for run_id in linked] + list(children)
     swept: list[str] = []
     rows = []
     for child in children:

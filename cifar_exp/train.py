@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from cifar_exp import checkpoints, signals
 from cifar_exp.config import TrainerConfig, UserError
-from cifar_exp.data import ImageData, augment, batches, normalise
+from cifar_exp.data import ImageData, augment, batches, normalise, shuffle
 from cifar_exp.devices import unwrap_model
 
 log = logging.getLogger(__name__)
@@ -91,72 +92,180 @@ def _autocast(
     return contextlib.nullcontext()
 
 
-def train_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    lookahead: Lookahead | None,
-    data: Tensors,
-    cfg: TrainerConfig,
-    generator: torch.Generator,
-    epoch: int,
-    step: int,
-    on_metrics: MetricsCallback,
-) -> tuple[dict[str, float], int]:
-    """One pass over the shuffled training set. Returns epoch metrics and the new global step."""
-    model.train()
-    device = data.train_images.device
-    window_loss = torch.zeros((), device=device)  # summed on the device: no host sync per step
-    epoch_loss = torch.zeros((), device=device)
-    window = epoch_steps = seen = 0
-    started = time.perf_counter()
-    bar = tqdm(
-        total=len(data.train_images),
-        unit="img",
-        unit_scale=True,
-        leave=False,
-        desc=f"epoch {epoch}",
-        disable=None,
-        mininterval=0.5,
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.autocast and cfg.autocast_dtype == "float16")
-    for images, labels in batches(
-        data.train_images, data.train_labels, cfg.batch_size, generator, cfg.drop_last
-    ):
+@dataclass
+class Progress:
+    """Where training stands; with the states in Loop.state_dict() enough to continue exactly."""
+
+    epoch: int = 1  # the epoch in progress, 1-based
+    step: int = 0  # optimizer steps done in all
+    epoch_step: int = 0  # steps done within `epoch`
+    window_loss: float = 0.0  # summed loss of the steps since the last train/loss point
+    window: int = 0
+    epoch_loss: float = 0.0  # summed loss of the steps of this epoch
+    epoch_rng: torch.Tensor | None = None  # data generator state before this epoch's shuffle
+
+
+class Loop:
+    """fit() and its state. `checkpoint(state)` receives a resumable state after every epoch and
+    when a signal stops training; `on_metrics(metrics, step)` receives what to record."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data: Tensors,
+        classes: list[str],
+        cfg: TrainerConfig,
+        generator: torch.Generator,
+        on_metrics: MetricsCallback,
+        checkpoint: Callable[[dict], None] | None = None,
+    ) -> None:
+        self.model, self.optimizer, self.data, self.classes = model, optimizer, data, classes
+        self.cfg, self.generator, self.on_metrics, self.checkpoint = cfg, generator, on_metrics, checkpoint
+        n = len(data.train_images)
+        self.steps_per_epoch = (
+            n // cfg.batch_size if cfg.drop_last and n >= cfg.batch_size else math.ceil(n / cfg.batch_size)
+        )
+        total = self.steps_per_epoch * cfg.epochs
+        self.scheduler = None
+        if cfg.lr_schedule != "constant":
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s: lr_factor(cfg.lr_schedule, s, total, cfg.warmup_fraction)
+            )
+        self.lookahead = Lookahead(model, total) if cfg.lookahead else None
+        float16 = cfg.autocast and cfg.autocast_dtype == "float16"
+        self.scaler = torch.amp.GradScaler(data.train_images.device.type, enabled=float16)
+        self.progress = Progress()
+
+    def state_dict(self) -> dict:
+        p = self.progress
+        return {
+            "format": "cifar_exp/1",
+            "model": unwrap_model(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "lookahead": self.lookahead.average if self.lookahead else None,
+            "scaler": self.scaler.state_dict(),
+            "progress": {**p.__dict__, "epoch_rng": p.epoch_rng},
+            "generator": self.generator.get_state(),
+            "rng": checkpoints.rng_states(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        unwrap_model(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler and state["scheduler"]:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.lookahead and state["lookahead"]:
+            self.lookahead.average = state["lookahead"]
+        self.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(**state["progress"])
+        self.generator.set_state(state["generator"])
+        checkpoints.restore_rng_states(state["rng"])
+
+    def fit(self) -> tuple[dict[str, float], torch.Tensor]:
+        """Trains to cfg.epochs, evaluating after each epoch; returns the last epoch's metrics
+        and the confusion matrix."""
+        metrics, confusion = {}, torch.zeros(0)
+        while self.progress.epoch <= self.cfg.epochs:
+            epoch = self.progress.epoch
+            metrics = self.train_epoch()
+            test_metrics, confusion = evaluate(
+                self.model,
+                self.data.test_images,
+                self.data.test_labels,
+                self.classes,
+                self.cfg.test_batch_size,
+                self.cfg.tta,
+                self.cfg.autocast,
+                self.cfg.autocast_dtype,
+            )
+            metrics.update(test_metrics)
+            log.info(
+                f"epoch {epoch}/{self.cfg.epochs}: train loss {metrics['train/loss_epoch']:.3f}, "
+                f"test loss {metrics['test/loss']:.3f}, test acc {100 * metrics['test/acc']:.1f}%, "
+                f"{metrics['throughput/images_per_s']:,.0f} images/s"
+            )
+            self.on_metrics(metrics, self.progress.step)
+            self.progress = Progress(epoch=epoch + 1, step=self.progress.step)
+            if self.checkpoint:
+                self.checkpoint(self.state_dict())
+        return metrics, confusion
+
+    def train_epoch(self) -> dict[str, float]:
+        """The rest of the current epoch (all of it unless resuming mid-epoch)."""
+        cfg, p, device = self.cfg, self.progress, self.data.train_images.device
+        self.model.train()
+        if hasattr(unwrap_model(self.model), "start_epoch"):
+            unwrap_model(self.model).start_epoch(p.epoch)
+        resumed = self.generator.get_state()
+        if p.epoch_rng is None:
+            p.epoch_rng = resumed
+        self.generator.set_state(p.epoch_rng)  # replays this epoch's order when resuming
+        images, labels = shuffle(self.data.train_images, self.data.train_labels, self.generator)
+        if p.epoch_step:
+            self.generator.set_state(resumed)
+        window_loss = torch.full((), p.window_loss, device=device)  # summed on the device:
+        epoch_loss = torch.full((), p.epoch_loss, device=device)  # no host sync per step
+        started, seen = time.perf_counter(), 0
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=p.epoch_step,
+            unit="step",
+            leave=False,
+            desc=f"epoch {p.epoch}",
+            disable=None,
+            mininterval=0.5,
+        )
+        for x, y in batches(images, labels, cfg.batch_size, None, cfg.drop_last, skip=p.epoch_step):
+            loss = self.train_step(x, y, p.step)
+            window_loss += loss
+            epoch_loss += loss
+            p.step, p.epoch_step, p.window, seen = p.step + 1, p.epoch_step + 1, p.window + 1, seen + len(x)
+            bar.update()
+            if p.window == cfg.log_every_n_steps:
+                mean = _finite(window_loss.item() / p.window, p.step, self.optimizer)  # syncs the GPU
+                log.info(f"[{p.epoch}, {p.epoch_step:5d}] loss: {mean:.3f}")
+                bar.set_postfix(loss=f"{mean:.3f}", img_s=f"{seen / (time.perf_counter() - started):,.0f}")
+                self.on_metrics({"train/loss": mean}, p.step)
+                window_loss.zero_()
+                p.window = 0
+            if (stop := signals.take()) is not None:
+                self._stop(stop, window_loss, epoch_loss, bar)
+        bar.close()
+        loss_epoch = _finite(epoch_loss.item() / max(1, p.epoch_step), p.step, self.optimizer)
+        seconds = time.perf_counter() - started  # after the sync above: GPU work included
+        return {
+            "train/loss_epoch": loss_epoch,
+            "time/epoch_s": seconds,
+            "throughput/images_per_s": seen / seconds,
+        }
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
+        cfg = self.cfg
         if cfg.flip or cfg.translate:
-            images = augment(images, cfg.flip, cfg.translate, generator)
-        with _autocast(device, cfg.autocast, cfg.autocast_dtype):
-            loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # float16 only: scaled so small gradients do not underflow
-        scaler.step(optimizer)
-        scaler.update()
-        if scheduler is not None:
-            scheduler.step()
-        if lookahead is not None:
-            lookahead.update(model, step + 1)
-        loss = loss.detach()
-        window_loss += loss
-        epoch_loss += loss
-        step, window, epoch_steps = step + 1, window + 1, epoch_steps + 1
-        seen += len(images)
-        bar.update(len(images))
-        if window == cfg.log_every_n_steps:
-            mean = _finite(window_loss.item() / window, step, optimizer)  # this syncs the GPU
-            log.info(f"[{epoch}, {epoch_steps:5d}] loss: {mean:.3f}")
-            bar.set_postfix(loss=f"{mean:.3f}")
-            on_metrics({"train/loss": mean}, step)
-            window_loss.zero_()
-            window = 0
-    bar.close()
-    loss_epoch = _finite(epoch_loss.item() / max(1, epoch_steps), step, optimizer)  # syncs the GPU
-    seconds = time.perf_counter() - started
-    metrics = {
-        "train/loss_epoch": loss_epoch,
-        "time/epoch_s": seconds,
-        "throughput/images_per_s": seen / seconds,
-    }
-    return metrics, step
+            images = augment(images, cfg.flip, cfg.translate, self.generator)
+        with _autocast(images.device, cfg.autocast, cfg.autocast_dtype):
+            loss = F.cross_entropy(self.model(images), labels, label_smoothing=cfg.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()  # float16 only: scaled so small gradients do not underflow
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.lookahead is not None:
+            self.lookahead.update(self.model, step + 1)
+        return loss.detach()
+
+    def _stop(
+        self, stop: BaseException, window_loss: torch.Tensor, epoch_loss: torch.Tensor, bar: tqdm
+    ) -> None:
+        """A signal arrived: checkpoint mid-epoch (with the partial sums), then stop."""
+        bar.close()
+        self.progress.window_loss, self.progress.epoch_loss = window_loss.item(), epoch_loss.item()
+        if self.checkpoint:
+            self.checkpoint(self.state_dict())
+        raise stop
 
 
 def _finite(value: float, step: int, optimizer: torch.optim.Optimizer) -> float:
@@ -214,49 +323,4 @@ def evaluate(
         "test/acc": (confusion.diag().sum() / confusion.sum()).item(),
     }
     metrics.update({f"test/acc/{name}": per_class[i].item() for i, name in enumerate(classes)})
-    return metrics, confusion
-
-
-def fit(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    data: Tensors,
-    classes: list[str],
-    cfg: TrainerConfig,
-    generator: torch.Generator,
-    on_metrics: MetricsCallback,
-) -> tuple[dict[str, float], torch.Tensor]:
-    """Trains for cfg.epochs, evaluating after each; returns the last epoch's metrics and the
-    confusion matrix."""
-    steps_per_epoch = math.ceil(len(data.train_images) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    scheduler = None
-    if cfg.lr_schedule != "constant":
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(cfg.lr_schedule, s, total, cfg.warmup_fraction)
-        )
-    lookahead = Lookahead(model, total) if cfg.lookahead else None
-    step, metrics, confusion = 0, {}, torch.zeros(0)
-    for epoch in range(1, cfg.epochs + 1):
-        if hasattr(unwrap_model(model), "start_epoch"):
-            unwrap_model(model).start_epoch(epoch)
-        metrics, step = train_epoch(
-            model, optimizer, scheduler, lookahead, data, cfg, generator, epoch, step, on_metrics
-        )
-        test_metrics, confusion = evaluate(
-            model,
-            data.test_images,
-            data.test_labels,
-            classes,
-            cfg.test_batch_size,
-            cfg.tta,
-            cfg.autocast,
-        )
-        metrics.update(test_metrics)
-        log.info(
-            f"epoch {epoch}/{cfg.epochs}: train loss {metrics['train/loss_epoch']:.3f}, "
-            f"test loss {metrics['test/loss']:.3f}, test acc {100 * metrics['test/acc']:.1f}%, "
-            f"{metrics['throughput/images_per_s']:,.0f} images/s"
-        )
-        on_metrics(metrics, step)
     return metrics, confusion
