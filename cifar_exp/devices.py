@@ -1,4 +1,8 @@
-"""Device choice, DataParallel wrapping and unwrapping."""
+"""Device choice, DataParallel/DDP wrapping and unwrapping.
+
+DataParallel: one process drives several GPUs (one command, simplest). DDP (`device=ddp` under
+`torchrun`): one process per GPU or CPU slot, each on its own shard of the data; PyTorch
+recommends it for speed, and it is the only way to use several machines."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from torch import nn
 
 from cifar_exp.config import DeviceConfig, UserError
 
-DEVICE_NAMES = ("auto", "cpu", "cuda")
+DEVICE_NAMES = ("auto", "cpu", "cuda", "ddp")
 
 
 # Below this batch size a step is mostly per-op overhead, and waking a second thread for each
@@ -22,6 +26,8 @@ def select_device(cfg: DeviceConfig, batch_size: int) -> torch.device:
         raise UserError(f"device.name={cfg.name!r}: allowed are {', '.join(DEVICE_NAMES)}")
     if cfg.threads < 0:
         raise UserError(f"device.threads={cfg.threads}: must be 0 (automatic) or more")
+    if cfg.name == "ddp":
+        return _init_distributed(cfg)
     if cfg.name == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda but no CUDA GPU is visible here; use device=cpu or device=auto")
     if cfg.name != "cpu" and torch.cuda.is_available():
@@ -33,16 +39,56 @@ def select_device(cfg: DeviceConfig, batch_size: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _init_distributed(cfg: DeviceConfig) -> torch.device:
+    """Joins the process group torchrun set up: NCCL on GPUs (one per local rank), gloo on CPU."""
+    import os
+
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise UserError("device=ddp needs torchrun: torchrun --nproc_per_node=N -m cifar_exp device=ddp ...")
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return torch.device("cpu")
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size): (0, 1) outside DDP."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def wrap_model(model: nn.Module, device: torch.device, data_parallel: bool) -> tuple[nn.Module, int]:
-    """Moves the model to `device`; with several GPUs visible and `data_parallel`, wraps it in
-    DataParallel. Returns the model to train and the number of GPUs it uses (0 on CPU)."""
+    """Moves the model to `device`; under DDP wraps it in DistributedDataParallel; with several
+    GPUs visible and `data_parallel`, in DataParallel. Returns the model to train and the number
+    of GPUs it uses (0 on CPU; under DDP, the GPUs of all processes)."""
     model = model.to(device)
+    if _ddp_requested():
+        cuda = device.type == "cuda"
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+        return ddp, distributed()[1] if cuda else 0
     if device.type != "cuda":
         return model, 0
     gpus = torch.cuda.device_count()
     if data_parallel and gpus > 1:
         return nn.DataParallel(model), gpus
     return model, 1
+
+
+def _ddp_requested() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

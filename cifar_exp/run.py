@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from cifar_exp import checkpoints, signals, tracking
 from cifar_exp.config import build, check_trainer
 from cifar_exp.data import ImageData
-from cifar_exp.devices import select_device, unwrap_model, wrap_model
+from cifar_exp.devices import distributed, select_device, unwrap_model, wrap_model
 from cifar_exp.train import Loop, prepare
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     state = checkpoints.load(tracking.checkpoint_path(resume_from, cfg.mlflow)) if resume_from else None
     seed_everything(cfg.seed)
     device = select_device(cfg.device, cfg.trainer.batch_size)
+    rank = distributed()[0]
+    if rank:  # under DDP only rank 0 talks to MLflow, writes checkpoints and reports
+        cfg = OmegaConf.merge(cfg, {"mlflow": {"enabled": False}, "trainer": {"checkpoint": False}})
+        logging.getLogger("cifar_exp").setLevel(logging.WARNING)
     data = load_data(OmegaConf.to_yaml(cfg.dataset))
     net = build(cfg.model, num_classes=len(data.classes))
     tensors = prepare(data, device, cfg.trainer.channels_last)
@@ -74,7 +78,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         tracker.set_checkpoint(path)
         with signals.deferred():  # Ctrl-C/SIGTERM: finish the step, checkpoint, then stop
             metrics, confusion = loop.fit()
-        report(confusion, data.classes)
+        if rank == 0:
+            report(confusion, data.classes)
         tracker.log_results(unwrap_model(model), data, tensors, confusion, metrics)
     return metrics
 

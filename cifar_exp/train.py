@@ -18,7 +18,7 @@ from tqdm import tqdm
 from cifar_exp import checkpoints, signals
 from cifar_exp.config import TrainerConfig, UserError
 from cifar_exp.data import ImageData, augment, batches, normalise, shuffle
-from cifar_exp.devices import unwrap_model
+from cifar_exp.devices import distributed, unwrap_model
 
 log = logging.getLogger(__name__)
 MetricsCallback = Callable[[dict[str, float], int], None]
@@ -136,6 +136,11 @@ class Loop:
         float16 = cfg.autocast and cfg.autocast_dtype == "float16"
         self.scaler = torch.amp.GradScaler(data.train_images.device.type, enabled=float16)
         self.progress = Progress()
+        self.rank, self.world = distributed()  # under DDP each process trains on its shard
+        if cfg.batch_size % self.world:
+            raise UserError(
+                f"trainer.batch_size={cfg.batch_size} must divide evenly over the {self.world} DDP processes"
+            )
 
     def state_dict(self) -> dict:
         p = self.progress
@@ -171,7 +176,7 @@ class Loop:
             epoch = self.progress.epoch
             metrics = self.train_epoch()
             test_metrics, confusion = evaluate(
-                self.model,
+                unwrap_model(self.model) if self.world > 1 else self.model,  # no collectives
                 self.data.test_images,
                 self.data.test_labels,
                 self.classes,
@@ -218,13 +223,20 @@ class Loop:
             mininterval=0.5,
         )
         for x, y in batches(images, labels, cfg.batch_size, None, cfg.drop_last, skip=p.epoch_step):
+            if self.world > 1:  # this process's share of the global batch
+                share = len(x) // self.world
+                x, y = (
+                    x[self.rank * share : (self.rank + 1) * share],
+                    y[self.rank * share : (self.rank + 1) * share],
+                )
             loss = self.train_step(x, y, p.step)
             window_loss += loss
             epoch_loss += loss
-            p.step, p.epoch_step, p.window, seen = p.step + 1, p.epoch_step + 1, p.window + 1, seen + len(x)
+            p.step, p.epoch_step, p.window = p.step + 1, p.epoch_step + 1, p.window + 1
+            seen += len(x) * self.world  # images/s and batch size are the global ones
             bar.update()
             if p.window == cfg.log_every_n_steps:
-                mean = _finite(window_loss.item() / p.window, p.step, self.optimizer)  # syncs the GPU
+                mean = _finite(self._mean(window_loss) / p.window, p.step, self.optimizer)  # syncs
                 log.info(f"[{p.epoch}, {p.epoch_step:5d}] loss: {mean:.3f}")
                 bar.set_postfix(loss=f"{mean:.3f}", img_s=f"{seen / (time.perf_counter() - started):,.0f}")
                 self.on_metrics({"train/loss": mean}, p.step)
@@ -233,13 +245,21 @@ class Loop:
             if (stop := signals.take()) is not None:
                 self._stop(stop, window_loss, epoch_loss, bar)
         bar.close()
-        loss_epoch = _finite(epoch_loss.item() / max(1, p.epoch_step), p.step, self.optimizer)
+        loss_epoch = _finite(self._mean(epoch_loss) / max(1, p.epoch_step), p.step, self.optimizer)
         seconds = time.perf_counter() - started  # after the sync above: GPU work included
         return {
             "train/loss_epoch": loss_epoch,
             "time/epoch_s": seconds,
             "throughput/images_per_s": seen / seconds,
         }
+
+    def _mean(self, total: torch.Tensor) -> float:
+        """A summed loss as a float, averaged over DDP processes (all reach this at the same step)."""
+        if self.world > 1:
+            total = total.clone()
+            torch.distributed.all_reduce(total)
+            total /= self.world
+        return total.item()
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
         cfg = self.cfg
