@@ -16,7 +16,7 @@ from cifar_exp import checkpoints, signals, tracking
 from cifar_exp.config import build, check_trainer
 from cifar_exp.data import ImageData
 from cifar_exp.devices import distributed, select_device, unwrap_model, wrap_model
-from cifar_exp.train import Loop, prepare
+from cifar_exp.train import Loop, Tensors, prepare
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,13 @@ def seed_everything(seed: int) -> None:
 def load_data(dataset_yaml: str) -> ImageData:
     """Loads a dataset once per process: the jobs of an in-process sweep share it."""
     return build(OmegaConf.create(dataset_yaml), _convert_="all")
+
+
+@functools.lru_cache(maxsize=1)
+def prepare_data(dataset_yaml: str, device: str, channels_last: bool) -> Tensors:
+    """The dataset normalised on its device, once per process for all jobs that share it
+    (training never writes into these tensors)."""
+    return prepare(load_data(dataset_yaml), torch.device(device), channels_last)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -51,7 +58,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         logging.getLogger("cifar_exp").setLevel(logging.WARNING)
     data = load_data(OmegaConf.to_yaml(cfg.dataset))
     net = build(cfg.model, num_classes=len(data.classes))
-    tensors = prepare(data, device, cfg.trainer.channels_last)
+    tensors = prepare_data(OmegaConf.to_yaml(cfg.dataset), str(device), cfg.trainer.channels_last)
     if hasattr(net, "init_whitening"):  # airbench: first layer whitens patches of the data
         net.init_whitening(tensors.train_images[:5000])
     if cfg.trainer.channels_last:

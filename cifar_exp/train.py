@@ -175,6 +175,7 @@ class Loop:
         while self.progress.epoch <= self.cfg.epochs:
             epoch = self.progress.epoch
             metrics = self.train_epoch()
+            started = time.perf_counter()
             test_metrics, confusion = evaluate(
                 unwrap_model(self.model) if self.world > 1 else self.model,  # no collectives
                 self.data.test_images,
@@ -185,7 +186,7 @@ class Loop:
                 self.cfg.autocast,
                 self.cfg.autocast_dtype,
             )
-            metrics.update(test_metrics)
+            metrics.update(test_metrics, **{"time/eval_s": time.perf_counter() - started})
             log.info(
                 f"epoch {epoch}/{self.cfg.epochs}: train loss {metrics['train/loss_epoch']:.3f}, "
                 f"test loss {metrics['test/loss']:.3f}, test acc {100 * metrics['test/acc']:.1f}%, "
