@@ -26,7 +26,7 @@ from cifar_exp.config import DeviceConfig, TrainerConfig
 from cifar_exp.data import load_imagefolder
 from cifar_exp.devices import select_device
 from cifar_exp.models import CNN
-from cifar_exp.train import prepare, train_epoch
+from cifar_exp.train import Loop, prepare
 
 # Tutorial CNN, FLOPs per image: forward = 2 * multiply-adds of conv1, conv2, fc1-3; training
 # (forward + backward) is about 3x forward.
@@ -65,10 +65,17 @@ def cifar_exp_loop(data, batch_size: int, epochs: int = 1, channels_last: bool =
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
-    cfg = TrainerConfig(batch_size=batch_size, log_every_n_steps=10**9, channels_last=channels_last)
-    generator = torch.Generator().manual_seed(0)
-    for epoch in range(epochs):
-        metrics, _ = train_epoch(net, optimizer, None, tensors, cfg, generator, epoch, 0, lambda m, s: None)
+    cfg = TrainerConfig(
+        batch_size=batch_size,
+        epochs=epochs,
+        log_every_n_steps=10**9,
+        channels_last=channels_last,
+        checkpoint=False,
+    )
+    loop = Loop(
+        net, optimizer, tensors, data.classes, cfg, torch.Generator().manual_seed(0), lambda m, s: None
+    )
+    metrics, _ = loop.fit()  # the last epoch's figures (the first warms up)
     return metrics["throughput/images_per_s"]
 
 
