@@ -135,6 +135,7 @@ class TrackingConfig:
     enabled: bool = True
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else <project>/mlruns/mlflow.db
     experiment_name: str = "cifar_exp"
+    min_free_mb: int = 100  # a local store's disk needs this much free space (MB) before a run starts
 
 
 @dataclass

@@ -6,6 +6,10 @@ recommends it for speed, and it is the only way to use several machines."""
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -89,6 +93,45 @@ def _ddp_requested() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
+
+
+def claim_gpu(job_num: int, lock_dir: Path) -> int | None:
+    """For a job of a parallel sweep (Hydra's joblib launcher runs jobs in worker processes that
+    later jobs reuse): gives this process one GPU of its own, by narrowing CUDA_VISIBLE_DEVICES
+    before anything touches CUDA, so parallel jobs spread over the GPUs, one job per GPU at a time.
+    A lock file per GPU in `lock_dir`, held until the worker exits, keeps two workers off one GPU;
+    job N tries GPU N mod count first. Keep hydra.launcher.n_jobs at most the GPU count: further
+    workers share a GPU (a warning says so). Returns the claimed index among the visible GPUs, or
+    None and changes nothing: on CPU, with one GPU, or once CUDA is in use (a reused worker keeps
+    its GPU)."""
+    import fcntl
+
+    if torch.cuda.is_initialized():
+        return None
+    count = torch.cuda.device_count()  # asks NVML, so CUDA is not initialised yet
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",")[:count] if visible else [str(i) for i in range(count)]
+    count = len(ids)
+    if count < 2:
+        return None
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    preferred = job_num % count
+    for index in [(preferred + k) % count for k in range(count)]:
+        lock = os.open(lock_dir / f"gpu-{ids[index].replace('/', '_')}.lock", os.O_CREAT | os.O_RDWR)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            continue
+        break  # `lock` stays open: this worker holds the GPU until it exits
+    else:
+        index = preferred
+        logging.getLogger(__name__).warning(
+            f"job {job_num}: each of the {count} GPUs already has a job; sharing GPU {ids[index]} "
+            f"(set hydra.launcher.n_jobs to at most {count})"
+        )
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids[index]
+    return index
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -187,3 +187,32 @@ def sweep_figure(rows: list[dict[str, Any]], numeric_keys: list[str], metric: st
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def search_history_figure(values: list[float | None], metric: str = "test/acc") -> Any:
+    """A search's `metric` per trial in the order the trials ran, with the best so far as a step
+    line; None marks a trial that returned nothing (failed), drawn as a cross on the x axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    trials = range(1, len(values) + 1)
+    done = [(t, v) for t, v in zip(trials, values, strict=True) if v is not None]
+    if done:
+        xs, ys = zip(*done, strict=True)
+        ax.plot(xs, ys, "o", label="trial")
+        ax.step(xs, np.maximum.accumulate(ys), where="post", label="best so far")
+    failed = [t for t, v in zip(trials, values, strict=True) if v is None]
+    if failed:
+        ax.plot(failed, [ax.get_ylim()[0]] * len(failed), "x", color="red", label="failed", clip_on=False)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers only
+    ax.set_xlabel("trial")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    if values:
+        ax.legend(loc="best")
+    fig.tight_layout()
+    return fig

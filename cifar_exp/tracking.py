@@ -14,10 +14,10 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -36,6 +36,12 @@ TRAIN_SAMPLES_ARTIFACT = "figures/train_samples.png"
 PNG_COMPRESSION = 1  # zlib level: ~3x faster than Pillow's default 6, files a few % larger
 WEIGHTS_ARTIFACT = "model/state_dict.pt"
 CLASSES_ARTIFACT = "model/classes.json"
+# What the store could not take stays in the run's Hydra output folder, under these names.
+UNRECORDED_METRICS = "unrecorded_metrics.jsonl"  # one JSON object per metric or param
+UNRECORDED_ARTIFACTS = "unrecorded_artifacts"
+RETRY_ENV = "CIFAR_EXP_MLFLOW_RETRY_S"  # seconds a busy or silent store is retried (default 60)
+FIRST_RETRY_S, LONGEST_RETRY_S = 0.25, 8.0  # the backoff between tries doubles from 0.25 s up to 8 s
+T = TypeVar("T")
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -48,37 +54,147 @@ def default_store_uri() -> str:
 
 
 def ensure_experiment(cfg: TrackingConfig) -> str:
-    """Creates the store and the experiment when missing (once, before any job); returns its id."""
+    """Creates the store and the experiment when missing (once, before any job); returns its id.
+    A local store that cannot be written, or whose disk is nearly full, stops here, before training,
+    with one line (UserError)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(cfg)
-    if uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create the MLflow store folder {folder}: {e.strerror}") from None
-        if not os.access(folder, os.W_OK):
-            raise UserError(
-                f"the MLflow store folder {folder} is not writable; fix its permissions "
-                "or set mlflow.tracking_uri"
-            )
+    folder = local_store_folder(uri)
+    if folder is not None:
+        check_store(folder, uri, cfg.min_free_mb)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(cfg.experiment_name)
-    if experiment is not None:
-        return experiment.experiment_id
-    artifacts = None  # a server or other store decides for itself
-    if uri.startswith("sqlite:///"):  # artifacts beside the database, wherever it is run from
-        artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    with creation_lock(uri):
+        client = MlflowClient(uri)  # opening a new SQLite store creates its tables
+        try:
+            experiment = retrying(
+                lambda: client.get_experiment_by_name(cfg.experiment_name), "opening the store"
+            )
+        except Exception as e:
+            if not transient(e):
+                raise
+            raise UserError(f"the MLflow store {uri} does not answer: {first_line(e)}") from None
+        if experiment is not None:
+            return experiment.experiment_id
+        artifacts = None  # a server or other store decides for itself
+        if uri.startswith("sqlite:///"):  # artifacts beside the database, wherever it is run from
+            artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+        try:
+            return client.create_experiment(cfg.experiment_name, artifact_location=artifacts)
+        except Exception:  # another process (on a server) created it first
+            experiment = client.get_experiment_by_name(cfg.experiment_name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+
+@contextlib.contextmanager
+def creation_lock(uri: str) -> Iterator[None]:
+    """For a SQLite store: one process at a time opens it first, creating or migrating its tables,
+    and creates the experiment. (MLflow's table creation races: of four processes opening a fresh
+    file at once, three failed, with migrations colliding.) Locks <database>.lock; elsewhere a no-op."""
     try:
-        return client.create_experiment(cfg.experiment_name, artifact_location=artifacts)
-    except Exception:  # another process created it first
-        experiment = client.get_experiment_by_name(cfg.experiment_name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+        import fcntl
+    except ImportError:  # not POSIX
+        fcntl = None
+    if not uri.startswith("sqlite:///") or fcntl is None:
+        yield
+        return
+    with open(f"{uri.removeprefix('sqlite:///')}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def local_store_folder(uri: str) -> Path | None:
+    """The folder of a local store (SQLite file or file store), None for a server."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).parent
+    if uri.startswith("file:"):
+        return Path(uri.removeprefix("file://").removeprefix("file:"))
+    if "://" not in uri and not uri.startswith(("databricks", "uc:")):
+        return Path(uri)  # a plain path: MLflow's file store
+    return None
+
+
+def check_store(folder: Path, uri: str, min_free_mb: int) -> None:
+    """The store's folder exists (or can be made) and takes a file, its database file can be
+    written, and its disk has `min_free_mb` free: else one line saying which, before any training.
+    Writing a probe file, not os.access, so it also holds for root and read-only mounts."""
+    hint = "or point mlflow.tracking_uri elsewhere"
+    database = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    try:
+        what = f"the MLflow store folder {folder}"
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        os.close(descriptor)
+        os.unlink(probe)
+        if database is not None and database.exists():
+            what = f"the MLflow database {database}"
+            database.open("r+b").close()
+    except OSError as e:
+        raise UserError(f"{what} cannot be written ({e.strerror}); fix it {hint}") from None
+    free_mb = shutil.disk_usage(folder).free // 2**20
+    if free_mb < min_free_mb:
+        raise UserError(
+            f"the MLflow store folder {folder} has {free_mb} MB free, less than mlflow.min_free_mb="
+            f"{min_free_mb}; free some space {hint}"
+        )
+
+
+def retry_seconds() -> float:
+    return float(os.environ.get(RETRY_ENV) or 60)
+
+
+def transient(error: BaseException) -> bool:
+    """Whether a store error can pass by itself: SQLite busy ("database is locked", which MLflow
+    raises as TEMPORARILY_UNAVAILABLE), a server that does not answer or is overloaded, a full disk.
+    Refusals (a bad value, a missing run, no permission) are not retried."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import (
+        DEADLINE_EXCEEDED,
+        INTERNAL_ERROR,
+        REQUEST_LIMIT_EXCEEDED,
+        TEMPORARILY_UNAVAILABLE,
+        ErrorCode,
+    )
+
+    if isinstance(error, (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return False
+    if isinstance(error, OSError):  # ConnectionError, TimeoutError, requests' errors, ENOSPC
+        return True
+    if isinstance(error, MlflowException):
+        passing = (TEMPORARILY_UNAVAILABLE, REQUEST_LIMIT_EXCEEDED, DEADLINE_EXCEEDED)
+        if error.error_code in {ErrorCode.Name(code) for code in passing}:
+            return True
+        # MLflow's HTTP client gave up on the connection after its own retries
+        message = str(error.message)
+        return error.error_code == ErrorCode.Name(INTERNAL_ERROR) and message.startswith("API request to")
+    return type(error).__name__ == "OperationalError"  # sqlite3/SQLAlchemy: locked, busy
+
+
+def retrying(call: Callable[[], T], what: str, retry_s: float | None = None, quiet: bool = False) -> T:
+    """call(), retried with backoff for up to `retry_s` (default: retry_seconds()) while it fails
+    with a transient error; then (or at once for any other error) that error is raised. Says so
+    in one line when it starts retrying, unless `quiet`."""
+    deadline = time.monotonic() + (retry_seconds() if retry_s is None else retry_s)
+    delay = FIRST_RETRY_S
+    while True:
+        try:
+            return call()
+        except Exception as e:
+            if not transient(e) or time.monotonic() + delay > deadline:
+                raise
+            if delay == FIRST_RETRY_S and not quiet:
+                log.warning(f"MLflow: {what} failed ({first_line(e)}); retrying")
+            time.sleep(delay)
+            delay = min(2 * delay, LONGEST_RETRY_S)
+
+
+def first_line(error: BaseException, most: int = 200) -> str:
+    """The error's first line; a long one keeps its start and its end (where the cause is)."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line if len(line) <= most else f"{line[: most - 80]} ... {line[-75:]}"
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, str]:
@@ -201,15 +317,27 @@ class RecordWriter:
     """Writes metrics and params to the store from a background thread: the training loop only
     puts them on a queue. Whatever piles up while a write is in flight goes out as one batch.
 
+    A store that is busy or does not answer (SQLite locked, a tracking server down) is retried with
+    backoff, and what piles up meanwhile is written when it answers again. After `retry_s` of
+    silence, or at once when the store refuses a write, those records go to `spill_path` (JSON
+    lines, announced in one line) instead; later batches try the store again. Training never waits.
+
     MLflow's own asynchronous logging (`synchronous=False`) polls its queue with a 1 s timeout,
     and flushing it, then ending the run, each waited out that poll: ~2 s per run. Here closing
-    waits only for what is still queued."""
+    waits only for what is still queued (or, with the store silent, until `retry_s` has passed)."""
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    def __init__(
+        self, client: Any, run_id: str, spill_path: Path | None = None, retry_s: float | None = None
+    ) -> None:
         self.client = client
         self.run_id = run_id
+        self.spill_path = spill_path  # None: what the store does not take is lost (and counted)
+        self.retry_s = retry_seconds() if retry_s is None else retry_s
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.error: str | None = None  # the first failed write
+        self.error: str | None = None  # why the first records went unrecorded
+        self.unrecorded = 0  # metrics and params the store did not take
+        self.failing_since: float | None = None  # time.monotonic() of the first failed try of an outage
+        self.store_down = False  # the store has not answered for retry_s (until it answers again)
         self.thread = threading.Thread(target=self._drain, name="mlflow-record-writer", daemon=True)
         self.thread.start()
 
@@ -225,49 +353,160 @@ class RecordWriter:
         self.queue.put(("params", [Param(k, v) for k, v in params.items()]))
 
     def close(self) -> str | None:
-        """Waits until everything queued is written; returns the first error, if any."""
+        """Waits until everything queued is written (or kept in spill_path); returns why some
+        records went unrecorded, if any did."""
         self.queue.put(None)
         self.thread.join()
         return self.error
 
     def _drain(self) -> None:
-        done = False
-        while not done:
-            pending = [self.queue.get()]  # blocks until there is something to write
-            while not self.queue.empty():
-                pending.append(self.queue.get())
-            done = None in pending
-            batch: dict[str, list] = {"metrics": [], "params": []}
-            for kind, items in (item for item in pending if item is not None):
-                batch[kind] += items
-            self._write(batch["metrics"], batch["params"])
+        pending: dict[str, list] = {"metrics": [], "params": []}
+        closing = False
+        next_try: float | None = None  # while retrying: when to try again
+        delay = FIRST_RETRY_S
+        while not closing or pending["metrics"] or pending["params"]:
+            closing |= self._take(pending, next_try)  # waits while nothing is pending
+            if not (pending["metrics"] or pending["params"]):
+                continue
+            error = self._write(pending)
+            now = time.monotonic()
+            if error is None:
+                if self.failing_since is not None:
+                    again = "recording metrics and params again" if self.store_down else "nothing was lost"
+                    log.warning(f"MLflow answers again: {again}")
+                self.failing_since, next_try, delay, self.store_down = None, None, FIRST_RETRY_S, False
+                continue
+            if self.failing_since is None:
+                self.failing_since = now
+                log.warning(
+                    f"MLflow: could not record metrics ({error}); retrying for up to {self.retry_s:.0f} s, "
+                    "training goes on"
+                )
+            if self.store_down or now - self.failing_since >= self.retry_s:  # keep them in the file
+                if not self.store_down:
+                    self.store_down = True
+                    error = f"no answer for {now - self.failing_since:.0f} s: {error}"
+                self._spill(pending["metrics"], pending["params"], error)
+                pending = {"metrics": [], "params": []}
+                next_try = None
+            else:  # keep them here and try again
+                next_try, delay = now + delay, min(2 * delay, LONGEST_RETRY_S)
 
-    def _write(self, metrics: list, params: list) -> None:
+    def _take(self, pending: dict[str, list], until: float | None) -> bool:
+        """Moves what is queued into `pending`: with `until` None it waits for the first item, else
+        it collects until that time.monotonic(). True once close() has been called."""
+        items = []
+        if until is None:
+            items.append(self.queue.get())  # blocks until there is something to write
+        else:
+            while (left := until - time.monotonic()) > 0:
+                try:
+                    items.append(self.queue.get(timeout=left))
+                except queue.Empty:
+                    break
+        while not self.queue.empty():
+            items.append(self.queue.get())
+        for item in items:
+            if item is not None:
+                pending[item[0]] += item[1]
+        return None in items
+
+    def _write(self, pending: dict[str, list]) -> str | None:
+        """Writes `pending` and empties it; what the store refuses is spilled. When the store is
+        busy or silent, returns that error and leaves in `pending` what is still to write."""
         # The store's limits per call: 1000 values of which at most 100 params.
+        params, metrics = pending["params"], pending["metrics"]
         chunks = [([], params[i : i + 100]) for i in range(0, len(params), 100)]
         chunks += [(metrics[i : i + 1000], []) for i in range(0, len(metrics), 1000)]
-        for chunk_metrics, chunk_params in chunks:
+        for n, (chunk_metrics, chunk_params) in enumerate(chunks):
             try:
                 self.client.log_batch(self.run_id, metrics=chunk_metrics, params=chunk_params)
-            except Exception as e:  # reported when the run ends; training goes on
-                if self.error is None:
-                    log.error(f"MLflow: could not record metrics or params: {e}")
-                    self.error = (str(e).splitlines() or [type(e).__name__])[0]
+            except Exception as e:
+                if transient(e):
+                    pending["params"] = [p for _, ps in chunks[n:] for p in ps]
+                    pending["metrics"] = [m for ms, _ in chunks[n:] for m in ms]
+                    return first_line(e)
+                self._spill(chunk_metrics, chunk_params, first_line(e))
+        pending["params"], pending["metrics"] = [], []
+        return None
+
+    def _spill(self, metrics: list, params: list, error: str) -> None:
+        """Appends records the store did not take to spill_path, one JSON object a line."""
+        first = self.unrecorded == 0
+        self.error = self.error or error
+        self.unrecorded += len(metrics) + len(params)
+        if self.spill_path is None:
+            if first:
+                log.error(f"MLflow: could not record metrics or params ({error}); they are lost")
+            return
+        run = {"run_id": self.run_id}
+        lines = [{**run, "param": p.key, "value": p.value} for p in params]
+        lines += [
+            {**run, "metric": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}
+            for m in metrics
+        ]
+        try:
+            self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.spill_path.open("a") as f:
+                f.writelines(json.dumps(line) + "\n" for line in lines)
+        except OSError as e:
+            log.error(f"MLflow: could not keep unrecorded metrics in {self.spill_path}: {e.strerror}")
+            return
+        if first:
+            log.warning(
+                f"MLflow: could not record metrics or params ({error}); they go to {self.spill_path}, "
+                "training goes on"
+            )
 
 
 class Tracker:
-    """The run's handle for the runner. With tracking off (run_id None) every call does nothing."""
+    """The run's handle for the runner. With tracking off (run_id None) every call does nothing.
+    A store that fails a call even after retries never stops training: it is said in one line, and
+    artifacts it did not take are kept in the run's folder, under unrecorded_artifacts/."""
 
-    def __init__(self, run_id: str | None, writer: RecordWriter | None = None) -> None:
+    def __init__(
+        self, run_id: str | None, writer: RecordWriter | None = None, folder: Path | None = None
+    ) -> None:
         self.run_id = run_id
         self.writer = writer
+        self.folder = folder  # the run's Hydra output folder; None outside Hydra
+        self.store_failed = False  # a call failed for good: later calls are tried once, not retried
+
+    def store(self, call: Callable[[], Any], what: str) -> str | None:
+        """call() against the store, retried while the store is busy or silent (unless it has already
+        been found down); returns the error's first line when it still failed."""
+        down = self.store_failed or (self.writer is not None and self.writer.store_down)
+        said = self.writer is not None and self.writer.failing_since is not None  # by the writer
+        try:
+            retrying(call, what, 0 if down else None, quiet=said)
+            return None
+        except Exception as e:
+            self.store_failed = self.store_failed or transient(e)  # down, not just refusing this call
+            return first_line(e)
+
+    def log_artifacts(self, folder: str, what: str) -> None:
+        """Logs the files under `folder` (their paths under it are the artifact paths); those the
+        store does not take are copied to <run folder>/unrecorded_artifacts/, said in one line."""
+        import mlflow
+
+        error = self.store(lambda: mlflow.log_artifacts(folder), f"recording {what}")
+        if error is None:
+            return
+        if self.folder is None:
+            log.warning(f"MLflow: could not record {what} ({error}); they are lost")
+            return
+        kept = self.folder / UNRECORDED_ARTIFACTS
+        shutil.copytree(folder, kept, dirs_exist_ok=True)
+        log.warning(f"MLflow: could not record {what} ({error}); they are kept in {kept}")
 
     def set_checkpoint(self, path: Path | None) -> None:
         """Where this run's checkpoints go, for `cifar-exp resume RUN_ID`."""
         if self.run_id is not None and path is not None:
             import mlflow
 
-            mlflow.set_tag(CHECKPOINT_TAG, str(path.resolve()))
+            where = str(path.resolve())
+            if error := self.store(lambda: mlflow.set_tag(CHECKPOINT_TAG, where), "tagging the checkpoint"):
+                log.warning(f"MLflow: could not tag the run's checkpoint ({error}); resume from {where}")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Queued, not written on the spot: training never waits for the store."""
@@ -278,15 +517,14 @@ class Tracker:
         """A grid of the first 32 training images with their labels."""
         if self.run_id is None:
             return
-        import mlflow
-
         from cifar_exp import reports
 
         grid = reports.image_grid(data.train_images[:32], data.train_labels[:32], data.classes)
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp, Path(TRAIN_SAMPLES_ARTIFACT).name)
+            path = Path(tmp, TRAIN_SAMPLES_ARTIFACT)
+            path.parent.mkdir()
             grid.save(path, compress_level=PNG_COMPRESSION)
-            mlflow.log_artifact(str(path), Path(TRAIN_SAMPLES_ARTIFACT).parent.as_posix())
+            self.log_artifacts(tmp, "the sample images")
 
     def log_results(
         self,
@@ -300,8 +538,6 @@ class Tracker:
         weights (loadable into the plain model), written to a folder and logged in one call."""
         if self.run_id is None:
             return
-        import mlflow
-
         from cifar_exp import reports
 
         with torch.no_grad():
@@ -329,13 +565,14 @@ class Tracker:
                     torch.save(content, path)
                 else:
                     content.save(path, compress_level=PNG_COMPRESSION)  # a Pillow image
-            mlflow.log_artifacts(tmp)
+            self.log_artifacts(tmp, "the figures, tables and weights")
 
 
 @contextlib.contextmanager
 def start_run(cfg: DictConfig, device: str, gpus: int, run_id: str | None = None) -> Iterator[Tracker]:
     """Opens the MLflow run for one job (or reopens `run_id` to continue it); ends it FINISHED,
-    FAILED (error as a tag) or KILLED."""
+    FAILED (error as a tag) or KILLED. A store that does not answer at the start stops the job with
+    one line; one that stops answering later never stops training (see RecordWriter, Tracker)."""
     if not cfg.mlflow.enabled:
         yield Tracker(None)
         return
@@ -353,42 +590,52 @@ def start_run(cfg: DictConfig, device: str, gpus: int, run_id: str | None = None
         "gpus": str(gpus),
         HASH_TAG: config_hash(cfg),
     }
-    if HydraConfig.initialized():
-        tags["hydra_output_dir"] = HydraConfig.get().runtime.output_dir
+    folder = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+    if folder is not None:
+        tags["hydra_output_dir"] = str(folder)
     if os.environ.get(PARENT_RUN_ENV):
         tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
     tags.update(json.loads(os.environ.get(EXTRA_TAGS_ENV, "{}")))
     name = tags.pop("mlflow.runName", run_name(overrides))
     resuming = run_id is not None
-    if resuming:  # continuing: params stay as first recorded (MLflow refuses changed values)
-        active = mlflow.start_run(run_id=run_id)
-        name = active.info.run_name
-        tags = {k: v for k, v in tags.items() if k not in ("overrides", HASH_TAG)}
-        mlflow.set_tags({**tags, "resumed_with_overrides": json.dumps(overrides)})
-    else:
-        active = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags)
+    uri = tracking_uri(cfg.mlflow)
+    try:
+        if resuming:  # continuing: params stay as first recorded (MLflow refuses changed values)
+            active = retrying(lambda: mlflow.start_run(run_id=run_id), "reopening the run")
+            name = active.info.run_name
+            tags = {k: v for k, v in tags.items() if k not in ("overrides", HASH_TAG)}
+            tags["resumed_with_overrides"] = json.dumps(overrides)
+            retrying(lambda: mlflow.set_tags(tags), "tagging the run")
+        else:
+            active = retrying(
+                lambda: mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags),
+                "starting the run",
+            )
+    except Exception as e:
+        if not transient(e):
+            raise
+        raise UserError(f"the MLflow store {uri} does not answer: {first_line(e)}") from None
     run_id = active.info.run_id
-    writer = RecordWriter(MlflowClient(tracking_uri(cfg.mlflow)), run_id)
+    spill = folder / UNRECORDED_METRICS if folder is not None else None
+    tracker = Tracker(run_id, RecordWriter(MlflowClient(uri), run_id, spill), folder)
     try:
         if not resuming:
-            writer.params(flatten(OmegaConf.to_container(cfg, resolve=True)))
-        log_config(cfg)
-        yield Tracker(run_id, writer)
+            tracker.writer.params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+        log_config(cfg, tracker)
+        yield tracker
     except KeyboardInterrupt:
-        _end(writer, "KILLED", "interrupted (Ctrl-C or SIGTERM)")
+        _end(tracker, "KILLED", "interrupted (Ctrl-C or SIGTERM)")
         raise
     except BaseException as e:
-        _end(writer, "FAILED", (str(e).splitlines() or [type(e).__name__])[0])
+        _end(tracker, "FAILED", first_line(e, most=5000))
         raise
     else:
-        _end(writer, "FINISHED", None)
-    log.info(f"MLflow run {run_id} ({name}) in {tracking_uri(cfg.mlflow)}")
+        _end(tracker, "FINISHED", None)
+    log.info(f"MLflow run {run_id} ({name}) in {uri}")
 
 
-def log_config(cfg: DictConfig) -> None:
+def log_config(cfg: DictConfig, tracker: Tracker) -> None:
     """The resolved config and, under Hydra, its .hydra snapshot, logged in one call."""
-    import mlflow
-
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp, Path(CONFIG_ARTIFACT).parent)
         folder.mkdir()
@@ -397,22 +644,37 @@ def log_config(cfg: DictConfig) -> None:
             snapshot = Path(HydraConfig.get().runtime.output_dir) / ".hydra"
             if snapshot.is_dir():
                 shutil.copytree(snapshot, folder / "hydra")
-        mlflow.log_artifacts(tmp)
+        tracker.log_artifacts(tmp, "the config")
 
 
-def _end(writer: RecordWriter, status: str, error: str | None) -> None:
-    """Waits for queued metrics and params, then ends the run; a run whose metrics or params
-    could not all be written ends FAILED with that error, not FINISHED."""
+def _end(tracker: Tracker, status: str, error: str | None) -> None:
+    """Waits for queued metrics and params, then ends the run with `status`, FINISHED also when
+    the store did not take them all (those are in the run's folder, and the run is tagged
+    `unrecorded`). A store that cannot even be told the run ended gets one line; nothing raises."""
     import mlflow
+    from mlflow.tracking import MlflowClient
 
+    writer, run_id = tracker.writer, tracker.run_id
     try:
-        problem = writer.close()
-        if problem and status == "FINISHED":
-            status, error = "FAILED", f"metrics or params not recorded: {problem}"
-        if error:
-            mlflow.set_tag("error", error[:5000])
+        writer.close()
+        tags = {"error": error[:5000]} if error else {}
+        if writer.unrecorded:
+            count = f"{writer.unrecorded} metrics and params"
+            where = f"they are in {writer.spill_path}" if writer.spill_path else "they are lost"
+            tags["unrecorded"] = f"{count}; {where}"
+            log.warning(f"MLflow: {count} of run {run_id} not recorded; {where}")
+        if tags and (problem := tracker.store(lambda: mlflow.set_tags(tags), "tagging the run")):
+            log.debug(f"MLflow: could not tag run {run_id} ({problem})")  # the store is down: said below
     finally:
-        mlflow.end_run(status)
+        try:
+            mlflow.end_run(status)  # takes the run off MLflow's stack first, then tells the store
+        except Exception:
+            client = MlflowClient(mlflow.get_tracking_uri())
+            if problem := tracker.store(lambda: client.set_terminated(run_id, status), "ending the run"):
+                log.error(
+                    f"MLflow: could not end run {run_id} as {status} ({problem}); the store shows it "
+                    "RUNNING, the training result stands"
+                )
 
 
 def summarise_sweep(client: Any, parent_id: str) -> str:

@@ -1,0 +1,445 @@
+"""The store itself: one that cannot be written or is nearly full stops a run before training, in one
+line; one that is busy or stops answering mid-run never stops training. RecordWriter retries with
+backoff and writes what piled up once the store answers again; what the store still does not take
+goes to <run folder>/unrecorded_metrics.jsonl with a line naming it, and the run still ends.
+
+The writer is tested in-process against fake clients (cheap); the check before training in two
+subprocesses started together; a real `mlflow server` killed mid-run is the one slow test."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+
+from cifar_exp import tracking
+from cifar_exp.config import UserError
+from cifar_exp.tracking import RecordWriter
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = [
+    "dataset=synthetic",
+    "dataset.train_size=320",
+    "dataset.test_size=100",
+    "trainer.epochs=2",
+    "trainer.batch_size=32",
+    "trainer.log_every_n_steps=5",
+    "device=cpu",
+]
+
+
+# ---------------------------------------------------------------- RecordWriter against fake stores
+class FlakyClient:
+    """A store client whose log_batch raises `error` while `down()` is true, else records the batch."""
+
+    def __init__(self, down: Any, error: Exception | None = None) -> None:
+        self.down = down
+        self.error = error or ConnectionError("Connection refused")
+        self.calls = 0
+        self.batches: list[tuple[list, list]] = []
+
+    def log_batch(self, run_id: str, metrics: list, params: list) -> None:
+        self.calls += 1
+        if self.down():
+            raise self.error
+        self.batches.append((metrics, params))
+
+    def metrics(self) -> list[tuple[str, int, float]]:
+        return [(m.key, m.step, m.value) for ms, _ in self.batches for m in ms]
+
+    def params(self) -> dict[str, str]:
+        return {p.key: p.value for _, ps in self.batches for p in ps}
+
+
+def _fill(writer: RecordWriter, steps: range) -> list[tuple[str, int, float]]:
+    """What a training loop logs: a loss per step and an accuracy every 10th; returns it, in order."""
+    logged = []
+    for step in steps:
+        values = {"train/loss": 1 / step} | ({"test/acc": step / 100} if step % 10 == 0 else {})
+        writer.metrics(values, step)
+        logged += [(key, step, value) for key, value in values.items()]
+    return logged
+
+
+def test_a_store_that_comes_back_gets_everything_in_order(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    back_at = time.monotonic() + 1.5  # down for 1.5 s: the writer tries 0.25, 0.5, 1 s apart
+    client = FlakyClient(down=lambda: time.monotonic() < back_at)
+    spill = tmp_path / "unrecorded_metrics.jsonl"
+    writer = RecordWriter(client, "run", spill, retry_s=30)
+    started = time.monotonic()
+    writer.params({"model.conv1_out": "8", "seed": "0"})
+    logged = _fill(writer, range(1, 101))
+    assert time.monotonic() - started < 0.5  # the training loop never waited for the store
+    time.sleep(0.3)  # still down: the rest of the run's metrics pile up meanwhile
+    logged += _fill(writer, range(101, 201))
+    assert writer.close() is None
+    assert client.calls > 2  # it was down, and retried
+    assert client.metrics() == logged
+    assert client.params() == {"model.conv1_out": "8", "seed": "0"}
+    assert writer.unrecorded == 0 and not writer.store_down
+    assert not spill.exists()
+    said = [record.getMessage() for record in caplog.records]
+    assert len(said) == 2 and "retrying" in said[0] and "nothing was lost" in said[1], said
+
+
+def test_a_store_that_never_comes_back_leaves_everything_in_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = FlakyClient(down=lambda: True)
+    spill = tmp_path / "outputs" / "unrecorded_metrics.jsonl"
+    writer = RecordWriter(client, "run-1", spill, retry_s=0.6)
+    with caplog.at_level(logging.WARNING, logger="cifar_exp.tracking"):
+        writer.params({"optimizer.lr": "0.01"})
+        logged = _fill(writer, range(1, 51))
+        started = time.monotonic()
+        assert re.fullmatch(r"no answer for \d+ s: Connection refused", writer.close() or "")
+    assert 0.4 < time.monotonic() - started < 5  # retried for retry_s, then gave up
+    assert writer.store_down and writer.unrecorded == len(logged) + 1
+
+    lines = [json.loads(line) for line in spill.read_text().splitlines()]
+    assert {line["run_id"] for line in lines} == {"run-1"}
+    assert [(x["param"], x["value"]) for x in lines if "param" in x] == [("optimizer.lr", "0.01")]
+    assert [(x["metric"], x["step"], x["value"]) for x in lines if "metric" in x] == logged
+    assert all(isinstance(x["timestamp"], int) for x in lines if "metric" in x)
+
+    said = [r.getMessage() for r in caplog.records]
+    naming = [m for m in said if str(spill) in m]
+    assert naming and all("\n" not in m for m in said), said
+    assert any("Connection refused" in m for m in naming), said
+
+
+def test_after_giving_up_it_records_again_when_the_store_answers(tmp_path: Path) -> None:
+    state = {"down": True}
+    client = FlakyClient(down=lambda: state["down"])
+    spill = tmp_path / "unrecorded_metrics.jsonl"
+    writer = RecordWriter(client, "run", spill, retry_s=0.3)
+    early = _fill(writer, range(1, 11))
+    deadline = time.monotonic() + 10
+    while not spill.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert writer.store_down
+    state["down"] = False
+    late = _fill(writer, range(11, 21))
+    assert re.fullmatch(r"no answer for \d+ s: Connection refused", writer.close() or "")
+    assert client.metrics() == late  # recorded once it answered
+    kept = [(x["metric"], x["step"], x["value"]) for x in map(json.loads, spill.read_text().splitlines())]
+    assert kept == early  # the rest, in the file: nothing lost, nothing twice
+    assert not writer.store_down
+
+
+def test_a_refusal_is_not_retried(tmp_path: Path) -> None:
+    refused = MlflowException("Changing param values is not allowed", error_code=INVALID_PARAMETER_VALUE)
+    client = FlakyClient(down=lambda: True, error=refused)
+    spill = tmp_path / "unrecorded_metrics.jsonl"
+    writer = RecordWriter(client, "run", spill, retry_s=30)
+    writer.params({"seed": "1"})
+    started = time.monotonic()
+    assert writer.close() == "Changing param values is not allowed"
+    assert time.monotonic() - started < 5 and client.calls == 1
+    assert json.loads(spill.read_text()) == {"run_id": "run", "param": "seed", "value": "1"}
+
+
+@pytest.mark.parametrize(
+    ("error", "passes"),
+    [
+        (ConnectionError("refused"), True),
+        (TimeoutError(), True),
+        (OSError(errno.ENOSPC, "No space left on device"), True),
+        (sqlite3.OperationalError("database is locked"), True),
+        (MlflowException("(sqlite3.OperationalError) database is locked", TEMPORARILY_UNAVAILABLE), True),
+        (MlflowException("API request to http://127.0.0.1:1/api/2.0/mlflow/runs/log-batch failed"), True),
+        (MlflowException("Changing param values is not allowed", INVALID_PARAMETER_VALUE), False),
+        (PermissionError(errno.EACCES, "Permission denied"), False),
+        (ValueError("bad"), False),
+    ],
+    ids=lambda x: type(x).__name__ if isinstance(x, Exception) else str(x),
+)
+def test_which_errors_are_retried(error: Exception, passes: bool) -> None:
+    assert tracking.transient(error) is passes
+
+
+def test_retrying_waits_out_a_busy_store_and_raises_anything_else() -> None:
+    calls = []
+
+    def locked_twice() -> str:
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise MlflowException("database is locked", TEMPORARILY_UNAVAILABLE)
+        return "written"
+
+    assert tracking.retrying(locked_twice, "writing", retry_s=10) == "written"
+    assert len(calls) == 3 and calls[2] - calls[0] >= tracking.FIRST_RETRY_S * 3
+    with pytest.raises(ValueError):
+        tracking.retrying(lambda: int("x"), "writing", retry_s=10)
+    started = time.monotonic()
+    with pytest.raises(ConnectionError):
+        tracking.retrying(lambda: (_ for _ in ()).throw(ConnectionError("down")), "writing", retry_s=0.5)
+    assert time.monotonic() - started < 2
+
+
+# ---------------------------------------------------------------- the check before training
+def _one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_store_under_a_file_cannot_be_created(tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("")  # works as root too: no folder can be made under a file
+    folder = tmp_path / "a_file" / "mlruns"
+    with pytest.raises(UserError) as error:
+        tracking.check_store(folder, f"sqlite:///{folder}/mlflow.db", 100)
+    assert str(folder) in _one_line(error) and "cannot be written" in str(error.value)
+
+
+def test_a_read_only_store_folder_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "mlruns"
+    folder.mkdir()
+    if os.geteuid() == 0:  # root writes through chmod 555: make the write itself fail instead
+        denied = PermissionError(errno.EROFS, "Read-only file system")
+        monkeypatch.setattr(tempfile, "mkstemp", lambda **kwargs: (_ for _ in ()).throw(denied))
+    else:
+        folder.chmod(0o555)
+    try:
+        with pytest.raises(UserError) as error:
+            tracking.check_store(folder, f"sqlite:///{folder}/mlflow.db", 100)
+    finally:
+        folder.chmod(0o755)
+    assert str(folder) in _one_line(error) and "cannot be written" in str(error.value)
+
+
+def test_a_read_only_database_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    database = tmp_path / "mlflow.db"
+    database.write_bytes(b"")
+    if os.geteuid() == 0:
+        opened = Path.open
+
+        def read_only(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+            if self == database and mode != "r":
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return opened(self, mode, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "open", read_only)
+    else:
+        database.chmod(0o444)
+    with pytest.raises(UserError) as error:
+        tracking.check_store(tmp_path, f"sqlite:///{database}", 100)
+    assert str(database) in _one_line(error) and "Permission denied" in str(error.value)
+
+
+def test_a_nearly_full_disk_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=42 * 2**20))
+    with pytest.raises(UserError) as error:
+        tracking.check_store(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", 100)
+    assert "42 MB free" in _one_line(error) and "mlflow.min_free_mb=100" in str(error.value)
+    tracking.check_store(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", 10)  # enough for a lower bar
+    assert [p.name for p in tmp_path.iterdir()] == []  # the probe leaves nothing behind
+
+
+def test_only_local_stores_are_checked() -> None:
+    assert tracking.local_store_folder("sqlite:////data/mlruns/mlflow.db") == Path("/data/mlruns")
+    assert tracking.local_store_folder("file:///data/mlruns") == Path("/data/mlruns")
+    assert tracking.local_store_folder("http://127.0.0.1:5000") is None
+    assert tracking.local_store_folder("postgresql://user@host/db") is None
+
+
+def _cli(args: list[str], cwd: Path, uri: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CIFAR_EXP_", "MLFLOW_", "HYDRA_"))}
+    env.update(MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.Popen(
+        [sys.executable, "-m", "cifar_exp", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """A run against a store under a regular file, and one that asks for more free space than any
+    disk has, started together."""
+    started = {}
+    root = tmp_path_factory.mktemp("unwritable")
+    (root / "a_file").write_text("")
+    started["unwritable"] = (root, _cli(TINY, root, f"sqlite:///{root}/a_file/mlruns/mlflow.db"))
+    root = tmp_path_factory.mktemp("full")
+    full = [*TINY, "mlflow.min_free_mb=1000000000"]  # more than any disk has free
+    started["full"] = (root, _cli(full, root, f"sqlite:///{root}/s/mlflow.db"))
+    root = tmp_path_factory.mktemp("sweep_full")
+    started["sweep_full"] = (root, _cli([*full, "seed=0,1", "-m"], root, f"sqlite:///{root}/s/mlflow.db"))
+    done = {}
+    for name, (root, proc) in started.items():
+        out, err = proc.communicate(timeout=180)
+        done[name] = (root, subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
+@pytest.mark.parametrize(
+    ("case", "said"),
+    [("unwritable", "cannot be written"), ("full", "MB free"), ("sweep_full", "MB free")],
+)
+def test_a_bad_store_stops_the_run_before_training(refused: dict, case: str, said: str) -> None:
+    root, result = refused[case]
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr and "Warning" not in result.stderr, result.stderr
+    assert said in result.stderr and "mlflow.tracking_uri" in result.stderr, result.stderr
+    assert len([line for line in result.stderr.splitlines() if said in line]) == 1
+    assert "loss" not in result.stdout and "Accuracy of the network" not in result.stdout  # no training
+    assert not list(root.rglob("checkpoint.pt"))
+    if case == "sweep_full":  # stopped before launching any job
+        assert "Launching" not in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- a real tracking server, killed
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`mlflow server` on 127.0.0.1 over a SQLite file; stop() kills it, start() brings it back."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90) -> None:
+        command = [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.root}/server.db",
+            "--artifacts-destination",  # artifacts go through the server too
+            str(self.root / "art"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
+        with open(self.root / "server.log", "a") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.root / "server.log").read_text()
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(f"mlflow server did not answer\n{(self.root / 'server.log').read_text()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)  # the server and its workers: it stops answering at once
+            self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    server = Server(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_run_does_not_stop_training(server: Server, tmp_path: Path) -> None:
+    """Killed at the first loss line and back 4 s later: the run finishes, exit 0, and every metric
+    is in the store. Killed for good: the run still finishes, exit 0, with its metrics in the file."""
+    from mlflow.tracking import MlflowClient
+
+    long = [*TINY, "dataset.train_size=6400", "trainer.epochs=3"]  # 200 steps an epoch, ~10 s
+    env = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",  # MLflow's own retries would take minutes
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    }
+
+    results = {}
+    # Retried for 3 minutes, longer than the server takes to restart; or given up after 3 s.
+    for outage_s, retry_s, name in [(4.0, "180", "comes_back"), (None, "3", "gone")]:
+        cwd = tmp_path / name
+        cwd.mkdir()
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith(("CIFAR_EXP_", "MLFLOW_"))}
+        child_env.update(env, MLFLOW_TRACKING_URI=server.uri, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        child_env[tracking.RETRY_ENV] = retry_s
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cifar_exp", *long, f"hydra.run.dir={cwd}/out"],
+            cwd=cwd,
+            env=child_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("[1,"):  # training, with the run open in the store
+                server.stop()
+                if outage_s is not None:
+                    restart = threading.Timer(outage_s, server.start)
+                    restart.start()
+                break
+        output = "".join(lines) + proc.communicate(timeout=300)[0]
+        if outage_s is not None:
+            restart.join()
+        results[name] = (proc.returncode, output, cwd / "out")
+        if outage_s is None:
+            server.start()
+
+    client = MlflowClient(server.uri)
+    runs = client.search_runs([client.get_experiment_by_name("cifar_exp").experiment_id])
+    by_dir = {Path(r.data.tags["hydra_output_dir"]).parent.name: r for r in runs}
+    expected_losses = 3 * 200 // 5
+
+    code, output, folder = results["comes_back"]
+    assert code == 0, output
+    assert "unrecorded" not in output and "not recorded" not in output, output
+    run = by_dir["comes_back"]
+    assert run.info.status == "FINISHED", output
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == expected_losses
+    assert not (folder / tracking.UNRECORDED_METRICS).exists(), output
+
+    code, output, folder = results["gone"]
+    assert code == 0, output
+    assert "Accuracy of the network" in output  # the training result stands
+    spill = folder / tracking.UNRECORDED_METRICS
+    said = [line for line in output.splitlines() if line.startswith("MLflow") or str(spill) in line]
+    assert [line for line in said if str(spill) in line], output  # the file is named
+    assert [line for line in said if "could not end run" in line and "RUNNING" in line], output
+    assert len(said) <= 6 and all(len(line) < 600 for line in said), "\n".join(said)  # one an event
+    run = by_dir["gone"]
+    assert run.info.status == "RUNNING"  # the store was never told otherwise
+    recorded = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    kept = {
+        x["step"] for x in map(json.loads, spill.read_text().splitlines()) if x.get("metric") == "train/loss"
+    }
+    assert recorded | kept == set(range(5, 3 * 200 + 1, 5)) and not recorded & kept  # all, once
+    assert (folder / tracking.UNRECORDED_ARTIFACTS / "model" / "state_dict.pt").is_file()
