@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifar_exp.config import UserError
+from cifar_exp.config import UserError, first_line
 
 FILENAME = "checkpoint.pt"
 
@@ -43,7 +43,7 @@ def load(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means: not a checkpoint we can use
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        reason = first_line(e)
         raise UserError(f"{path} is not a readable cifar_exp checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != "cifar_exp/1":
         raise UserError(f"{path} is not a cifar_exp checkpoint (no 'format: cifar_exp/1' entry)")

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from cifar_exp import tracking
-from cifar_exp.config import TrackingConfig, UserError
+from cifar_exp.config import TrackingConfig, UserError, first_line
 
 USAGE = {
     "ui": "start the MLflow UI on the project's store, bound to 127.0.0.1",
@@ -88,7 +88,7 @@ def _download(uri: str, run_id: str, artifact: str, dest: str) -> Path:
             )
         )
     except MlflowException as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        message = first_line(e)
         raise UserError(f"run {run_id}: cannot read {artifact} from {uri} ({message})") from None
     except OSError as e:
         raise UserError(f"run {run_id}: cannot read {artifact} from {uri} ({e})") from None

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cifar_exp.config import UserError
+from cifar_exp.config import UserError, first_line
 
 IMAGE_SIZE = 32
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -44,7 +44,7 @@ def load_cifar10(
         try:
             splits.append(CIFAR10(root, train=train, download=download))
         except Exception as e:  # offline download, bad archive, no files and download=false
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            reason = first_line(e)
             raise UserError(
                 f"CIFAR-10 not found under {os.path.abspath(root)} ({reason}). Either go online "
                 f"(dataset.download=true fetches it) or put cifar-10-python.tar.gz in "
@@ -73,7 +73,7 @@ def read_image(path: Path) -> torch.Tensor:
                 image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
             pixels = np.asarray(image, dtype=np.uint8)
     except (OSError, UnidentifiedImageError) as e:
-        raise UserError(f"cannot decode image {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot decode image {path}: {first_line(e)}") from None
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 

@@ -23,7 +23,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp.config import TrackingConfig, UserError
+from cifar_exp.config import TrackingConfig, UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +189,6 @@ def retrying(call: Callable[[], T], what: str, retry_s: float | None = None, qui
                 log.warning(f"MLflow: {what} failed ({first_line(e)}); retrying")
             time.sleep(delay)
             delay = min(2 * delay, LONGEST_RETRY_S)
-
-
-def first_line(error: BaseException, most: int = 200) -> str:
-    """The error's first line; a long one keeps its start and its end (where the cause is)."""
-    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return line if len(line) <= most else f"{line[: most - 80]} ... {line[-75:]}"
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, str]:
