@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifar_exp.config import UserError, first_line
+from cifar_exp.errors import UserError, first_line
 
 FILENAME = "checkpoint.pt"
 

@@ -15,7 +15,8 @@ import torch
 import yaml
 
 from cifar_exp import tracking
-from cifar_exp.config import TrackingConfig, UserError, first_line
+from cifar_exp.config import TrackingConfig
+from cifar_exp.errors import UserError, first_line
 
 USAGE = {
     "ui": "start the MLflow UI on the project's store, bound to 127.0.0.1",

@@ -13,18 +13,10 @@ from typing import Any
 
 import hydra.utils
 from hydra.core.config_store import ConfigStore
-from hydra.errors import CompactHydraException, InstantiationException
+from hydra.errors import InstantiationException
 from omegaconf import MISSING
 
-
-class UserError(CompactHydraException):
-    """A mistake a user can fix (bad value, missing file, no GPU): Hydra prints only its message."""
-
-
-def first_line(error: BaseException, most: int = 200) -> str:
-    """The error's first line; a long one keeps its start and its end (where the cause is)."""
-    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return line if len(line) <= most else f"{line[: most - 80]} ... {line[-75:]}"
+from cifar_exp.errors import UserError
 
 
 # ---------------------------------------------------------------- dataset

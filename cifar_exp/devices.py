@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cifar_exp.config import DeviceConfig, UserError
+from cifar_exp.config import DeviceConfig
+from cifar_exp.errors import UserError
 
 DEVICE_NAMES = ("auto", "cpu", "cuda", "ddp")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cifar_exp.config import UserError
+from cifar_exp.errors import UserError
 
 
 def _check_widths(prefix: str, **widths: int) -> None:

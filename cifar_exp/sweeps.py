@@ -14,7 +14,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from cifar_exp import tracking
-from cifar_exp.config import UserError
+from cifar_exp.errors import UserError
 
 log = logging.getLogger(__name__)
 

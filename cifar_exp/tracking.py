@@ -23,7 +23,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp.config import TrackingConfig, UserError, first_line
+from cifar_exp.config import TrackingConfig
+from cifar_exp.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 

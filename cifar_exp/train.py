@@ -16,9 +16,10 @@ from torch import nn
 from tqdm import tqdm
 
 from cifar_exp import checkpoints, signals
-from cifar_exp.config import TrainerConfig, UserError
+from cifar_exp.config import TrainerConfig
 from cifar_exp.data import ImageData, augment, batches, normalise, shuffle
 from cifar_exp.devices import distributed, unwrap_model
+from cifar_exp.errors import UserError
 
 log = logging.getLogger(__name__)
 MetricsCallback = Callable[[dict[str, float], int], None]

@@ -12,8 +12,9 @@ import torch
 from conftest import CONF_DIR, REPO
 from omegaconf import OmegaConf
 
-from cifar_exp.config import UserError, build
+from cifar_exp.config import build
 from cifar_exp.devices import select_device
+from cifar_exp.errors import UserError
 from cifar_exp.models import CNN
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar_exp.config import UserError
 from cifar_exp.data import augment, batches, load_cifar10, load_imagefolder, load_synthetic, normalise
+from cifar_exp.errors import UserError
 
 
 # ---------------------------------------------------------------- CIFAR-10 pickles

@@ -16,7 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cifar_exp import checkpoints
-from cifar_exp.config import UserError
+from cifar_exp.errors import UserError
 
 TRAIN = [
     "dataset=synthetic",

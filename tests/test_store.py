@@ -30,7 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
 from cifar_exp import tracking
-from cifar_exp.config import UserError
+from cifar_exp.errors import UserError
 from cifar_exp.tracking import RecordWriter
 
 REPO = Path(__file__).resolve().parent.parent
