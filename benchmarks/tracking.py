@@ -8,7 +8,7 @@ measured in the same process, alternating, and medians are reported).
   B. Per-job overhead in a sweep: a tiny job (200 images, batch 32, one epoch) with tracking on
      minus the same job with tracking off, after one tracked warm-up job (so imports and the
      store's set-up are paid once, as in a sweep). Target: < 1 s. Measured three ways: a plain
-     job, a sweep job (a parent run id in $CIFAR_EXP_PARENT_RUN_ID, as the sweep callback sets
+     job, a sweep job (a parent run joined with tracking.identity.join_sweep, as the sweep callback does
      it), and a plain job with the figures replaced by 1-pixel images (where the time goes).
   Also printed: the one-off cost of importing what tracking imports (mlflow, the figure code),
   timed in fresh subprocesses, and a breakdown of one tracked tiny job's tracking steps.
@@ -130,17 +130,17 @@ def sweep_parent() -> Iterator[None]:
     """A parent run and its id in the environment, as the sweep callback leaves them for a job."""
     from mlflow.tracking import MlflowClient
 
-    from cifar_exp import tracking
     from cifar_exp.config import TrackingConfig
+    from cifar_exp.tracking import identity, store
 
     config = TrackingConfig()
-    client = MlflowClient(tracking.tracking_uri(config))
-    parent = client.create_run(tracking.ensure_experiment(config), run_name="sweep:benchmark")
-    os.environ[tracking.PARENT_RUN_ENV] = parent.info.run_id
+    client = MlflowClient(store.tracking_uri(config))
+    parent = client.create_run(store.ensure_experiment(config), run_name="sweep:benchmark")
+    identity.join_sweep(parent.info.run_id)
     try:
         yield
     finally:
-        os.environ.pop(tracking.PARENT_RUN_ENV, None)
+        identity.join_sweep(None)
         client.set_terminated(parent.info.run_id, "FINISHED")
 
 
@@ -185,21 +185,22 @@ def breakdown(overrides: list[str]) -> dict[str, float]:
     """Seconds spent in each tracking function during one tracked job (wrapped, not sampled)."""
     import mlflow
 
-    from cifar_exp import reports, tracking
+    from cifar_exp import reports, run
+    from cifar_exp.tracking import records, runs
 
     spent: dict[str, float] = {}
     targets = [
-        (tracking, "ensure_experiment"),
-        (tracking, "git_state"),
+        (runs, "ensure_experiment"),
+        (runs, "git_state"),
         (mlflow, "start_run"),
-        (mlflow, "log_params"),
-        (tracking, "log_config"),
-        (tracking.Tracker, "log_sample_images"),
-        (tracking.Tracker, "log_results"),
+        (runs, "config_files"),
+        (reports, "sample_files"),
+        (run, "result_files"),
+        (runs.Tracker, "log_files"),
         (reports, "image_grid"),
         (reports, "confusion_image"),
-        (tracking, "_end"),
-        (getattr(tracking, "RecordWriter", None), "close"),
+        (runs, "_end"),
+        (records.RecordWriter, "close"),
     ]
     saved = [(owner, name, getattr(owner, name)) for owner, name in targets if hasattr(owner, name)]
 

@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from cifar_exp import tracking
+from cifar_exp import reports
 from cifar_exp.config import TrackingConfig
 from cifar_exp.errors import UserError, first_line
+from cifar_exp.tracking import runs, store
 
+HydraMain = Callable[[list[str], dict[str, str] | None], None]
 USAGE = {
     "ui": "start the MLflow UI on the project's store, bound to 127.0.0.1",
     "rerun": "re-run a recorded run from its logged config snapshot into a new run",
@@ -26,7 +28,8 @@ USAGE = {
 }
 
 
-def dispatch(command: str, argv: list[str], train: Callable[[], object]) -> int:
+def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
+    """Runs one subcommand; `hydra_main(argv, tags)` is the training command line."""
     parser = argparse.ArgumentParser(prog=f"cifar-exp {command}", description=USAGE[command])
     parser.add_argument(
         "--tracking-uri",
@@ -46,12 +49,12 @@ def dispatch(command: str, argv: list[str], train: Callable[[], object]) -> int:
         parser.add_argument("overrides", nargs="*", help="e.g. trainer.epochs=10 to train longer")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    uri = tracking.tracking_uri(TrackingConfig(tracking_uri=args.tracking_uri))
+    uri = store.tracking_uri(TrackingConfig(tracking_uri=args.tracking_uri))
     try:
         if command == "ui":
             return ui(uri, args.port)
         if command in ("rerun", "resume"):
-            return rerun(uri, args.run_id, args.overrides, train, resume=command == "resume")
+            return rerun(uri, args.run_id, args.overrides, hydra_main, resume=command == "resume")
         return predict(uri, args.run_id, args.images, args.top)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -71,9 +74,9 @@ def ui(uri: str, port: int) -> int:
         "--port",
         str(port),
     ]
-    if uri == tracking.default_store_uri():
-        tracking.STORE_DIR.mkdir(parents=True, exist_ok=True)
-        command += ["--default-artifact-root", (tracking.STORE_DIR / "artifacts").as_uri()]
+    if uri == store.default_store_uri():
+        store.STORE_DIR.mkdir(parents=True, exist_ok=True)
+        command += ["--default-artifact-root", (store.STORE_DIR / "artifacts").as_uri()]
     print(f"MLflow UI on http://127.0.0.1:{port} for {uri} (Ctrl-C stops it)", flush=True)
     return subprocess.call(command)
 
@@ -95,35 +98,29 @@ def _download(uri: str, run_id: str, artifact: str, dest: str) -> Path:
         raise UserError(f"run {run_id}: cannot read {artifact} from {uri} ({e})") from None
 
 
-def rerun(
-    uri: str, run_id: str, overrides: list[str], train: Callable[[], object], resume: bool = False
-) -> int:
+def rerun(uri: str, run_id: str, overrides: list[str], hydra_main: HydraMain, resume: bool = False) -> int:
     """Composes the run's logged resolved config (under the typed schema, with this project's
     Hydra settings) and trains it into a new run tagged rerun_of=RUN_ID, or with `resume`
     continues RUN_ID itself from its last checkpoint."""
     from mlflow.tracking import MlflowClient
 
     with tempfile.TemporaryDirectory() as tmp:
-        snapshot = yaml.safe_load(_download(uri, run_id, tracking.CONFIG_ARTIFACT, tmp).read_text())
-        if snapshot["mlflow"].get("tracking_uri"):  # the new run goes where the original was read
-            snapshot["mlflow"]["tracking_uri"] = uri
+        snapshot = yaml.safe_load(_download(uri, run_id, runs.CONFIG_ARTIFACT, tmp).read_text())
+        if snapshot["mlflow"].get("tracking_uri") or uri != store.tracking_uri(TrackingConfig()):
+            snapshot["mlflow"]["tracking_uri"] = uri  # the new run goes where the original was read
         snapshot["resume"] = run_id if resume else None
-        hydra_settings = yaml.safe_load(Path(tracking.PROJECT_ROOT, "conf/config.yaml").read_text())
+        hydra_settings = yaml.safe_load(Path(store.PROJECT_ROOT, "conf/config.yaml").read_text())
         primary = {
             "defaults": ["config_schema", "_self_"],
             **snapshot,
             "hydra": hydra_settings.get("hydra", {}),
         }
         Path(tmp, "rerun.yaml").write_text(yaml.safe_dump(primary, sort_keys=False))
-        original = MlflowClient(uri).get_run(run_id)
+        tags = None
         if not resume:
-            os.environ[tracking.EXTRA_TAGS_ENV] = json.dumps(
-                {"rerun_of": run_id, "mlflow.runName": f"rerun:{original.info.run_name}"}
-            )
-        if uri != tracking.default_store_uri():
-            os.environ["MLFLOW_TRACKING_URI"] = uri
-        sys.argv = [sys.argv[0], "--config-dir", tmp, "--config-name", "rerun", *overrides]
-        train()
+            original = MlflowClient(uri).get_run(run_id)
+            tags = {"rerun_of": run_id, "mlflow.runName": f"rerun:{original.info.run_name}"}
+        hydra_main(["--config-dir", tmp, "--config-name", "rerun", *overrides], tags)
     return 0
 
 
@@ -134,11 +131,9 @@ def predict(uri: str, run_id: str, images: list[str], top: int) -> int:
     from cifar_exp.data import normalise, read_image
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = OmegaConf.create(
-            yaml.safe_load(_download(uri, run_id, tracking.CONFIG_ARTIFACT, tmp).read_text())
-        )
-        classes = json.loads(_download(uri, run_id, tracking.CLASSES_ARTIFACT, tmp).read_text())
-        weights = _download(uri, run_id, tracking.WEIGHTS_ARTIFACT, tmp)
+        cfg = OmegaConf.create(yaml.safe_load(_download(uri, run_id, runs.CONFIG_ARTIFACT, tmp).read_text()))
+        classes = json.loads(_download(uri, run_id, reports.CLASSES_ARTIFACT, tmp).read_text())
+        weights = _download(uri, run_id, reports.WEIGHTS_ARTIFACT, tmp)
         model = build(cfg.model, num_classes=len(classes["classes"]))
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.eval()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import json
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,12 @@ BLACK, GREEN, RED, WHITE = (0, 0, 0), (0, 128, 0), (200, 0, 0), (255, 255, 255)
 LIGHT_BLUE, DARK_BLUE = np.array([247, 251, 255]), np.array([8, 48, 107])
 
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+PNG_COMPRESSION = 1  # zlib level: ~3x faster than Pillow's default 6, files a few % larger
+# Artifact paths of a run, read back by `cifar-exp predict`.
+TRAIN_SAMPLES_ARTIFACT = "figures/train_samples.png"
+WEIGHTS_ARTIFACT = "model/state_dict.pt"
+CLASSES_ARTIFACT = "model/classes.json"
 
 
 def close(fig: Any) -> None:
@@ -216,3 +223,49 @@ def search_history_figure(values: list[float | None], metric: str = "test/acc") 
         ax.legend(loc="best")
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------- a run's files, ready to record
+def png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=PNG_COMPRESSION)
+    return out.getvalue()
+
+
+def figure_png(fig: Any) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed."""
+    out = io.BytesIO()
+    fig.savefig(out, format="png")
+    close(fig)
+    return out.getvalue()
+
+
+def sample_files(images: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, bytes]:
+    """A grid of the first 32 training images with their labels."""
+    return {TRAIN_SAMPLES_ARTIFACT: png(image_grid(images[:32], labels[:32], classes))}
+
+
+def result_files(
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    classes: list[str],
+    predicted: torch.Tensor,
+    confusion: torch.Tensor,
+    state_dict: dict[str, torch.Tensor],
+) -> dict[str, str | bytes]:
+    """Test predictions (for the first len(predicted) test images) and the confusion matrix as
+    figures, the per-class table, and the final weights (loadable into the plain model)."""
+    n = len(predicted)
+    rows = per_class_rows(confusion, classes)
+    weights = io.BytesIO()
+    torch.save({k: v.cpu() for k, v in state_dict.items()}, weights)
+    return {
+        "figures/test_predictions.png": png(
+            image_grid(test_images[:n], test_labels[:n], classes, predicted.cpu())
+        ),
+        "figures/confusion_matrix.png": png(confusion_image(confusion, classes)),
+        "tables/per_class_accuracy.md": markdown_table(rows),
+        "tables/per_class_accuracy.csv": csv_table(rows),
+        CLASSES_ARTIFACT: json.dumps({"classes": classes}, indent=2),
+        WEIGHTS_ARTIFACT: weights.getvalue(),
+    }

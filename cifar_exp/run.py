@@ -12,11 +12,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp import checkpoints, signals, tracking
+from cifar_exp import checkpoints, reports, signals
 from cifar_exp.config import build, check_trainer
 from cifar_exp.data import ImageData
-from cifar_exp.devices import distributed, select_device, unwrap_model, wrap_model
-from cifar_exp.train import Loop, Tensors, prepare
+from cifar_exp.devices import distributed, select_device, wrap_model
+from cifar_exp.tracking import identity, runs
+from cifar_exp.train import Loop, Tensors, predict_logits, prepare
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +41,16 @@ def prepare_data(dataset_yaml: str, device: str, channels_last: bool) -> Tensors
     return prepare(load_data(dataset_yaml), torch.device(device), channels_last)
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
+def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]:
     """Trains and evaluates one configuration (or continues an interrupted one); returns the
-    final metrics."""
+    final metrics. `tags` go on a new MLflow run (`mlflow.runName` names it)."""
     check_trainer(cfg.trainer)
-    previous = tracking.previous_run(cfg)  # in a re-run sweep: this config's earlier run, if any
+    previous = identity.previous_run(cfg)  # in a re-run sweep: this config's earlier run, if any
     if previous and previous.status == "FINISHED":
         log.info(f"skipped: run {previous.run_id} already finished this config")
         return previous.metrics
     resume_from = cfg.resume or (previous.run_id if previous and previous.checkpoint else None)
-    state = checkpoints.load(tracking.checkpoint_path(resume_from, cfg.mlflow)) if resume_from else None
+    state = checkpoints.load(identity.checkpoint_path(resume_from, cfg.mlflow)) if resume_from else None
     seed_everything(cfg.seed)
     device = select_device(cfg.device, cfg.trainer.batch_size)
     rank = distributed()[0]
@@ -71,7 +72,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     run_id = state["mlflow_run_id"] if state else None
-    with tracking.start_run(cfg, device=device.type, gpus=gpus, run_id=run_id) as tracker:
+    with runs.start_run(cfg, device.type, gpus, run_id, tags) as tracker:
         path = checkpoint_file(cfg)
         save = (lambda s: checkpoints.save({**s, "mlflow_run_id": tracker.run_id}, path)) if path else None
         loop = Loop(
@@ -80,15 +81,28 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if state:
             loop.load_state_dict(state)
             log.info(f"resumed from {resume_from}: epoch {loop.progress.epoch}, step {loop.progress.step}")
-        else:
-            tracker.log_sample_images(data)
+        elif tracker.run_id is not None:
+            samples = reports.sample_files(data.train_images, data.train_labels, data.classes)
+            tracker.log_files(samples, "the sample images")
         tracker.set_checkpoint(path)
         with signals.deferred():  # Ctrl-C/SIGTERM: finish the step, checkpoint, then stop
             metrics, confusion = loop.fit()
         if rank == 0:
             report(confusion, data.classes)
-        tracker.log_results(unwrap_model(model), data, tensors, confusion, metrics)
+        if tracker.run_id is not None:
+            tracker.log_files(result_files(net, data, tensors, confusion), "the figures, tables and weights")
     return metrics
+
+
+def result_files(
+    net: torch.nn.Module, data: ImageData, tensors: Tensors, confusion: torch.Tensor
+) -> dict[str, str | bytes]:
+    """The trained model's predictions on the first 32 test images, with the figures, tables and
+    weights they go into."""
+    net.eval()
+    predicted = predict_logits(net, tensors.test_images[:32]).argmax(1)
+    test = (data.test_images, data.test_labels, data.classes)
+    return reports.result_files(*test, predicted, confusion, net.state_dict())
 
 
 def checkpoint_file(cfg: DictConfig) -> Path | None:

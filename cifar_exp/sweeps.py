@@ -1,4 +1,4 @@
-"""The Hydra callback that owns a sweep's parent MLflow run and its summary."""
+"""The Hydra callback that owns a sweep's parent MLflow run, and the sweep's summary."""
 
 from __future__ import annotations
 
@@ -7,14 +7,17 @@ import json
 import logging
 import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from cifar_exp import tracking
+from cifar_exp import reports
 from cifar_exp.errors import UserError
+from cifar_exp.tracking import identity, store
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +39,14 @@ class SweepCallback(Callback):
         from mlflow.tracking import MlflowClient
 
         try:
-            experiment_id = tracking.ensure_experiment(config.mlflow)
+            experiment_id = store.ensure_experiment(config.mlflow)
         except UserError as e:  # a bad store stops the sweep before any job (Hydra would only warn)
             print(e, file=sys.stderr)
             sys.exit(1)
-        self.uri = tracking.tracking_uri(config.mlflow)
+        self.uri = store.tracking_uri(config.mlflow)
         overrides = list(config.hydra.overrides.task)
         params = dict(config.hydra.sweeper.get("params") or {})
-        commit, dirty = tracking.git_state()
+        commit, dirty = identity.git_state()
         run = MlflowClient(self.uri).create_run(
             experiment_id,
             run_name="sweep:" + (",".join(overrides + [f"{k}={v}" for k, v in params.items()]) or "default"),
@@ -59,7 +62,7 @@ class SweepCallback(Callback):
         self.parent_id = run.info.run_id
         self.search = not str(config.hydra.sweeper._target_).endswith(".BasicSweeper")
         self.pid = os.getpid()
-        os.environ[tracking.PARENT_RUN_ENV] = self.parent_id
+        identity.join_sweep(self.parent_id)
         atexit.register(self.close)
         log.info(f"MLflow parent run {self.parent_id} for this sweep")
 
@@ -68,7 +71,7 @@ class SweepCallback(Callback):
         unpickled: its parent id and store go to the job whatever environment the job inherited
         (a cluster may start jobs with a clean one, as sbatch --export=NONE does)."""
         if self.parent_id and os.getpid() != self.pid:
-            os.environ[tracking.PARENT_RUN_ENV] = self.parent_id
+            identity.join_sweep(self.parent_id)
             os.environ["MLFLOW_TRACKING_URI"] = self.uri  # unless mlflow.tracking_uri names it
         # Parallel jobs (hydra/launcher=joblib) on several GPUs: one GPU per worker, so keep
         # hydra.launcher.n_jobs at most the GPU count. Does nothing on CPU or with one GPU.
@@ -85,54 +88,120 @@ class SweepCallback(Callback):
         if self.parent_id is None:
             return
         parent_id, self.parent_id = self.parent_id, None
-        os.environ.pop(tracking.PARENT_RUN_ENV, None)
+        identity.join_sweep(None)
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.uri)
         status = "FAILED"
         try:
-            status = tracking.summarise_sweep(client, parent_id)
-            if self.search:
-                record_search(client, parent_id)
+            status = summarise(client, parent_id, self.search)
         finally:
             client.set_terminated(parent_id, status)
 
 
-def record_search(client: Any, parent_id: str) -> None:
-    """A search's parent gets the best child's value of every searched key as a `best/<key>` tag
-    (best/test/acc and best_run_id come from tracking.summarise_sweep) and search/history.png:
-    each child's test/acc in the order the children started, with the best so far."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from mlflow.entities import RunTag
-
-    from cifar_exp import reports
+# ---------------------------------------------------------------- the summary
+def summarise(client: Any, parent_id: str, search: bool = False) -> str:
+    """Records on the parent run the sweep table (swept values against each child's final
+    test/acc and test/loss, CSV and markdown), a plot of test/acc against each swept numeric key,
+    best/test/acc and best_run_id; for a search also the best child's value of every searched key
+    (`best/<key>` tags) and search/history.png. Returns the parent's status, which follows the
+    children's."""
+    from mlflow.entities import Metric, RunTag
 
     parent = client.get_run(parent_id)
+    children = sweep_children(client, parent)
+    rows, swept = summary_rows(children)
+    files: dict[str, str | bytes] = {
+        "sweep/summary.csv": reports.csv_table(rows),
+        "sweep/summary.md": reports.markdown_table(rows),
+    }
+    numeric = [k for k in swept if all(_is_number(r[k]) for r in rows if r[k] != "")]
+    if rows and numeric:
+        files["sweep/test_acc.png"] = reports.figure_png(reports.sweep_figure(rows, numeric))
+    tags, metrics = [], []
+    finished = [r for r in rows if r["status"] == "FINISHED" and r["test/acc"] != ""]
+    best = max(finished, key=lambda r: r["test/acc"]) if finished else None
+    if best is not None:
+        metrics.append(Metric("best/test/acc", best["test/acc"], int(time.time() * 1000), 0))
+        tags.append(RunTag("best_run_id", best["run_id"]))
+    if search:
+        values = [c.data.metrics.get("test/acc") if c.info.status == "FINISHED" else None for c in children]
+        files["search/history.png"] = reports.figure_png(reports.search_history_figure(values))
+        if best is not None:
+            chosen = next(c for c in children if c.info.run_id == best["run_id"])
+            tags += [RunTag(f"best/{k}", v) for k, v in searched_values(parent, chosen).items()]
+    client.log_batch(parent_id, metrics=metrics, tags=tags)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, content in files.items():
+            path = Path(tmp, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        client.log_artifacts(parent_id, tmp)
+    statuses = {r["status"] for r in rows}
+    if not rows or "FAILED" in statuses:
+        return "FAILED"
+    return "FINISHED" if statuses == {"FINISHED"} else "KILLED"
+
+
+def sweep_children(client: Any, parent: Any) -> list[Any]:
+    """The parent's children and the runs it linked (finished in an earlier sweep), in the order
+    they started."""
     children = client.search_runs(
         [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
         max_results=10000,
     )
     linked = [client.get_run(k.removeprefix("linked/")) for k in parent.data.tags if k.startswith("linked/")]
-    children = sorted([*linked, *children], key=lambda run: run.info.start_time)
-    values = [c.data.metrics.get("test/acc") if c.info.status == "FINISHED" else None for c in children]
-    fig = reports.search_history_figure(values)
-    client.log_figure(parent_id, fig, "search/history.png")
-    reports.close(fig)
+    return sorted([*linked, *children], key=lambda run: run.info.start_time)
 
-    best_id = parent.data.tags.get("best_run_id")
-    if best_id is None:  # no child finished
-        return
+
+def summary_rows(children: list[Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per child: name, overridden values, final test/acc and test/loss, status, run id;
+    and the overridden keys."""
+    swept: list[str] = []
+    rows = []
+    for child in children:
+        row: dict[str, Any] = {"run": child.info.run_name, "status": child.info.status}
+        for key, value in _overrides(child).items():
+            row[key] = value
+            swept += [key] if key not in swept else []
+        for metric in ("test/acc", "test/loss"):
+            row[metric] = child.data.metrics.get(metric, "")
+        row["run_id"] = child.info.run_id
+        rows.append(row)
+    columns = ["run", *swept, "test/acc", "test/loss", "status", "run_id"]
+    return [{c: r.get(c, "") for c in columns} for r in rows], swept
+
+
+def searched_values(parent: Any, best: Any) -> dict[str, str]:
+    """The best child's value of every key the search chose: hydra.sweeper.params and the sweep
+    overrides of the command line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     overrides = json.loads(parent.data.tags.get("overrides", "[]"))
-    searched = list(json.loads(parent.data.tags.get("sweep_params", "{}")))  # hydra.sweeper.params
+    searched = list(json.loads(parent.data.tags.get("sweep_params", "{}")))
     searched += [
         o.get_key_element()
         for o in OverridesParser.create().parse_overrides(overrides)
         if o.is_sweep_override()
     ]
-    chosen = dict(
-        item.lstrip("+~").partition("=")[::2]
-        for item in json.loads(client.get_run(best_id).data.tags.get("overrides", "[]"))
-    )
-    tags = [RunTag(f"best/{key}", chosen[key]) for key in dict.fromkeys(searched) if key in chosen]
-    client.log_batch(parent_id, tags=tags)
+    chosen = _overrides(best, keep_internal=True)
+    return {key: chosen[key] for key in dict.fromkeys(searched) if key in chosen}
+
+
+def _overrides(run: Any, keep_internal: bool = False) -> dict[str, str]:
+    """A run's command-line overrides as {key: value}, without mlflow.* and hydra.* ones."""
+    out = {}
+    for item in json.loads(run.data.tags.get("overrides", "[]")):
+        key, _, value = item.lstrip("+~").partition("=")
+        if keep_internal or not key.startswith(("mlflow.", "hydra.")):
+            out[key] = value
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+        return True
+    except (TypeError, ValueError):
+        return False

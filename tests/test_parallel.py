@@ -20,8 +20,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cifar_exp import devices, sweeps, tracking
-from cifar_exp.tracking import RecordWriter
+from cifar_exp import devices, sweeps
+from cifar_exp.tracking import identity, store
+from cifar_exp.tracking.records import RecordWriter
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SIZE, TEST_SIZE, EPOCHS, BATCH, LOG_EVERY = 320, 100, 2, 32, 5
@@ -130,7 +131,7 @@ def test_a_joblib_sweep_records_every_run_whole(tmp_path: Path, compose_config) 
     points = 0
     for seed, child in by_seed.items():
         cfg = compose_config(*SMALL, f"seed={seed}")
-        assert child.data.params == tracking.flatten(OmegaConf.to_container(cfg, resolve=True)), seed
+        assert child.data.params == identity.flatten(OmegaConf.to_container(cfg, resolve=True)), seed
         assert set(child.data.metrics) == set(expected_steps), seed
         for key, steps in expected_steps.items():
             history = client.get_metric_history(child.info.run_id, key)
@@ -148,12 +149,12 @@ def test_a_joblib_sweep_records_every_run_whole(tmp_path: Path, compose_config) 
 OPEN_STORE = """
 import sys, time
 from pathlib import Path
-from cifar_exp import tracking
+from cifar_exp.tracking import store
 from cifar_exp.config import TrackingConfig
 print("ready", flush=True)
 while not Path(sys.argv[2]).exists():
     time.sleep(0.005)
-print(tracking.ensure_experiment(TrackingConfig(tracking_uri=sys.argv[1])), flush=True)
+print(store.ensure_experiment(TrackingConfig(tracking_uri=sys.argv[1])), flush=True)
 """
 
 
@@ -198,7 +199,7 @@ def test_writers_of_parallel_runs_lose_nothing_on_one_sqlite_store(tmp_path: Pat
     from cifar_exp.config import TrackingConfig
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    experiment_id = tracking.ensure_experiment(TrackingConfig(tracking_uri=uri))
+    experiment_id = store.ensure_experiment(TrackingConfig(tracking_uri=uri))
     client = MlflowClient(uri)
     run_ids = [client.create_run(experiment_id).info.run_id for _ in range(JOBS)]
     steps, keys, params = 60, [f"m/{k}" for k in range(16)], {f"p{k}": str(k) for k in range(46)}

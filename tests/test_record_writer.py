@@ -1,4 +1,4 @@
-"""tracking.RecordWriter, the background writer of metrics and params, against a fake store
+"""RecordWriter (tracking/records.py), the background writer of metrics and params, against a fake store
 client: everything queued is written, in order, within the store's batch limits, before close()
 returns; a failed write is reported by close(), not raised into the training loop."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from cifar_exp.tracking import RecordWriter
+from cifar_exp.tracking.records import RecordWriter
 
 
 class FakeClient:

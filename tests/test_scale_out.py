@@ -37,7 +37,6 @@ TINY = [  # 10 steps of 32 images, one epoch: a job trains in about a second
 ]
 WIDTHS = "model.conv1_out=4,8"  # the two jobs of a sweep
 SEARCH_TRIALS = 3
-PARENT_RUN_ENV = "CIFAR_EXP_PARENT_RUN_ID"  # tracking.PARENT_RUN_ENV
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -280,9 +279,10 @@ def test_a_job_started_with_a_clean_environment_still_finds_the_parent_run(compo
     config = compose_config("experiment=slurm", *TINY, hydra_config=True)  # what a SLURM job gets
     job = (
         "import os, pickle, sys\n"
+        "from cifar_exp.tracking import identity\n"
         "callback, config = pickle.loads(sys.stdin.buffer.read())\n"
         "callback.on_job_start(config=config)\n"
-        f"print(os.environ.get('{PARENT_RUN_ENV}'), os.environ.get('MLFLOW_TRACKING_URI'))\n"
+        "print(identity.sweep_parent(), os.environ.get('MLFLOW_TRACKING_URI'))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", job],

@@ -29,9 +29,9 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
-from cifar_exp import tracking
 from cifar_exp.errors import UserError
-from cifar_exp.tracking import RecordWriter
+from cifar_exp.tracking import records, store
+from cifar_exp.tracking.records import RecordWriter
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
@@ -95,7 +95,7 @@ def test_a_store_that_comes_back_gets_everything_in_order(
     assert client.calls > 2  # it was down, and retried
     assert client.metrics() == logged
     assert client.params() == {"model.conv1_out": "8", "seed": "0"}
-    assert writer.unrecorded == 0 and not writer.store_down
+    assert writer.unrecorded == 0 and not writer.health.down
     assert not spill.exists()
     said = [record.getMessage() for record in caplog.records]
     assert len(said) == 2 and "retrying" in said[0] and "nothing was lost" in said[1], said
@@ -113,7 +113,7 @@ def test_a_store_that_never_comes_back_leaves_everything_in_the_file(
         started = time.monotonic()
         assert re.fullmatch(r"no answer for \d+ s: Connection refused", writer.close() or "")
     assert 0.4 < time.monotonic() - started < 5  # retried for retry_s, then gave up
-    assert writer.store_down and writer.unrecorded == len(logged) + 1
+    assert writer.health.down and writer.unrecorded == len(logged) + 1
 
     lines = [json.loads(line) for line in spill.read_text().splitlines()]
     assert {line["run_id"] for line in lines} == {"run-1"}
@@ -136,14 +136,14 @@ def test_after_giving_up_it_records_again_when_the_store_answers(tmp_path: Path)
     deadline = time.monotonic() + 10
     while not spill.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert writer.store_down
+    assert writer.health.down
     state["down"] = False
     late = _fill(writer, range(11, 21))
     assert re.fullmatch(r"no answer for \d+ s: Connection refused", writer.close() or "")
     assert client.metrics() == late  # recorded once it answered
     kept = [(x["metric"], x["step"], x["value"]) for x in map(json.loads, spill.read_text().splitlines())]
     assert kept == early  # the rest, in the file: nothing lost, nothing twice
-    assert not writer.store_down
+    assert not writer.health.down
 
 
 def test_a_refusal_is_not_retried(tmp_path: Path) -> None:
@@ -174,7 +174,7 @@ def test_a_refusal_is_not_retried(tmp_path: Path) -> None:
     ids=lambda x: type(x).__name__ if isinstance(x, Exception) else str(x),
 )
 def test_which_errors_are_retried(error: Exception, passes: bool) -> None:
-    assert tracking.transient(error) is passes
+    assert store.transient(error) is passes
 
 
 def test_retrying_waits_out_a_busy_store_and_raises_anything_else() -> None:
@@ -186,13 +186,13 @@ def test_retrying_waits_out_a_busy_store_and_raises_anything_else() -> None:
             raise MlflowException("database is locked", TEMPORARILY_UNAVAILABLE)
         return "written"
 
-    assert tracking.retrying(locked_twice, "writing", retry_s=10) == "written"
-    assert len(calls) == 3 and calls[2] - calls[0] >= tracking.FIRST_RETRY_S * 3
+    assert store.retrying(locked_twice, "writing", retry_s=10) == "written"
+    assert len(calls) == 3 and calls[2] - calls[0] >= store.FIRST_RETRY_S * 3
     with pytest.raises(ValueError):
-        tracking.retrying(lambda: int("x"), "writing", retry_s=10)
+        store.retrying(lambda: int("x"), "writing", retry_s=10)
     started = time.monotonic()
     with pytest.raises(ConnectionError):
-        tracking.retrying(lambda: (_ for _ in ()).throw(ConnectionError("down")), "writing", retry_s=0.5)
+        store.retrying(lambda: (_ for _ in ()).throw(ConnectionError("down")), "writing", retry_s=0.5)
     assert time.monotonic() - started < 2
 
 
@@ -207,7 +207,7 @@ def test_a_store_under_a_file_cannot_be_created(tmp_path: Path) -> None:
     (tmp_path / "a_file").write_text("")  # works as root too: no folder can be made under a file
     folder = tmp_path / "a_file" / "mlruns"
     with pytest.raises(UserError) as error:
-        tracking.check_store(folder, f"sqlite:///{folder}/mlflow.db", 100)
+        store.check_store(folder, f"sqlite:///{folder}/mlflow.db", 100)
     assert str(folder) in _one_line(error) and "cannot be written" in str(error.value)
 
 
@@ -221,7 +221,7 @@ def test_a_read_only_store_folder_is_refused(tmp_path: Path, monkeypatch: pytest
         folder.chmod(0o555)
     try:
         with pytest.raises(UserError) as error:
-            tracking.check_store(folder, f"sqlite:///{folder}/mlflow.db", 100)
+            store.check_store(folder, f"sqlite:///{folder}/mlflow.db", 100)
     finally:
         folder.chmod(0o755)
     assert str(folder) in _one_line(error) and "cannot be written" in str(error.value)
@@ -242,7 +242,7 @@ def test_a_read_only_database_is_refused(tmp_path: Path, monkeypatch: pytest.Mon
     else:
         database.chmod(0o444)
     with pytest.raises(UserError) as error:
-        tracking.check_store(tmp_path, f"sqlite:///{database}", 100)
+        store.check_store(tmp_path, f"sqlite:///{database}", 100)
     assert str(database) in _one_line(error) and "Permission denied" in str(error.value)
 
 
@@ -252,17 +252,17 @@ def test_a_nearly_full_disk_is_refused(tmp_path: Path, monkeypatch: pytest.Monke
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=42 * 2**20))
     with pytest.raises(UserError) as error:
-        tracking.check_store(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", 100)
+        store.check_store(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", 100)
     assert "42 MB free" in _one_line(error) and "mlflow.min_free_mb=100" in str(error.value)
-    tracking.check_store(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", 10)  # enough for a lower bar
+    store.check_store(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", 10)  # enough for a lower bar
     assert [p.name for p in tmp_path.iterdir()] == []  # the probe leaves nothing behind
 
 
 def test_only_local_stores_are_checked() -> None:
-    assert tracking.local_store_folder("sqlite:////data/mlruns/mlflow.db") == Path("/data/mlruns")
-    assert tracking.local_store_folder("file:///data/mlruns") == Path("/data/mlruns")
-    assert tracking.local_store_folder("http://127.0.0.1:5000") is None
-    assert tracking.local_store_folder("postgresql://user@host/db") is None
+    assert store.local_store_folder("sqlite:////data/mlruns/mlflow.db") == Path("/data/mlruns")
+    assert store.local_store_folder("file:///data/mlruns") == Path("/data/mlruns")
+    assert store.local_store_folder("http://127.0.0.1:5000") is None
+    assert store.local_store_folder("postgresql://user@host/db") is None
 
 
 def _cli(args: list[str], cwd: Path, uri: str) -> subprocess.Popen:
@@ -389,7 +389,7 @@ def test_a_server_killed_mid_run_does_not_stop_training(server: Server, tmp_path
         cwd.mkdir()
         child_env = {k: v for k, v in os.environ.items() if not k.startswith(("CIFAR_EXP_", "MLFLOW_"))}
         child_env.update(env, MLFLOW_TRACKING_URI=server.uri, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        child_env[tracking.RETRY_ENV] = retry_s
+        child_env[store.RETRY_ENV] = retry_s
         proc = subprocess.Popen(
             [sys.executable, "-m", "cifar_exp", *long, f"hydra.run.dir={cwd}/out"],
             cwd=cwd,
@@ -425,12 +425,12 @@ def test_a_server_killed_mid_run_does_not_stop_training(server: Server, tmp_path
     run = by_dir["comes_back"]
     assert run.info.status == "FINISHED", output
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == expected_losses
-    assert not (folder / tracking.UNRECORDED_METRICS).exists(), output
+    assert not (folder / records.UNRECORDED_METRICS).exists(), output
 
     code, output, folder = results["gone"]
     assert code == 0, output
     assert "Accuracy of the network" in output  # the training result stands
-    spill = folder / tracking.UNRECORDED_METRICS
+    spill = folder / records.UNRECORDED_METRICS
     said = [line for line in output.splitlines() if line.startswith("MLflow") or str(spill) in line]
     assert [line for line in said if str(spill) in line], output  # the file is named
     assert [line for line in said if "could not end run" in line and "RUNNING" in line], output
@@ -442,4 +442,4 @@ def test_a_server_killed_mid_run_does_not_stop_training(server: Server, tmp_path
         x["step"] for x in map(json.loads, spill.read_text().splitlines()) if x.get("metric") == "train/loss"
     }
     assert recorded | kept == set(range(5, 3 * 200 + 1, 5)) and not recorded & kept  # all, once
-    assert (folder / tracking.UNRECORDED_ARTIFACTS / "model" / "state_dict.pt").is_file()
+    assert (folder / records.UNRECORDED_ARTIFACTS / "model" / "state_dict.pt").is_file()

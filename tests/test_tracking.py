@@ -277,7 +277,7 @@ def test_store_is_the_override_else_the_env_else_the_project_default(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from cifar_exp.config import TrackingConfig
-    from cifar_exp.tracking import tracking_uri
+    from cifar_exp.tracking.store import tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking_uri(TrackingConfig()) == f"sqlite:///{PROJECT_ROOT / 'mlruns' / 'mlflow.db'}"
