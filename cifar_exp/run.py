@@ -81,7 +81,7 @@ def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]
         if state:
             loop.load_state_dict(state)
             log.info(f"resumed from {resume_from}: epoch {loop.progress.epoch}, step {loop.progress.step}")
-        elif tracker.run_id is not None:
+        elif tracker.enabled:
             samples = reports.sample_files(data.train_images, data.train_labels, data.classes)
             tracker.log_files(samples, "the sample images")
         tracker.set_checkpoint(path)
@@ -89,7 +89,7 @@ def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]
             metrics, confusion = loop.fit()
         if rank == 0:
             report(confusion, data.classes)
-        if tracker.run_id is not None:
+        if tracker.enabled:
             tracker.log_files(result_files(net, data, tensors, confusion), "the figures, tables and weights")
     return metrics
 

@@ -202,7 +202,8 @@ class Signalled:
     def _watch(self, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout
         while self.command.proc.poll() is None and time.monotonic() < deadline:
-            if TRAINING.search(self.command.stdout()):
+            output = self.command.stdout()
+            if TRAINING.search(output) and "MLflow run " in output:  # training, and the run is open
                 try:
                     self.statuses_when_signalled = [r.info.status for r in self.store.runs()]
                 finally:
