@@ -1,5 +1,6 @@
 """Every option of every config group and every experiment composes in-process, and what the
-configs name can be built through the one allow-listed instantiate."""
+configs name can be built through the one allow-listed instantiate. Only real options are offered,
+and a bad choice fails at compose time."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import hydra.utils
 import pytest
 import torch
 from conftest import CONF_DIR, REPO
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 from cifar_exp.config import build
@@ -43,6 +45,43 @@ def test_experiment_group_is_the_experiments_folder() -> None:
     assert options("experiment") == EXPERIMENTS
 
 
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+
+
+def test_help_lists_only_real_options(run_cli, tmp_path: Path) -> None:
+    """The schemas are registered outside the groups, so --help offers only the YAML options."""
+    result = run_cli("--help", cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    section = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    listed = dict(line.split(": ", 1) for line in section.splitlines() if ": " in line)
+    assert {group: listed[group].split(", ") for group in listed} == {g: options(g) for g in GROUPS}
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_unknown_option_lists_only_real_options(compose_config, group: str) -> None:
+    with pytest.raises(MissingConfigException) as excinfo:
+        compose_config(f"{group}=no_such_option")
+    message = str(excinfo.value)
+    listed = message.split(f"Available options in '{group}':")[1].split("Config search path:")[0].split()
+    assert listed == options(group)
+
+
+@pytest.mark.parametrize(
+    ("override", "allowed"),
+    [
+        ("trainer.lr_schedule=linear", "[constant, onecycle]"),
+        ("trainer.autocast_dtype=float32", "[bfloat16, float16]"),
+        ("device.name=tpu", "[auto, cpu, cuda, ddp]"),
+    ],
+)
+def test_a_bad_choice_fails_at_compose_time(compose_config, override: str, allowed: str) -> None:
+    with pytest.raises(ConfigCompositionException) as excinfo:
+        compose_config(override)
+    message = f"{excinfo.value}\n{excinfo.value.__cause__}"
+    key, value = override.split("=")
+    assert f"full_key: {key}" in message and repr(value) in message and allowed in message
+
+
 def test_default_config_is_the_tutorial_on_cifar10(compose_config) -> None:
     cfg = compose_config()
     assert cfg.dataset._target_ == "cifar_exp.data.load_cifar10"
@@ -50,6 +89,7 @@ def test_default_config_is_the_tutorial_on_cifar10(compose_config) -> None:
     assert cfg.optimizer._target_ == "torch.optim.SGD"
     assert cfg.device.name == "auto"
     assert cfg.trainer.epochs == 2 and cfg.trainer.batch_size == 4
+    assert cfg.trainer.lr_schedule == "constant" and str(cfg.trainer.lr_schedule) == "constant"
     assert cfg.mlflow.enabled is True and cfg.seed == 0
 
 
@@ -139,6 +179,13 @@ def test_optimizer_option_builds_with_model_parameters(compose_config, name: str
     assert group["lr"] == 0.05
     assert group["weight_decay"] == cfg.optimizer.weight_decay
     assert len(group["params"]) == 2
+
+
+def test_norm_bias_lr_scale_is_an_optimizer_key_torch_never_sees(compose_config) -> None:
+    cfg = compose_config("experiment=airbench94")
+    assert cfg.optimizer.norm_bias_lr_scale == 64 and "norm_bias_lr_scale" not in cfg.trainer
+    optimizer = build(cfg.optimizer)(torch.nn.Linear(2, 2).parameters())
+    assert "norm_bias_lr_scale" not in optimizer.defaults
 
 
 def test_optimizer_specific_keys_reach_torch(compose_config) -> None:
