@@ -15,23 +15,36 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
+from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader, Subset
 
-from cifar_exp.config import DeviceConfig, TrainerConfig
-from cifar_exp.data import load_imagefolder
+from cifar_exp.config import DeviceConfig, TrainerConfig, build, register_schemas
 from cifar_exp.devices import select_device
-from cifar_exp.models import CNN
 from cifar_exp.train import Loop, prepare
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
 # Tutorial CNN, FLOPs per image: forward = 2 * multiply-adds of conv1, conv2, fc1-3; training
 # (forward + backward) is about 3x forward.
 FORWARD_FLOP = 2 * (28 * 28 * 6 * 75 + 10 * 10 * 16 * 150 + 400 * 120 + 120 * 84 + 84 * 10)
 TRAIN_FLOP = 3 * FORWARD_FLOP
+
+
+def configured(*overrides: str):
+    """The default config (the tutorial's) with `overrides`, as `python -m cifar_exp` composes it."""
+    register_schemas()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", list(overrides))
+
+
+def tutorial_cnn() -> torch.nn.Module:
+    return build(configured().model, num_classes=10)
 
 
 def tutorial_pipeline(root: str, indices: list[int], seconds: float) -> float:
@@ -40,7 +53,7 @@ def tutorial_pipeline(root: str, indices: list[int], seconds: float) -> float:
     dataset = Subset(torchvision.datasets.ImageFolder(f"{root}/train", transform=transform), indices)
     loader = DataLoader(dataset, batch_size=4, shuffle=True, num_workers=2)
     torch.manual_seed(0)
-    net = CNN()
+    net = tutorial_cnn()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
     images, started = 0, None
     for i, (inputs, labels) in enumerate(loader):
@@ -61,7 +74,7 @@ def cifar_exp_loop(data, batch_size: int, epochs: int = 1, channels_last: bool =
     device = select_device(DeviceConfig(name="cpu"), batch_size)
     tensors = prepare(data, device, channels_last)
     torch.manual_seed(0)
-    net = CNN()
+    net = tutorial_cnn()
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
@@ -99,7 +112,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = torch.get_num_threads()
 
-    full = load_imagefolder(args.root)
+    full = build(configured("dataset=imagefolder", f"dataset.root={args.root}").dataset, _convert_="all")
     indices = torch.randperm(len(full.train_images), generator=torch.Generator().manual_seed(0))
     indices = indices[: args.images].tolist()
     data = type(full)(

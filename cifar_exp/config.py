@@ -1,22 +1,50 @@
 """Typed schemas for every config group, registered in Hydra's ConfigStore, and the one
 place that instantiates `_target_`s (with the allowed namespaces listed).
 
-Each YAML option under `conf/<group>/` starts from one of these schemas (`defaults: [<name>_schema]`)
-so a wrong type (`trainer.epochs=two`) or an unknown key (`model.conv1_ot=32`) fails at compose
-time with Hydra's own message, before anything is built.
+Each YAML option under `conf/<group>/` extends its schema (`defaults: [/<group>_<option>_schema@_here_]`)
+so a wrong type (`trainer.epochs=two`), an unknown key (`model.conv1_ot=32`) or a value outside a
+closed set of choices (`trainer.lr_schedule=linear`) fails at compose time with Hydra's own message,
+before anything is built. The schemas are stored at the top level, not in a group, so `--help` and
+Hydra's "Available options" lists show only the real options.
+
+Each default lives in one place. A schema holds the types of its group and the defaults that every
+option of the group shares, and all of `trainer`, `mlflow`, `seed` and `resume` (they have no
+options); an option's own values live in its YAML file. The functions and classes built from a
+config take those values as required keyword arguments, without defaults of their own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import hydra.utils
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from cifar_exp.errors import UserError
+
+
+# ---------------------------------------------------------------- closed sets of choices
+# StrEnum: members compare equal to their names, str() is the name (so MLflow params read
+# `onecycle`), and OmegaConf accepts the name from YAML and the command line.
+class LRSchedule(StrEnum):
+    constant = "constant"
+    onecycle = "onecycle"  # linear warm-up, then linear decay to 0
+
+
+class AutocastDtype(StrEnum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"  # adds gradient scaling
+
+
+class DeviceName(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    ddp = "ddp"
 
 
 # ---------------------------------------------------------------- dataset
@@ -24,14 +52,15 @@ from cifar_exp.errors import UserError
 class DatasetConfig:
     _target_: str = MISSING
     root: str = "data"  # folder holding the dataset files, relative to the working directory
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # per channel, pixels in [0, 1]
+    # Per channel, pixels in [0, 1]; 0.5 and 0.5 map pixels to [-1, 1] (the tutorial's normalisation).
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
 
 @dataclass
 class Cifar10Config(DatasetConfig):
     _target_: str = "cifar_exp.data.load_cifar10"
-    download: bool = True
+    download: bool = MISSING
 
 
 @dataclass
@@ -42,32 +71,32 @@ class ImageFolderConfig(DatasetConfig):
 @dataclass
 class SyntheticConfig(DatasetConfig):
     _target_: str = "cifar_exp.data.load_synthetic"
-    train_size: int = 5000
-    test_size: int = 1000
-    noise: float = 0.25  # std of the per-pixel noise, pixels in [0, 1]
-    seed: int = 0  # the data's own seed, so every run trains on the same images
+    train_size: int = MISSING
+    test_size: int = MISSING
+    noise: float = MISSING
+    seed: int = MISSING
 
 
 # ---------------------------------------------------------------- model
 @dataclass
 class CNNConfig:
     _target_: str = "cifar_exp.models.CNN"
-    conv1_out: int = 6
-    conv2_out: int = 16
-    fc1_out: int = 120
-    fc2_out: int = 84
-    kernel_size: int = 5
+    conv1_out: int = MISSING
+    conv2_out: int = MISSING
+    fc1_out: int = MISSING
+    fc2_out: int = MISSING
+    kernel_size: int = MISSING
 
 
 @dataclass
 class AirbenchConfig:
     _target_: str = "cifar_exp.models.Airbench94"
-    whiten_width: int = 24  # channels of the whitened first layer (2 * 3 * 2 * 2 patch basis)
-    block1: int = 64
-    block2: int = 256
-    block3: int = 256
-    batchnorm_momentum: float = 0.6
-    whiten_bias_epochs: int = 3  # the whitening layer's bias trains for this many epochs, then freezes
+    whiten_width: int = MISSING
+    block1: int = MISSING
+    block2: int = MISSING
+    block3: int = MISSING
+    batchnorm_momentum: float = MISSING
+    whiten_bias_epochs: int = MISSING
 
 
 # ---------------------------------------------------------------- optimizer
@@ -75,44 +104,46 @@ class AirbenchConfig:
 class OptimizerConfig:
     _target_: str = MISSING
     _partial_: bool = True  # built later with the model's parameters
-    lr: float = 0.001
+    lr: float = 0.001  # the tutorial's learning rate
     weight_decay: float = 0.0
+    # lr multiplier for BatchNorm shifts (airbench uses 64); read by run.param_groups, not passed
+    # to torch.optim (see OWN_KEYS)
+    norm_bias_lr_scale: float = 1.0
 
 
 @dataclass
 class SGDConfig(OptimizerConfig):
     _target_: str = "torch.optim.SGD"
-    momentum: float = 0.0
-    nesterov: bool = False
+    momentum: float = MISSING
+    nesterov: bool = MISSING
 
 
 @dataclass
 class AdamConfig(OptimizerConfig):
     _target_: str = "torch.optim.Adam"
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = MISSING
 
 
 @dataclass
 class AdamWConfig(AdamConfig):
     _target_: str = "torch.optim.AdamW"
-    weight_decay: float = 0.01
 
 
 # ---------------------------------------------------------------- device, trainer, tracking
 @dataclass
 class DeviceConfig:
-    name: str = "auto"  # auto | cpu | cuda
-    data_parallel: bool = True  # wrap in torch.nn.DataParallel when more than one GPU is visible
-    threads: int = 0  # CPU threads for torch; 0: 1 thread below batch 32, else torch's default
+    name: DeviceName = MISSING
+    data_parallel: bool = True  # several GPUs visible: wrap the model in torch.nn.DataParallel
+    threads: int = 0  # CPU threads for torch; 0: 1 thread below batch 32 (faster there), else torch's default
 
 
 @dataclass
 class TrainerConfig:
     epochs: int = 2
-    batch_size: int = 4
+    batch_size: int = 4  # images per optimizer step
     log_every_n_steps: int = 2000  # mean training loss printed and logged over this many steps
     test_batch_size: int = 1000  # evaluation only: no gradients, so larger batches are cheaper
-    lr_schedule: str = "constant"  # constant | onecycle (linear warm-up then linear decay)
+    lr_schedule: LRSchedule = LRSchedule.constant
     warmup_fraction: float = 0.2  # onecycle only: share of all steps spent warming up
     label_smoothing: float = 0.0
     flip: bool = False  # random horizontal flips of training batches
@@ -120,12 +151,11 @@ class TrainerConfig:
     channels_last: bool = False
     compile: bool = False  # torch.compile the model (slower to start; pays off on long runs)
     autocast: bool = False  # mixed precision on CUDA
-    autocast_dtype: str = "bfloat16"  # bfloat16 | float16 (float16 adds gradient scaling)
+    autocast_dtype: AutocastDtype = AutocastDtype.bfloat16
     drop_last: bool = False  # skip a last training batch smaller than batch_size
     tta: int = 0  # test-time augmentation: 0 none, 1 + mirror, 2 + mirror and 1-pixel shifts
-    norm_bias_lr_scale: float = 1.0  # lr multiplier for BatchNorm shifts (airbench uses 64)
     lookahead: bool = False  # pull weights onto their moving average every 5 steps (airbench)
-    checkpoint: bool = True  # write <hydra output dir>/checkpoint.pt after every epoch and on a signal
+    checkpoint: bool = True  # <hydra output dir>/checkpoint.pt after each epoch and on Ctrl-C/SIGTERM
 
 
 @dataclass
@@ -144,11 +174,8 @@ class Config:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     mlflow: TrackingConfig = field(default_factory=TrackingConfig)
-    seed: int = 0
+    seed: int = 0  # seeds torch, numpy, python and the data order
     resume: str | None = None  # an MLflow run id or a checkpoint file: continue that run
-
-
-LR_SCHEDULES = ("constant", "onecycle")
 
 
 def check_trainer(cfg: TrainerConfig) -> None:
@@ -156,10 +183,8 @@ def check_trainer(cfg: TrainerConfig) -> None:
     for key in ("epochs", "batch_size", "log_every_n_steps", "test_batch_size"):
         if getattr(cfg, key) < 1:
             raise UserError(f"trainer.{key}={getattr(cfg, key)}: must be a positive integer")
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise UserError(f"trainer.lr_schedule={cfg.lr_schedule!r}: allowed are {', '.join(LR_SCHEDULES)}")
-    if cfg.autocast_dtype not in ("bfloat16", "float16"):
-        raise UserError(f"trainer.autocast_dtype={cfg.autocast_dtype!r}: allowed are bfloat16, float16")
+    # tta stays an int: OmegaConf writes an Enum by its name, so an IntEnum named 0, 1, 2 would
+    # print as the string '2' in --cfg job and the recorded config.
     if cfg.tta not in (0, 1, 2):
         raise UserError(f"trainer.tta={cfg.tta}: allowed are 0, 1, 2")
     if cfg.translate < 0:
@@ -170,25 +195,30 @@ def check_trainer(cfg: TrainerConfig) -> None:
         raise UserError(f"trainer.warmup_fraction={cfg.warmup_fraction}: must be in [0, 1]")
 
 
+SCHEMAS = {  # name in the ConfigStore (top level, outside the option lists): schema
+    "dataset_cifar10_schema": Cifar10Config,
+    "dataset_imagefolder_schema": ImageFolderConfig,
+    "dataset_synthetic_schema": SyntheticConfig,
+    "model_cnn_schema": CNNConfig,
+    "model_airbench94_schema": AirbenchConfig,
+    "optimizer_sgd_schema": SGDConfig,
+    "optimizer_adam_schema": AdamConfig,
+    "optimizer_adamw_schema": AdamWConfig,
+    "device_schema": DeviceConfig,
+}
+
+
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    for group, name, node in [
-        ("dataset", "cifar10_schema", Cifar10Config),
-        ("dataset", "imagefolder_schema", ImageFolderConfig),
-        ("dataset", "synthetic_schema", SyntheticConfig),
-        ("model", "cnn_schema", CNNConfig),
-        ("model", "airbench_schema", AirbenchConfig),
-        ("optimizer", "sgd_schema", SGDConfig),
-        ("optimizer", "adam_schema", AdamConfig),
-        ("optimizer", "adamw_schema", AdamWConfig),
-        ("device", "device_schema", DeviceConfig),
-    ]:
-        cs.store(group=group, name=name, node=node)
+    for name, node in SCHEMAS.items():
+        cs.store(name=name, node=node)
 
 
 # Targets may only come from these namespaces: a config is data, not a way to run any callable.
 ALLOWED_TARGETS = ("cifar_exp.data.", "cifar_exp.models.", "torch.optim.")
+# Keys this project reads itself, never arguments of the `_target_`: build() leaves them out.
+OWN_KEYS = ("norm_bias_lr_scale",)  # optimizer: run.param_groups uses it
 
 
 def build(node: Any, **kwargs: Any) -> Any:
@@ -196,6 +226,9 @@ def build(node: Any, **kwargs: Any) -> Any:
     target = str(node.get("_target_", ""))
     if not target.startswith(ALLOWED_TARGETS):
         raise UserError(f"_target_ {target!r} is not allowed; allowed: {', '.join(ALLOWED_TARGETS)}*")
+    if isinstance(node, DictConfig) and any(key in node for key in OWN_KEYS):
+        arguments = OmegaConf.to_container(node, resolve=True)
+        node = OmegaConf.create({k: v for k, v in arguments.items() if k not in OWN_KEYS})
     try:
         return hydra.utils.instantiate(node, **kwargs)
     except InstantiationException as e:

@@ -4,7 +4,7 @@ work on whole tensors: no per-sample PIL transform, no worker processes."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +33,8 @@ class ImageData:
 
 
 # ---------------------------------------------------------------- loaders (config `_target_`s)
-def load_cifar10(
-    root: str, download: bool = True, mean: tuple = (0.5,) * 3, std: tuple = (0.5,) * 3
-) -> ImageData:
+# Their arguments are the keys of conf/dataset/*, whose values live there and in the schema.
+def load_cifar10(*, root: str, download: bool, mean: Sequence[float], std: Sequence[float]) -> ImageData:
     """torchvision's CIFAR10 under `root`; its `.data` is already an N x 32 x 32 x 3 uint8 array."""
     from torchvision.datasets import CIFAR10
 
@@ -90,7 +89,7 @@ def _read_split(folder: Path, classes: list[str]) -> tuple[torch.Tensor, torch.T
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
 
-def load_imagefolder(root: str, mean: tuple = (0.5,) * 3, std: tuple = (0.5,) * 3) -> ImageData:
+def load_imagefolder(*, root: str, mean: Sequence[float], std: Sequence[float]) -> ImageData:
     """root/train/<class>/* and root/test/<class>/*, classes in sorted folder order, decoded once."""
     base = Path(root)
     for split in ("train", "test"):
@@ -112,17 +111,19 @@ def load_imagefolder(root: str, mean: tuple = (0.5,) * 3, std: tuple = (0.5,) * 
 
 
 def load_synthetic(
-    train_size: int = 5000,
-    test_size: int = 1000,
-    noise: float = 0.25,
-    seed: int = 0,
-    root: str = "",
-    mean: tuple = (0.5,) * 3,
-    std: tuple = (0.5,) * 3,
+    *,
+    train_size: int,
+    test_size: int,
+    noise: float,
+    seed: int,
+    root: str,
+    mean: Sequence[float],
+    std: Sequence[float],
     num_classes: int = 10,
 ) -> ImageData:
     """Learnable generated data: each class is a smooth random colour pattern; every image is its
-    class's pattern, randomly brightened, plus per-pixel Gaussian noise."""
+    class's pattern, randomly brightened, plus per-pixel Gaussian noise. `root` is unused (every
+    dataset config has one)."""
     for key, value in (("train_size", train_size), ("test_size", test_size)):
         if value < num_classes:
             raise UserError(f"dataset.{key}={value}: need at least one image per class ({num_classes})")

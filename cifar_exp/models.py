@@ -1,5 +1,5 @@
-"""The networks. Widths come in as arguments; each layer takes its input size from the layer
-before it, so no pair of widths can disagree."""
+"""The networks. Widths come in as keyword arguments, with their values in conf/model/*; each
+layer takes its input size from the layer before it, so no pair of widths can disagree."""
 
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ class CNN(nn.Module):
 
     def __init__(
         self,
-        conv1_out: int = 6,
-        conv2_out: int = 16,
-        fc1_out: int = 120,
-        fc2_out: int = 84,
-        kernel_size: int = 5,
+        *,
+        conv1_out: int,
+        conv2_out: int,
+        fc1_out: int,
+        fc2_out: int,
+        kernel_size: int,
         num_classes: int = 10,
         image_size: int = 32,
     ) -> None:
@@ -108,12 +109,13 @@ class Airbench94(nn.Module):
 
     def __init__(
         self,
-        whiten_width: int = 24,
-        block1: int = 64,
-        block2: int = 256,
-        block3: int = 256,
-        batchnorm_momentum: float = 0.6,
-        whiten_bias_epochs: int = 3,
+        *,
+        whiten_width: int,
+        block1: int,
+        block2: int,
+        block3: int,
+        batchnorm_momentum: float,
+        whiten_bias_epochs: int,
         num_classes: int = 10,
     ) -> None:
         super().__init__()

@@ -68,7 +68,7 @@ def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]
     log.info(f"device: {device.type}" + (f", {gpus} GPU(s)" if gpus else ""))
     if cfg.trainer.compile:
         model = torch.compile(model)
-    optimizer = build(cfg.optimizer)(param_groups(net, cfg.optimizer, cfg.trainer.norm_bias_lr_scale))
+    optimizer = build(cfg.optimizer)(param_groups(net, cfg.optimizer))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     run_id = state["mlflow_run_id"] if state else None
@@ -112,9 +112,11 @@ def checkpoint_file(cfg: DictConfig) -> Path | None:
     return Path(HydraConfig.get().runtime.output_dir) / checkpoints.FILENAME
 
 
-def param_groups(net: torch.nn.Module, optimizer: DictConfig, norm_bias_lr_scale: float) -> list[dict]:
-    """Trainable parameters. With a scale, BatchNorm shifts get lr * scale and weight decay / scale,
-    so their decay per step (lr * weight_decay) stays that of the other parameters (airbench)."""
+def param_groups(net: torch.nn.Module, optimizer: DictConfig) -> list[dict]:
+    """Trainable parameters. With optimizer.norm_bias_lr_scale, BatchNorm shifts get lr * scale and
+    weight decay / scale, so their decay per step (lr * weight_decay) stays that of the other
+    parameters (airbench)."""
+    norm_bias_lr_scale = optimizer.norm_bias_lr_scale
     trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     norm = [p for n, p in trainable if "norm" in n]
     if norm_bias_lr_scale == 1.0 or not norm:

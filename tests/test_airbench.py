@@ -13,7 +13,12 @@ from cifar_exp.config import build
 from cifar_exp.models import Airbench94
 from cifar_exp.run import param_groups
 from cifar_exp.train import Lookahead, predict_logits
-from tests.conftest import run_cli
+from tests.conftest import compose_config, run_cli
+
+
+def airbench(*overrides: str) -> Airbench94:
+    """conf/model/airbench94.yaml's network, with `overrides` (model.KEY=VALUE) applied."""
+    return build(compose_config("model=airbench94", *overrides).model, num_classes=10)
 
 
 def test_whitening_layer_decorrelates_patches() -> None:
@@ -21,7 +26,7 @@ def test_whitening_layer_decorrelates_patches() -> None:
     base = torch.randn(64, 1, 32, 32)  # strongly correlated channels and neighbours
     images = torch.cat([base, 0.5 * base + 0.1 * torch.randn_like(base), torch.randn_like(base)], 1)
     images = torch.nn.functional.avg_pool2d(images, 3, 1, 1)
-    net = Airbench94()
+    net = airbench()
     net.init_whitening(images, eps=0.0)
     out = torch.nn.functional.conv2d(images, net.whiten.weight[:12])  # the + half of the pairs
     flat = out.permute(1, 0, 2, 3).reshape(12, -1)
@@ -32,19 +37,16 @@ def test_whitening_layer_decorrelates_patches() -> None:
 
 
 def test_widths_are_keys_and_propagate() -> None:
-    net = build(
-        OmegaConf.create(
-            {"_target_": "cifar_exp.models.Airbench94", "block1": 16, "block2": 32, "block3": 48}
-        )
-    )
+    net = airbench("model.block1=16", "model.block2=32", "model.block3=48")
     assert net.layers[1].conv1.out_channels == 16 and net.layers[2].conv1.in_channels == 16
     assert net.head.in_features == 48
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_norm_biases_get_the_scaled_rate_and_matching_decay() -> None:
-    net = Airbench94(block1=8, block2=8, block3=8)
-    groups = param_groups(net, OmegaConf.create({"lr": 1.5, "weight_decay": 0.001}), 64.0)
+    net = airbench("model.block1=8", "model.block2=8", "model.block3=8")
+    optimizer = OmegaConf.create({"lr": 1.5, "weight_decay": 0.001, "norm_bias_lr_scale": 64.0})
+    groups = param_groups(net, optimizer)
     norm, rest = groups
     assert norm["lr"] == 96.0 and norm["lr"] * norm["weight_decay"] == 1.5 * 0.001
     assert all(p.ndim == 1 for p in norm["params"])  # BatchNorm shifts only
@@ -62,7 +64,7 @@ def test_lookahead_ends_on_the_average() -> None:
 
 
 def test_tta_averages_mirror_views() -> None:
-    net = Airbench94(block1=8, block2=8, block3=8).eval()
+    net = airbench("model.block1=8", "model.block2=8", "model.block3=8").eval()
     x = torch.randn(3, 3, 32, 32)
     expected = 0.5 * net(x) + 0.5 * net(x.flip(-1))
     assert torch.allclose(predict_logits(net, x, tta=1), expected)

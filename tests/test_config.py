@@ -1,15 +1,19 @@
 """Every option of every config group and every experiment composes in-process, and what the
-configs name can be built through the one allow-listed instantiate."""
+configs name can be built through the one allow-listed instantiate. Only real options are offered,
+a bad choice fails at compose time, and experiments set only what differs from the defaults."""
 
 from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from typing import Any
 
 import hydra.utils
 import pytest
 import torch
+import yaml
 from conftest import CONF_DIR, REPO
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 from cifar_exp.config import build
@@ -43,6 +47,43 @@ def test_experiment_group_is_the_experiments_folder() -> None:
     assert options("experiment") == EXPERIMENTS
 
 
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+
+
+def test_help_lists_only_real_options(run_cli, tmp_path: Path) -> None:
+    """The schemas are registered outside the groups, so --help offers only the YAML options."""
+    result = run_cli("--help", cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    section = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    listed = dict(line.split(": ", 1) for line in section.splitlines() if ": " in line)
+    assert {group: listed[group].split(", ") for group in listed} == {g: options(g) for g in GROUPS}
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_unknown_option_lists_only_real_options(compose_config, group: str) -> None:
+    with pytest.raises(MissingConfigException) as excinfo:
+        compose_config(f"{group}=no_such_option")
+    message = str(excinfo.value)
+    listed = message.split(f"Available options in '{group}':")[1].split("Config search path:")[0].split()
+    assert listed == options(group)
+
+
+@pytest.mark.parametrize(
+    ("override", "allowed"),
+    [
+        ("trainer.lr_schedule=linear", "[constant, onecycle]"),
+        ("trainer.autocast_dtype=float32", "[bfloat16, float16]"),
+        ("device.name=tpu", "[auto, cpu, cuda, ddp]"),
+    ],
+)
+def test_a_bad_choice_fails_at_compose_time(compose_config, override: str, allowed: str) -> None:
+    with pytest.raises(ConfigCompositionException) as excinfo:
+        compose_config(override)
+    message = f"{excinfo.value}\n{excinfo.value.__cause__}"
+    key, value = override.split("=")
+    assert f"full_key: {key}" in message and repr(value) in message and allowed in message
+
+
 def test_default_config_is_the_tutorial_on_cifar10(compose_config) -> None:
     cfg = compose_config()
     assert cfg.dataset._target_ == "cifar_exp.data.load_cifar10"
@@ -50,6 +91,7 @@ def test_default_config_is_the_tutorial_on_cifar10(compose_config) -> None:
     assert cfg.optimizer._target_ == "torch.optim.SGD"
     assert cfg.device.name == "auto"
     assert cfg.trainer.epochs == 2 and cfg.trainer.batch_size == 4
+    assert cfg.trainer.lr_schedule == "constant" and str(cfg.trainer.lr_schedule) == "constant"
     assert cfg.mlflow.enabled is True and cfg.seed == 0
 
 
@@ -141,6 +183,13 @@ def test_optimizer_option_builds_with_model_parameters(compose_config, name: str
     assert len(group["params"]) == 2
 
 
+def test_norm_bias_lr_scale_is_an_optimizer_key_torch_never_sees(compose_config) -> None:
+    cfg = compose_config("experiment=airbench94")
+    assert cfg.optimizer.norm_bias_lr_scale == 64 and "norm_bias_lr_scale" not in cfg.trainer
+    optimizer = build(cfg.optimizer)(torch.nn.Linear(2, 2).parameters())
+    assert "norm_bias_lr_scale" not in optimizer.defaults
+
+
 def test_optimizer_specific_keys_reach_torch(compose_config) -> None:
     params = list(torch.nn.Linear(4, 2).parameters())
     sgd = build(compose_config("optimizer=sgd", "optimizer.momentum=0.5").optimizer)(params)
@@ -159,6 +208,104 @@ def test_experiment_composes(compose_config, name: str) -> None:
     assert OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # nothing left unset
     build(cfg.model, num_classes=10)
     build(cfg.optimizer)(torch.nn.Linear(2, 2).parameters())
+
+
+def leaves(node: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Every leaf of a nested dict, keyed by its path (keys may hold dots: sweeper params)."""
+    if not isinstance(node, dict):
+        return {path: node}
+    return {p: v for key, value in node.items() for p, v in leaves(value, (*path, key)).items()}
+
+
+def lookup(cfg: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if cfg is None or key not in cfg:
+            return None
+        cfg = cfg[key]
+    return OmegaConf.to_container(cfg) if OmegaConf.is_config(cfg) else cfg
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_sets_only_what_differs_from_the_defaults(compose_config, name: str) -> None:
+    """Each group an experiment overrides and each key it sets changes the composed config."""
+    body = yaml.safe_load((REPO / "experiments" / f"{name}.yaml").read_text()) or {}
+    groups = {}
+    for entry in body.pop("defaults", []):
+        for key, option in entry.items():
+            groups[key.removeprefix("override ").strip("/")] = option
+    choices = compose_config(hydra_config=True).hydra.runtime.choices
+    for group, option in groups.items():
+        assert choices[group] != option, f"{name}: {group}={option} is already the default"
+    # The defaults with the experiment's groups, but none of its keys.
+    base = compose_config(*(f"{g}={o}" for g, o in groups.items()), hydra_config=True)
+    for path, value in leaves(body).items():
+        assert lookup(base, path) != value, f"{name}: {'.'.join(path)}={value} is already the default"
+
+
+# The recipes as they stood when experiments became pure diffs: a change of the defaults they
+# build on (sgd's momentum, the CNN's widths, 2 epochs, ...) must not change them unnoticed.
+RECIPES = {
+    "tutorial_fast": {
+        "model._target_": "cifar_exp.models.CNN",
+        "model.conv1_out": 6,
+        "model.conv2_out": 16,
+        "model.fc1_out": 120,
+        "model.fc2_out": 84,
+        "model.kernel_size": 5,
+        "optimizer._target_": "torch.optim.SGD",
+        "optimizer.lr": 0.05,
+        "optimizer.momentum": 0.9,
+        "optimizer.nesterov": True,
+        "optimizer.weight_decay": 0.0,
+        "trainer.epochs": 2,
+        "trainer.batch_size": 128,
+        "trainer.log_every_n_steps": 100,
+        "trainer.lr_schedule": "onecycle",
+        "trainer.warmup_fraction": 0.2,
+        "trainer.channels_last": True,
+        "trainer.label_smoothing": 0.0,
+    },
+    "airbench94": {
+        "model._target_": "cifar_exp.models.Airbench94",
+        "model.whiten_width": 24,
+        "model.block1": 64,
+        "model.block2": 256,
+        "model.block3": 256,
+        "model.batchnorm_momentum": 0.6,
+        "model.whiten_bias_epochs": 3,
+        "dataset.mean": [0.4914, 0.4822, 0.4465],
+        "dataset.std": [0.2470, 0.2435, 0.2616],
+        "optimizer._target_": "torch.optim.SGD",
+        "optimizer.lr": 1.5,
+        "optimizer.momentum": 0.85,
+        "optimizer.nesterov": True,
+        "optimizer.weight_decay": 0.00133,
+        "optimizer.norm_bias_lr_scale": 64,
+        "trainer.epochs": 10,
+        "trainer.batch_size": 1024,
+        "trainer.test_batch_size": 2000,
+        "trainer.lr_schedule": "onecycle",
+        "trainer.warmup_fraction": 0.23,
+        "trainer.label_smoothing": 0.2,
+        "trainer.flip": True,
+        "trainer.translate": 2,
+        "trainer.channels_last": True,
+        "trainer.autocast": True,
+        "trainer.autocast_dtype": "float16",
+        "trainer.drop_last": True,
+        "trainer.compile": False,
+        "trainer.tta": 2,
+        "trainer.lookahead": True,
+        "device.name": "auto",
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_experiment_recipe(compose_config, name: str) -> None:
+    cfg = compose_config(f"experiment={name}")
+    composed = {key: lookup(cfg, tuple(key.split("."))) for key in RECIPES[name]}
+    assert composed == RECIPES[name]
 
 
 def test_tutorial_is_the_pytorch_tutorial(compose_config) -> None:

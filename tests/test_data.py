@@ -8,15 +8,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar_exp.data import augment, batches, load_cifar10, load_imagefolder, load_synthetic, normalise
+from cifar_exp.config import build
+from cifar_exp.data import ImageData, augment, batches, normalise
 from cifar_exp.errors import UserError
+from tests.conftest import compose_config
+
+
+def load(dataset: str, **keys: object) -> ImageData:
+    """conf/dataset/<dataset>.yaml with `keys` changed, built as a run builds it."""
+    values = {k: str(v).lower() if isinstance(v, bool) else v for k, v in keys.items()}
+    cfg = compose_config(f"dataset={dataset}", *(f"dataset.{k}={v}" for k, v in values.items()))
+    return build(cfg.dataset, _convert_="all")
 
 
 # ---------------------------------------------------------------- CIFAR-10 pickles
 @pytest.mark.parametrize("download", [False, True], ids=["download=false", "download=true"])
 def test_cifar10_reads_the_pickles(cifar_folder, skip_cifar_md5, download: bool) -> None:
     # download=true must use the files already there, not fetch (there is no network here).
-    data = load_cifar10(str(cifar_folder.root), download=download)
+    data = load("cifar10", root=cifar_folder.root, download=download)
 
     n_train, n_test = len(cifar_folder.train_labels), len(cifar_folder.test_labels)
     assert data.train_images.dtype == torch.uint8 and data.test_images.dtype == torch.uint8
@@ -31,7 +40,7 @@ def test_cifar10_reads_the_pickles(cifar_folder, skip_cifar_md5, download: bool)
 
 def test_cifar10_pixels_keep_channel_and_row_order(cifar_folder, skip_cifar_md5) -> None:
     """A row of the pickle is 1024 red, 1024 green, 1024 blue values, each 32 rows of 32."""
-    data = load_cifar10(str(cifar_folder.root), download=False)
+    data = load("cifar10", root=cifar_folder.root, download=False)
 
     expected_train = torch.from_numpy(cifar_folder.train_data).view(-1, 3, 32, 32)
     assert torch.equal(data.train_images, expected_train)
@@ -45,7 +54,7 @@ def test_cifar10_pixels_keep_channel_and_row_order(cifar_folder, skip_cifar_md5)
 def test_cifar10_missing_files_name_path_and_remedies(tmp_path: Path) -> None:
     root = tmp_path / "empty"
     with pytest.raises(UserError) as excinfo:
-        load_cifar10(str(root), download=False)
+        load("cifar10", root=root, download=False)
     message = str(excinfo.value)
     assert str(root) in message
     assert "dataset.download=true" in message  # remedy 1: go online
@@ -54,7 +63,7 @@ def test_cifar10_missing_files_name_path_and_remedies(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- image folders
 def test_imagefolder_decodes_pngs_with_sorted_classes(png_folder) -> None:
-    data = load_imagefolder(str(png_folder.root))
+    data = load("imagefolder", root=png_folder.root)
 
     assert data.classes == png_folder.classes == ["apple", "mango", "zebra"]
     for split, images, labels in (
@@ -73,7 +82,7 @@ def test_imagefolder_decodes_pngs_with_sorted_classes(png_folder) -> None:
 
 
 def test_imagefolder_resizes_other_sizes_to_32x32(png_folder) -> None:
-    data = load_imagefolder(str(png_folder.root))
+    data = load("imagefolder", root=png_folder.root)
 
     keys = sorted(k for k in png_folder.images if k.startswith("train/"))
     odd = data.train_images[keys.index(png_folder.odd_image)]
@@ -89,14 +98,14 @@ def test_imagefolder_undecodable_file_is_a_user_error(tmp_path: Path) -> None:
         (tmp_path / split / "cat").mkdir(parents=True)
         (tmp_path / split / "cat" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(UserError, match="cannot decode image .*broken.png"):
-        load_imagefolder(str(tmp_path))
+        load("imagefolder", root=tmp_path)
 
 
 # ---------------------------------------------------------------- synthetic
 def test_synthetic_is_deterministic_per_seed() -> None:
-    a = load_synthetic(train_size=50, test_size=20, seed=3)
-    b = load_synthetic(train_size=50, test_size=20, seed=3)
-    c = load_synthetic(train_size=50, test_size=20, seed=4)
+    a = load("synthetic", train_size=50, test_size=20, seed=3)
+    b = load("synthetic", train_size=50, test_size=20, seed=3)
+    c = load("synthetic", train_size=50, test_size=20, seed=4)
 
     for name in ("train_images", "train_labels", "test_images", "test_labels"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
@@ -107,7 +116,7 @@ def test_synthetic_is_deterministic_per_seed() -> None:
 
 
 def test_synthetic_is_balanced() -> None:
-    data = load_synthetic(train_size=100, test_size=30, seed=0)
+    data = load("synthetic", train_size=100, test_size=30, seed=0)
     assert data.train_labels.bincount(minlength=10).tolist() == [10] * 10
     assert data.test_labels.bincount(minlength=10).tolist() == [3] * 10
     assert not torch.equal(data.train_labels, torch.arange(100) % 10)  # shuffled, not cycled
@@ -115,7 +124,7 @@ def test_synthetic_is_balanced() -> None:
 
 def test_synthetic_needs_an_image_per_class() -> None:
     with pytest.raises(UserError, match="dataset.train_size=5"):
-        load_synthetic(train_size=5, test_size=20)
+        load("synthetic", train_size=5, test_size=20)
 
 
 # ---------------------------------------------------------------- tensors in, batches out

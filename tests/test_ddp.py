@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cifar_exp.models import CNN
+from cifar_exp.config import build
 
 ARGS = [
     "dataset=synthetic",
@@ -39,7 +39,7 @@ def _metrics(store: Path) -> tuple[MlflowClient, object]:
     return client, run
 
 
-def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
+def test_two_gloo_processes_match_one_process(compose_config, tmp_path: Path) -> None:
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     one = _run([sys.executable, "-m", "cifar_exp", "device=cpu", *ARGS], tmp_path, single)
     assert one.returncode == 0, one.stderr
@@ -73,7 +73,7 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     path = client_b.download_artifacts(b.info.run_id, "model/state_dict.pt", str(tmp_path))
     state = torch.load(path, weights_only=True)
     assert not any(k.startswith("module.") for k in state)
-    CNN().load_state_dict(state)
+    build(compose_config().model, num_classes=10).load_state_dict(state)  # the default CNN
 
 
 def test_ddp_without_torchrun_says_how_to_start_it(tmp_path: Path) -> None:

@@ -16,11 +16,13 @@ COMPOSE_ERRORS = [
     (["model.conv1_ot=32"], ["conv1_ot"]),
     (["optimizer.lr=abc"], ["optimizer.lr", "abc"]),
     (["trainer.epochs=two"], ["trainer.epochs", "two"]),
+    (["trainer.lr_schedule=linear"], ["trainer.lr_schedule", "linear", "constant, onecycle"]),
     (["experiment=no_such_experiment"], ["experiment/no_such_experiment", "tutorial"]),
 ]
 RUN_ERRORS = [
     (["model.conv1_out=0"], ["model.conv1_out=0", "positive"]),
     (["trainer.batch_size=-1"], ["trainer.batch_size=-1", "positive"]),
+    (["trainer.tta=3"], ["trainer.tta=3", "0, 1, 2"]),
     (["model.kernel_size=20"], ["model.kernel_size=20"]),
 ]
 

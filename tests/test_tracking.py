@@ -369,19 +369,22 @@ def test_artifacts_hold_config_figures_tables_and_model(single: Recorded, tmp_pa
     assert all(name in markdown for name in CLASSES)
 
 
-def test_weights_load_into_a_plain_cnn_and_give_the_logged_accuracy(single: Recorded, tmp_path: Path) -> None:
-    from cifar_exp.data import load_synthetic, normalise
-    from cifar_exp.models import CNN
+def test_weights_load_into_a_plain_cnn_and_give_the_logged_accuracy(
+    compose_config, single: Recorded, tmp_path: Path
+) -> None:
+    from cifar_exp.config import build
+    from cifar_exp.data import normalise
 
     store, run_id = single.store, single.run.info.run_id
     state = torch.load(store.download(run_id, "model/state_dict.pt", tmp_path), weights_only=True)
     assert not any(key.startswith("module.") for key in state)
-    model = CNN(conv1_out=8, num_classes=10)
+    cfg = compose_config(*SINGLE)  # what the run trained
+    model = build(cfg.model, num_classes=10)
     model.load_state_dict(state)  # strict: every key and shape matches
     classes = json.loads(store.download(run_id, "model/classes.json", tmp_path).read_text())
     assert (classes["classes"] if isinstance(classes, dict) else classes) == CLASSES
 
-    data = load_synthetic(train_size=TRAIN_SIZE, test_size=TEST_SIZE)
+    data = build(cfg.dataset, _convert_="all")
     model.eval()
     with torch.no_grad():
         logits = model(normalise(data.test_images, data.mean, data.std, torch.float32))
