@@ -109,6 +109,8 @@ def rerun(uri: str, run_id: str, overrides: list[str], hydra_main: HydraMain, re
         if snapshot["mlflow"].get("tracking_uri") or uri != store.tracking_uri(TrackingConfig()):
             snapshot["mlflow"]["tracking_uri"] = uri  # the new run goes where the original was read
         snapshot["resume"] = run_id if resume else None
+        if "norm_bias_lr_scale" in snapshot.get("trainer", {}):  # recorded before it moved (#13)
+            snapshot["optimizer"]["norm_bias_lr_scale"] = snapshot["trainer"].pop("norm_bias_lr_scale")
         hydra_settings = yaml.safe_load(Path(store.PROJECT_ROOT, "conf/config.yaml").read_text())
         primary = {
             "defaults": ["config_schema", "_self_"],
