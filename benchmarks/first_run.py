@@ -74,7 +74,8 @@ def measure(repo: Path, root: str, label: str) -> None:
             r = timed_run(repo, root, store, cache, Path(tmp))
             print(
                 f"{label} run {n}: wall {r['wall']:5.1f} s, training {r['training']:5.1f} s, "
-                f"wall/training {r['wall'] / r['training']:.2f}x; evaluation {r['eval']:.1f} s, start -> first step "
+                f"wall/training {r['wall'] / r['training']:.2f}x; evaluation {r['eval']:.1f} s, "
+                f"start -> first step "
                 f"{r['to_first_step']:4.1f} s, last epoch -> exit {r['after_last_epoch']:4.1f} s; "
                 f"test/acc {r['acc']:.3f}",
                 flush=True,
