@@ -59,8 +59,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     data = load_data(OmegaConf.to_yaml(cfg.dataset))
     net = build(cfg.model, num_classes=len(data.classes))
     tensors = prepare_data(OmegaConf.to_yaml(cfg.dataset), str(device), cfg.trainer.channels_last)
-    if hasattr(net, "init_whitening"):  # airbench: first layer whitens patches of the data
-        net.init_whitening(tensors.train_images[:5000])
+    net.fit_to_data(tensors.train_images)  # airbench: its first layer whitens patches of the data
     if cfg.trainer.channels_last:
         net = net.to(memory_format=torch.channels_last)
     model, gpus = wrap_model(net, device, cfg.device.data_parallel)

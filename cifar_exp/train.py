@@ -203,8 +203,7 @@ class Loop:
         """The rest of the current epoch (all of it unless resuming mid-epoch)."""
         cfg, p, device = self.cfg, self.progress, self.data.train_images.device
         self.model.train()
-        if hasattr(unwrap_model(self.model), "start_epoch"):
-            unwrap_model(self.model).start_epoch(p.epoch)
+        unwrap_model(self.model).start_epoch(p.epoch)
         resumed = self.generator.get_state()
         if p.epoch_rng is None:
             p.epoch_rng = resumed
