@@ -5,11 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp import checkpoints, signals, tracking
@@ -69,15 +67,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
     optimizer = build(cfg.optimizer)(param_groups(net, cfg.optimizer, cfg.trainer.norm_bias_lr_scale))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    run_id = state["mlflow_run_id"] if state else None
+    run_id = checkpoints.run_id(state) if state else None
     with tracking.start_run(cfg, device=device.type, gpus=gpus, run_id=run_id) as tracker:
-        path = checkpoint_file(cfg)
-        save = (lambda s: checkpoints.save({**s, "mlflow_run_id": tracker.run_id}, path)) if path else None
+        path = checkpoints.file_path(cfg.trainer.checkpoint)
+        save = checkpoints.writer(path, tracker.run_id)
         loop = Loop(
             model, optimizer, tensors, data.classes, cfg.trainer, generator, tracker.log_metrics, save
         )
         if state:
-            loop.load_state_dict(state)
+            checkpoints.resume(loop, state)
             log.info(f"resumed from {resume_from}: epoch {loop.progress.epoch}, step {loop.progress.step}")
         else:
             tracker.log_sample_images(data)
@@ -88,13 +86,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
             report(confusion, data.classes)
         tracker.log_results(unwrap_model(model), data, tensors, confusion, metrics)
     return metrics
-
-
-def checkpoint_file(cfg: DictConfig) -> Path | None:
-    """<hydra output dir>/checkpoint.pt, or None with checkpoints off or outside Hydra."""
-    if not cfg.trainer.checkpoint or not HydraConfig.initialized():
-        return None
-    return Path(HydraConfig.get().runtime.output_dir) / checkpoints.FILENAME
 
 
 def param_groups(net: torch.nn.Module, optimizer: DictConfig, norm_bias_lr_scale: float) -> list[dict]:

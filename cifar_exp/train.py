@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from cifar_exp import checkpoints, signals
+from cifar_exp import signals
 from cifar_exp.config import TrainerConfig
 from cifar_exp.data import ImageData, augment, batches, normalise, shuffle
 from cifar_exp.devices import distributed, unwrap_model
@@ -95,7 +95,7 @@ def _autocast(
 
 @dataclass
 class Progress:
-    """Where training stands; with the states in Loop.state_dict() enough to continue exactly."""
+    """Where training stands; with the rest of Loop.state_dict() enough to continue exactly."""
 
     epoch: int = 1  # the epoch in progress, 1-based
     step: int = 0  # optimizer steps done in all
@@ -107,8 +107,9 @@ class Progress:
 
 
 class Loop:
-    """fit() and its state. `checkpoint(state)` receives a resumable state after every epoch and
-    when a signal stops training; `on_metrics(metrics, step)` receives what to record."""
+    """fit() and its state. `checkpoint(state)` receives the loop's state (see state_dict) after
+    every epoch and when a signal stops training; `on_metrics(metrics, step)` receives what to
+    record."""
 
     def __init__(
         self,
@@ -144,17 +145,15 @@ class Loop:
             )
 
     def state_dict(self) -> dict:
-        p = self.progress
+        """Plain tensors and numbers (no RNG states of the process: checkpoints.py adds those)."""
         return {
-            "format": "cifar_exp/1",
             "model": unwrap_model(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "lookahead": self.lookahead.average if self.lookahead else None,
             "scaler": self.scaler.state_dict(),
-            "progress": {**p.__dict__, "epoch_rng": p.epoch_rng},
+            "progress": dict(vars(self.progress)),
             "generator": self.generator.get_state(),
-            "rng": checkpoints.rng_states(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -167,7 +166,6 @@ class Loop:
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
         self.generator.set_state(state["generator"])
-        checkpoints.restore_rng_states(state["rng"])
 
     def fit(self) -> tuple[dict[str, float], torch.Tensor]:
         """Trains to cfg.epochs, evaluating after each epoch; returns the last epoch's metrics
