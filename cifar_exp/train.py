@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from cifar_exp import signals
 from cifar_exp.config import TrainerConfig
-from cifar_exp.data import ImageData, augment, batches, normalise, shuffle
+from cifar_exp.data import BatchOrder, ImageData, augment, batches, normalise
 from cifar_exp.devices import distributed, unwrap_model
 from cifar_exp.errors import UserError
 
@@ -124,10 +124,13 @@ class Loop:
     ) -> None:
         self.model, self.optimizer, self.data, self.classes = model, optimizer, data, classes
         self.cfg, self.generator, self.on_metrics, self.checkpoint = cfg, generator, on_metrics, checkpoint
-        n = len(data.train_images)
-        self.steps_per_epoch = (
-            n // cfg.batch_size if cfg.drop_last and n >= cfg.batch_size else math.ceil(n / cfg.batch_size)
-        )
+        self.rank, self.world = distributed()  # under DDP each process trains on its shard
+        if cfg.batch_size % self.world:
+            raise UserError(
+                f"trainer.batch_size={cfg.batch_size} must divide evenly over the {self.world} DDP processes"
+            )
+        self.order = BatchOrder(cfg.batch_size, cfg.drop_last, self.rank, self.world)
+        self.steps_per_epoch = self.order.steps(len(data.train_images))
         total = self.steps_per_epoch * cfg.epochs
         self.scheduler = None
         if cfg.lr_schedule != "constant":
@@ -138,11 +141,6 @@ class Loop:
         float16 = cfg.autocast and cfg.autocast_dtype == "float16"
         self.scaler = torch.amp.GradScaler(data.train_images.device.type, enabled=float16)
         self.progress = Progress()
-        self.rank, self.world = distributed()  # under DDP each process trains on its shard
-        if cfg.batch_size % self.world:
-            raise UserError(
-                f"trainer.batch_size={cfg.batch_size} must divide evenly over the {self.world} DDP processes"
-            )
 
     def state_dict(self) -> dict:
         """Plain tensors and numbers (no RNG states of the process: checkpoints.py adds those)."""
@@ -202,13 +200,10 @@ class Loop:
         cfg, p, device = self.cfg, self.progress, self.data.train_images.device
         self.model.train()
         unwrap_model(self.model).start_epoch(p.epoch)
-        resumed = self.generator.get_state()
-        if p.epoch_rng is None:
-            p.epoch_rng = resumed
-        self.generator.set_state(p.epoch_rng)  # replays this epoch's order when resuming
-        images, labels = shuffle(self.data.train_images, self.data.train_labels, self.generator)
-        if p.epoch_step:
-            self.generator.set_state(resumed)
+        if p.epoch_rng is None:  # a fresh epoch; a resumed one replays its saved order
+            p.epoch_rng = self.generator.get_state()
+        images, labels = self.data.train_images, self.data.train_labels
+        epoch = self.order.epoch(images, labels, self.generator, p.epoch_rng, skip=p.epoch_step)
         window_loss = torch.full((), p.window_loss, device=device)  # summed on the device:
         epoch_loss = torch.full((), p.epoch_loss, device=device)  # no host sync per step
         started, seen = time.perf_counter(), 0
@@ -221,13 +216,7 @@ class Loop:
             disable=None,
             mininterval=0.5,
         )
-        for x, y in batches(images, labels, cfg.batch_size, None, cfg.drop_last, skip=p.epoch_step):
-            if self.world > 1:  # this process's share of the global batch
-                share = len(x) // self.world
-                x, y = (
-                    x[self.rank * share : (self.rank + 1) * share],
-                    y[self.rank * share : (self.rank + 1) * share],
-                )
+        for x, y in epoch:
             loss = self.train_step(x, y, p.step)
             window_loss += loss
             epoch_loss += loss
