@@ -1,13 +1,16 @@
-"""Checkpoint files: written atomically, read back with weights_only=True, and the random-number
-states that make a resumed run continue exactly where it stopped."""
+"""The checkpoint format, written and read in one place: which entries a checkpoint holds (the
+training loop's state, the process-wide random-number states that make a resumed run continue
+exactly where it stopped, the MLflow run it belongs to), where the file goes, and the atomic
+write and weights_only read."""
 
 from __future__ import annotations
 
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -15,6 +18,50 @@ import torch
 from cifar_exp.errors import UserError, first_line
 
 FILENAME = "checkpoint.pt"
+FORMAT = "cifar_exp/1"
+# The training loop's own state (Loop.state_dict()); beside it a checkpoint holds "format",
+# "rng" (rng_states()) and "mlflow_run_id".
+LOOP_KEYS = ("model", "optimizer", "scheduler", "lookahead", "scaler", "progress", "generator")
+
+
+class Resumable(Protocol):
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def file_path(enabled: bool) -> Path | None:
+    """<hydra output dir>/checkpoint.pt, or None with checkpoints off or outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not enabled or not HydraConfig.initialized():
+        return None
+    return Path(HydraConfig.get().runtime.output_dir) / FILENAME
+
+
+def writer(path: Path | None, run_id: Callable[[], str | None]) -> Callable[[dict[str, Any]], None] | None:
+    """What the training loop calls with its state to checkpoint it into `path` (None: no
+    checkpoints): the state, the random-number states of this moment and the run id (asked for
+    at each write: the run may still be opening when training starts), saved."""
+    if path is None:
+        return None
+
+    def write(loop_state: dict[str, Any]) -> None:
+        if set(loop_state) != set(LOOP_KEYS):
+            raise ValueError(f"loop state has {sorted(loop_state)}, the format {sorted(LOOP_KEYS)}")
+        save({"format": FORMAT, **loop_state, "rng": rng_states(), "mlflow_run_id": run_id()}, path)
+
+    return write
+
+
+def run_id(state: dict[str, Any]) -> str | None:
+    """The MLflow run a checkpoint belongs to (None if it was written without tracking)."""
+    return state.get("mlflow_run_id")
+
+
+def resume(loop: Resumable, state: dict[str, Any]) -> None:
+    """Puts a loaded checkpoint back: the loop's state, then the random-number states (last,
+    because building the model and optimizer drew from them)."""
+    loop.load_state_dict({key: state[key] for key in LOOP_KEYS})
+    restore_rng_states(state["rng"])
 
 
 def save(state: dict[str, Any], path: Path) -> None:
@@ -45,8 +92,8 @@ def load(path: Path) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - any unpickling failure means: not a checkpoint we can use
         reason = first_line(e)
         raise UserError(f"{path} is not a readable cifar_exp checkpoint ({reason})") from None
-    if not isinstance(state, dict) or state.get("format") != "cifar_exp/1":
-        raise UserError(f"{path} is not a cifar_exp checkpoint (no 'format: cifar_exp/1' entry)")
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{path} is not a cifar_exp checkpoint (no 'format: {FORMAT}' entry)")
     return state
 
 

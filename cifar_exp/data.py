@@ -3,6 +3,7 @@ work on whole tensors: no per-sample PIL transform, no worker processes."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -198,3 +199,49 @@ def batches(
     end = len(images) - len(images) % batch_size if drop_last and len(images) >= batch_size else len(images)
     for start in range(skip * batch_size, end, batch_size):
         yield images[start : start + batch_size], labels[start : start + batch_size]
+
+
+@dataclass(frozen=True)
+class BatchOrder:
+    """How training cuts an epoch into batches: `batch_size` is the global batch (over all DDP
+    processes); with drop_last a final smaller batch is left out; under DDP, process `rank` of
+    `world` trains on its 1/world slice of every global batch."""
+
+    batch_size: int
+    drop_last: bool = False
+    rank: int = 0
+    world: int = 1
+
+    def steps(self, n: int) -> int:
+        """Batches in an epoch of `n` samples."""
+        if self.drop_last and n >= self.batch_size:
+            return n // self.batch_size
+        return math.ceil(n / self.batch_size)
+
+    def epoch(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator,
+        epoch_rng: torch.Tensor,
+        skip: int = 0,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's batches of one epoch. The order is shuffled from `generator` set to
+        `epoch_rng` (its state before this epoch's shuffle), so a resumed epoch replays the order
+        it started with; the first `skip` global batches (those already trained on) are left out.
+        The shuffle happens on the call, not at the first batch."""
+        current = generator.get_state()
+        generator.set_state(epoch_rng)
+        images, labels = shuffle(images, labels, generator)
+        if skip:  # resuming mid-epoch: later draws (augmentation) continue from where they stopped
+            generator.set_state(current)
+        global_batches = batches(images, labels, self.batch_size, None, self.drop_last, skip)
+        return self._shards(global_batches) if self.world > 1 else global_batches
+
+    def _shards(
+        self, global_batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in global_batches:
+            share = len(x) // self.world
+            mine = slice(self.rank * share, (self.rank + 1) * share)
+            yield x[mine], y[mine]

@@ -15,7 +15,19 @@ def _check_widths(prefix: str, **widths: int) -> None:
             raise UserError(f"{prefix}.{key}={value}: must be a positive integer")
 
 
-class CNN(nn.Module):
+class Network(nn.Module):
+    """What the training loop may ask of every network: logits for N x 3 x H x W normalised
+    images, and two hooks it always calls, which do nothing unless a network overrides them."""
+
+    def fit_to_data(self, train_images: torch.Tensor) -> None:
+        """Called once before training (and before a resumed run loads its weights) with the
+        normalised training images on the training device; for layers set from the data."""
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before each training epoch (1-based), also when resuming mid-epoch."""
+
+
+class CNN(Network):
     """The PyTorch tutorial's network: conv-pool-conv-pool-fc-fc-fc."""
 
     def __init__(
@@ -103,7 +115,7 @@ class _ConvGroup(nn.Module):
         return self.activ(self.norm2(self.conv2(x)))
 
 
-class Airbench94(nn.Module):
+class Airbench94(Network):
     """Keller Jordan's airbench94 network (github.com/KellerJordan/cifar10-airbench): a frozen
     whitening 2x2 convolution, three conv groups, max-pool, a linear head scaled by 1/9."""
 
@@ -127,7 +139,7 @@ class Airbench94(nn.Module):
                 "(+/- pairs of the 12 eigenvectors of 3-channel 2x2 patches)"
             )
         self.whiten = nn.Conv2d(3, whiten_width, kernel_size=2, padding=0, bias=True)
-        self.whiten.weight.requires_grad = False  # set from the data by init_whitening()
+        self.whiten.weight.requires_grad = False  # set from the data by fit_to_data()
         self.layers = nn.Sequential(
             nn.GELU(),
             _ConvGroup(whiten_width, block1, batchnorm_momentum),
@@ -141,8 +153,12 @@ class Airbench94(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.layers(self.whiten(x))) / 9
 
+    def fit_to_data(self, train_images: torch.Tensor) -> None:
+        """airbench's recipe: whiten with the patches of the first 5000 training images."""
+        self.init_whitening(train_images[:5000])
+
     def start_epoch(self, epoch: int) -> None:
-        """Called by the training loop before each epoch (1-based)."""
+        """The whitening bias trains for the first `whiten_bias_epochs` epochs only."""
         self.whiten.bias.requires_grad = epoch <= self.whiten_bias_epochs
 
     @torch.no_grad()

@@ -5,11 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp import checkpoints, reports, signals
@@ -60,8 +58,7 @@ def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]
     data = load_data(OmegaConf.to_yaml(cfg.dataset))
     net = build(cfg.model, num_classes=len(data.classes))
     tensors = prepare_data(OmegaConf.to_yaml(cfg.dataset), str(device), cfg.trainer.channels_last)
-    if hasattr(net, "init_whitening"):  # airbench: first layer whitens patches of the data
-        net.init_whitening(tensors.train_images[:5000])
+    net.fit_to_data(tensors.train_images)  # airbench: its first layer whitens patches of the data
     if cfg.trainer.channels_last:
         net = net.to(memory_format=torch.channels_last)
     model, gpus = wrap_model(net, device, cfg.device.data_parallel)
@@ -71,15 +68,15 @@ def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]
     optimizer = build(cfg.optimizer)(param_groups(net, cfg.optimizer))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    run_id = state["mlflow_run_id"] if state else None
+    run_id = checkpoints.run_id(state) if state else None
     with runs.start_run(cfg, device.type, gpus, run_id, tags) as tracker:
-        path = checkpoint_file(cfg)
-        save = (lambda s: checkpoints.save({**s, "mlflow_run_id": tracker.run_id}, path)) if path else None
+        path = checkpoints.file_path(cfg.trainer.checkpoint)
+        save = checkpoints.writer(path, lambda: tracker.run_id)  # the run id once the run is open
         loop = Loop(
             model, optimizer, tensors, data.classes, cfg.trainer, generator, tracker.log_metrics, save
         )
         if state:
-            loop.load_state_dict(state)
+            checkpoints.resume(loop, state)
             log.info(f"resumed from {resume_from}: epoch {loop.progress.epoch}, step {loop.progress.step}")
         elif tracker.enabled:
             samples = reports.sample_files(data.train_images, data.train_labels, data.classes)
@@ -103,13 +100,6 @@ def result_files(
     predicted = predict_logits(net, tensors.test_images[:32]).argmax(1)
     test = (data.test_images, data.test_labels, data.classes)
     return reports.result_files(*test, predicted, confusion, net.state_dict())
-
-
-def checkpoint_file(cfg: DictConfig) -> Path | None:
-    """<hydra output dir>/checkpoint.pt, or None with checkpoints off or outside Hydra."""
-    if not cfg.trainer.checkpoint or not HydraConfig.initialized():
-        return None
-    return Path(HydraConfig.get().runtime.output_dir) / checkpoints.FILENAME
 
 
 def param_groups(net: torch.nn.Module, optimizer: DictConfig) -> list[dict]:

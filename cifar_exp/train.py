@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from cifar_exp import checkpoints, signals
+from cifar_exp import signals
 from cifar_exp.config import TrainerConfig
-from cifar_exp.data import ImageData, augment, batches, normalise, shuffle
+from cifar_exp.data import BatchOrder, ImageData, augment, batches, normalise
 from cifar_exp.devices import distributed, unwrap_model
 from cifar_exp.errors import UserError
 
@@ -95,7 +95,7 @@ def _autocast(
 
 @dataclass
 class Progress:
-    """Where training stands; with the states in Loop.state_dict() enough to continue exactly."""
+    """Where training stands; with the rest of Loop.state_dict() enough to continue exactly."""
 
     epoch: int = 1  # the epoch in progress, 1-based
     step: int = 0  # optimizer steps done in all
@@ -105,10 +105,71 @@ class Progress:
     epoch_loss: float = 0.0  # summed loss of the steps of this epoch
     epoch_rng: torch.Tensor | None = None  # data generator state before this epoch's shuffle
 
+    def advance(self) -> None:
+        """One optimizer step done."""
+        self.step, self.epoch_step, self.window = self.step + 1, self.epoch_step + 1, self.window + 1
+
+
+class LossSums:
+    """The training loss summed on the device, so that no step waits for the host: over the
+    logging window and over the epoch. Reading a mean syncs, averages over the DDP processes
+    (which all read at the same step) and fails on NaN or inf."""
+
+    def __init__(self, progress: Progress, device: torch.device, world: int) -> None:
+        self.window = torch.full((), progress.window_loss, device=device)
+        self.epoch = torch.full((), progress.epoch_loss, device=device)
+        self.world = world
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.window += loss
+        self.epoch += loss
+
+    def window_mean(self, steps: int, step: int, lr: float) -> float:
+        """The window's mean loss over its `steps` steps; the next window starts at zero."""
+        mean = _finite(self._mean(self.window) / steps, step, lr)
+        self.window.zero_()
+        return mean
+
+    def epoch_mean(self, steps: int, step: int, lr: float) -> float:
+        return _finite(self._mean(self.epoch) / max(1, steps), step, lr)
+
+    def save_to(self, progress: Progress) -> None:
+        """Keeps the partial sums in `progress`, for a checkpoint mid-epoch."""
+        progress.window_loss, progress.epoch_loss = self.window.item(), self.epoch.item()
+
+    def _mean(self, total: torch.Tensor) -> float:
+        if self.world > 1:
+            total = total.clone()
+            torch.distributed.all_reduce(total)
+            total /= self.world
+        return total.item()
+
+
+def _finite(value: float, step: int, lr: float) -> float:
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"training loss became {value} by step {step} (lr={lr:g}); lower optimizer.lr or check the data"
+        )
+    return value
+
+
+def _progress_bar(progress: Progress, steps_per_epoch: int) -> tqdm:
+    """The epoch's bar, on a terminal only; it starts at the steps a resumed epoch already did."""
+    return tqdm(
+        total=steps_per_epoch,
+        initial=progress.epoch_step,
+        unit="step",
+        leave=False,
+        desc=f"epoch {progress.epoch}",
+        disable=None,
+        mininterval=0.5,
+    )
+
 
 class Loop:
-    """fit() and its state. `checkpoint(state)` receives a resumable state after every epoch and
-    when a signal stops training; `on_metrics(metrics, step)` receives what to record."""
+    """fit() and its state. `checkpoint(state)` receives the loop's state (see state_dict) after
+    every epoch and when a signal stops training; `on_metrics(metrics, step)` receives what to
+    record."""
 
     def __init__(
         self,
@@ -123,10 +184,13 @@ class Loop:
     ) -> None:
         self.model, self.optimizer, self.data, self.classes = model, optimizer, data, classes
         self.cfg, self.generator, self.on_metrics, self.checkpoint = cfg, generator, on_metrics, checkpoint
-        n = len(data.train_images)
-        self.steps_per_epoch = (
-            n // cfg.batch_size if cfg.drop_last and n >= cfg.batch_size else math.ceil(n / cfg.batch_size)
-        )
+        self.rank, self.world = distributed()  # under DDP each process trains on its shard
+        if cfg.batch_size % self.world:
+            raise UserError(
+                f"trainer.batch_size={cfg.batch_size} must divide evenly over the {self.world} DDP processes"
+            )
+        self.order = BatchOrder(cfg.batch_size, cfg.drop_last, self.rank, self.world)
+        self.steps_per_epoch = self.order.steps(len(data.train_images))
         total = self.steps_per_epoch * cfg.epochs
         self.scheduler = None
         if cfg.lr_schedule != "constant":
@@ -137,24 +201,17 @@ class Loop:
         float16 = cfg.autocast and cfg.autocast_dtype == "float16"
         self.scaler = torch.amp.GradScaler(data.train_images.device.type, enabled=float16)
         self.progress = Progress()
-        self.rank, self.world = distributed()  # under DDP each process trains on its shard
-        if cfg.batch_size % self.world:
-            raise UserError(
-                f"trainer.batch_size={cfg.batch_size} must divide evenly over the {self.world} DDP processes"
-            )
 
     def state_dict(self) -> dict:
-        p = self.progress
+        """Plain tensors and numbers (no RNG states of the process: checkpoints.py adds those)."""
         return {
-            "format": "cifar_exp/1",
             "model": unwrap_model(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "lookahead": self.lookahead.average if self.lookahead else None,
             "scaler": self.scaler.state_dict(),
-            "progress": {**p.__dict__, "epoch_rng": p.epoch_rng},
+            "progress": dict(vars(self.progress)),
             "generator": self.generator.get_state(),
-            "rng": checkpoints.rng_states(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -167,7 +224,6 @@ class Loop:
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
         self.generator.set_state(state["generator"])
-        checkpoints.restore_rng_states(state["rng"])
 
     def fit(self) -> tuple[dict[str, float], torch.Tensor]:
         """Trains to cfg.epochs, evaluating after each epoch; returns the last epoch's metrics
@@ -201,67 +257,31 @@ class Loop:
 
     def train_epoch(self) -> dict[str, float]:
         """The rest of the current epoch (all of it unless resuming mid-epoch)."""
-        cfg, p, device = self.cfg, self.progress, self.data.train_images.device
+        cfg, p, images, labels = self.cfg, self.progress, self.data.train_images, self.data.train_labels
         self.model.train()
-        if hasattr(unwrap_model(self.model), "start_epoch"):
-            unwrap_model(self.model).start_epoch(p.epoch)
-        resumed = self.generator.get_state()
-        if p.epoch_rng is None:
-            p.epoch_rng = resumed
-        self.generator.set_state(p.epoch_rng)  # replays this epoch's order when resuming
-        images, labels = shuffle(self.data.train_images, self.data.train_labels, self.generator)
-        if p.epoch_step:
-            self.generator.set_state(resumed)
-        window_loss = torch.full((), p.window_loss, device=device)  # summed on the device:
-        epoch_loss = torch.full((), p.epoch_loss, device=device)  # no host sync per step
+        unwrap_model(self.model).start_epoch(p.epoch)
+        if p.epoch_rng is None:  # a fresh epoch; a resumed one replays its saved order
+            p.epoch_rng = self.generator.get_state()
+        epoch = self.order.epoch(images, labels, self.generator, p.epoch_rng, skip=p.epoch_step)
+        losses = LossSums(p, images.device, self.world)
+        bar = _progress_bar(p, self.steps_per_epoch)
         started, seen = time.perf_counter(), 0
-        bar = tqdm(
-            total=self.steps_per_epoch,
-            initial=p.epoch_step,
-            unit="step",
-            leave=False,
-            desc=f"epoch {p.epoch}",
-            disable=None,
-            mininterval=0.5,
-        )
-        for x, y in batches(images, labels, cfg.batch_size, None, cfg.drop_last, skip=p.epoch_step):
-            if self.world > 1:  # this process's share of the global batch
-                share = len(x) // self.world
-                x, y = (
-                    x[self.rank * share : (self.rank + 1) * share],
-                    y[self.rank * share : (self.rank + 1) * share],
-                )
-            loss = self.train_step(x, y, p.step)
-            window_loss += loss
-            epoch_loss += loss
-            p.step, p.epoch_step, p.window = p.step + 1, p.epoch_step + 1, p.window + 1
+        for x, y in epoch:
+            losses.add(self.train_step(x, y, p.step))
+            p.advance()
             seen += len(x) * self.world  # images/s and batch size are the global ones
             bar.update()
             if p.window == cfg.log_every_n_steps:
-                mean = _finite(self._mean(window_loss) / p.window, p.step, self.optimizer)  # syncs
-                log.info(f"[{p.epoch}, {p.epoch_step:5d}] loss: {mean:.3f}")
-                bar.set_postfix(loss=f"{mean:.3f}", img_s=f"{seen / (time.perf_counter() - started):,.0f}")
-                self.on_metrics({"train/loss": mean}, p.step)
-                window_loss.zero_()
-                p.window = 0
-            if (stop := signals.take()) is not None:
-                self._stop(stop, window_loss, epoch_loss, bar)
+                self._log_window(losses, bar, seen, started)
+            self._stop_if_signalled(losses, bar)
         bar.close()
-        loss_epoch = _finite(self._mean(epoch_loss) / max(1, p.epoch_step), p.step, self.optimizer)
+        loss_epoch = losses.epoch_mean(p.epoch_step, p.step, self._lr())  # syncs
         seconds = time.perf_counter() - started  # after the sync above: GPU work included
         return {
             "train/loss_epoch": loss_epoch,
             "time/epoch_s": seconds,
             "throughput/images_per_s": seen / seconds,
         }
-
-    def _mean(self, total: torch.Tensor) -> float:
-        """A summed loss as a float, averaged over DDP processes (all reach this at the same step)."""
-        if self.world > 1:
-            total = total.clone()
-            torch.distributed.all_reduce(total)
-            total /= self.world
-        return total.item()
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
         cfg = self.cfg
@@ -279,24 +299,29 @@ class Loop:
             self.lookahead.update(self.model, step + 1)
         return loss.detach()
 
-    def _stop(
-        self, stop: BaseException, window_loss: torch.Tensor, epoch_loss: torch.Tensor, bar: tqdm
-    ) -> None:
-        """A signal arrived: checkpoint mid-epoch (with the partial sums), then stop."""
+    def _log_window(self, losses: LossSums, bar: tqdm, seen: int, started: float) -> None:
+        """A train/loss point: the mean of the window's steps (this syncs the device)."""
+        p = self.progress
+        mean = losses.window_mean(p.window, p.step, self._lr())
+        log.info(f"[{p.epoch}, {p.epoch_step:5d}] loss: {mean:.3f}")
+        images_per_s = seen / (time.perf_counter() - started)  # after the sync: GPU work included
+        bar.set_postfix(loss=f"{mean:.3f}", img_s=f"{images_per_s:,.0f}")
+        self.on_metrics({"train/loss": mean}, p.step)
+        p.window = 0
+
+    def _stop_if_signalled(self, losses: LossSums, bar: tqdm) -> None:
+        """If Ctrl-C or SIGTERM arrived: checkpoint mid-epoch (with the partial sums), then stop."""
+        if (stop := signals.take()) is None:
+            return
         bar.close()
-        self.progress.window_loss, self.progress.epoch_loss = window_loss.item(), epoch_loss.item()
+        losses.save_to(self.progress)
         if self.checkpoint:
             self.checkpoint(self.state_dict())
         raise stop
 
-
-def _finite(value: float, step: int, optimizer: torch.optim.Optimizer) -> float:
-    if not math.isfinite(value):
-        lr = optimizer.param_groups[-1]["lr"]
-        raise NonFiniteLossError(
-            f"training loss became {value} by step {step} (lr={lr:g}); lower optimizer.lr or check the data"
-        )
-    return value
+    def _lr(self) -> float:
+        """The learning rate of the last parameter group, for error messages."""
+        return self.optimizer.param_groups[-1]["lr"]
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cifar_exp.config import build
-from cifar_exp.data import ImageData, augment, batches, normalise
+from cifar_exp.data import BatchOrder, ImageData, augment, batches, normalise
 from cifar_exp.errors import UserError
 from tests.conftest import compose_config
 
@@ -167,6 +167,35 @@ def test_batches_without_generator_keep_order() -> None:
     images, labels = _indexed(25)
     order = torch.cat([y for _, y in batches(images, labels, 10)])
     assert order.tolist() == list(range(25))
+
+
+def test_a_resumed_epoch_replays_its_order_from_the_saved_state() -> None:
+    images, labels = _indexed(53)
+    order = BatchOrder(batch_size=10, drop_last=True)
+    gen = torch.Generator().manual_seed(0)
+    epoch_rng = gen.get_state()
+    whole = [y.tolist() for _, y in order.epoch(images, labels, gen, epoch_rng)]
+    assert len(whole) == order.steps(53) == 5  # drop_last: the last 3 are left out
+    later = torch.Generator().manual_seed(1)  # the generator as a checkpoint mid-epoch left it
+    state = later.get_state()
+    resumed = [y.tolist() for _, y in order.epoch(images, labels, later, epoch_rng, skip=2)]
+    assert resumed == whole[2:]
+    assert torch.equal(later.get_state(), state)  # augmentation draws go on from where they were
+
+
+def test_ddp_processes_split_every_global_batch() -> None:
+    images, labels = _indexed(50)
+    epoch_rng = torch.Generator().manual_seed(0).get_state()
+
+    def labels_of(order: BatchOrder) -> list[list[int]]:
+        return [y.tolist() for _, y in order.epoch(images, labels, torch.Generator(), epoch_rng)]
+
+    whole = labels_of(BatchOrder(16))
+    rank0, rank1 = (labels_of(BatchOrder(16, rank=rank, world=2)) for rank in range(2))
+    assert [len(b) for b in rank0] == [len(b) for b in rank1] == [8, 8, 8, 1]  # 50 = 3 x 16 + 2
+    for batch, mine, theirs in zip(whole, rank0, rank1, strict=True):
+        assert not set(mine) & set(theirs)
+        assert mine + theirs == batch
 
 
 def test_augment_keeps_shape_and_content() -> None:

@@ -61,15 +61,23 @@ def _history(store: Path, run_id: str, key: str) -> list[tuple[int, float]]:
 # ---------------------------------------------------------------- the checkpoint file itself
 def test_checkpoint_round_trip_and_atomic_write(tmp_path: Path) -> None:
     path = tmp_path / "checkpoint.pt"
-    state = {"format": "cifar_exp/1", "model": {"w": torch.arange(4.0)}, "rng": checkpoints.rng_states()}
-    checkpoints.save(state, path)
-    checkpoints.save({**state, "model": {"w": torch.ones(4)}}, path)  # replaces, leaves no temp file
+    write = checkpoints.writer(path, run_id=lambda: "abc123")
+    loop_state = {**dict.fromkeys(checkpoints.LOOP_KEYS), "model": {"w": torch.arange(4.0)}}
+    write(loop_state)
+    write({**loop_state, "model": {"w": torch.ones(4)}})  # replaces, leaves no temp file
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
     loaded = checkpoints.load(path)
-    assert torch.equal(loaded["model"]["w"], torch.ones(4))
-    checkpoints.restore_rng_states(loaded["rng"])  # what was loaded replays the saved states
+    assert checkpoints.run_id(loaded) == "abc123"
+
+    class Loop:
+        def load_state_dict(self, state: dict) -> None:
+            self.state = state
+
+    loop = Loop()
+    checkpoints.resume(loop, loaded)  # the loop gets its state back; the RNGs their saved states
+    assert torch.equal(loop.state["model"]["w"], torch.ones(4))
     first = (torch.rand(3), random.random(), np.random.rand())
-    checkpoints.restore_rng_states(loaded["rng"])
+    checkpoints.resume(loop, loaded)
     again = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
 
