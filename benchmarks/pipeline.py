@@ -99,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = torch.get_num_threads()
 
-    full = load_imagefolder(args.root)
+    full = load_imagefolder(root=args.root, mean=(0.5,) * 3, std=(0.5,) * 3, cache=True, cache_dir=None)
     indices = torch.randperm(len(full.train_images), generator=torch.Generator().manual_seed(0))
     indices = indices[: args.images].tolist()
     data = type(full)(
@@ -110,6 +110,7 @@ def main() -> None:
         full.classes,
         full.mean,
         full.std,
+        full.name,
     )
 
     print(f"{args.images} training images from {args.root}, torch {torch.__version__}, {threads} threads")

@@ -29,13 +29,22 @@ class DatasetConfig:
 
 
 @dataclass
-class Cifar10Config(DatasetConfig):
+class DecodedDatasetConfig(DatasetConfig):
+    """Datasets decoded from files: the decoded tensors are cached (cifar_exp/decoded_cache.py)."""
+
+    cache: bool = True  # keep decoded tensors in cache_dir for the next run; false: decode every run
+    # null: $CIFAR_EXP_CACHE_DIR, else $XDG_CACHE_HOME/cifar_exp, else ~/.cache/cifar_exp
+    cache_dir: str | None = None
+
+
+@dataclass
+class Cifar10Config(DecodedDatasetConfig):
     _target_: str = "cifar_exp.data.load_cifar10"
     download: bool = True
 
 
 @dataclass
-class ImageFolderConfig(DatasetConfig):
+class ImageFolderConfig(DecodedDatasetConfig):
     _target_: str = "cifar_exp.data.load_imagefolder"
 
 

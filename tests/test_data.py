@@ -8,15 +8,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar_exp.data import augment, batches, load_cifar10, load_imagefolder, load_synthetic, normalise
+from cifar_exp.config import build
+from cifar_exp.data import ImageData, augment, batches, load_synthetic, normalise
 from cifar_exp.errors import UserError
+from tests.conftest import compose_config
+
+
+def load(dataset: str, **keys: object) -> ImageData:
+    """conf/dataset/<dataset>.yaml with `keys` changed, built as a run builds it."""
+    values = {k: str(v).lower() if isinstance(v, bool) else v for k, v in keys.items()}
+    cfg = compose_config(f"dataset={dataset}", *(f"dataset.{k}={v}" for k, v in values.items()))
+    return build(cfg.dataset, _convert_="all")
 
 
 # ---------------------------------------------------------------- CIFAR-10 pickles
 @pytest.mark.parametrize("download", [False, True], ids=["download=false", "download=true"])
 def test_cifar10_reads_the_pickles(cifar_folder, skip_cifar_md5, download: bool) -> None:
     # download=true must use the files already there, not fetch (there is no network here).
-    data = load_cifar10(str(cifar_folder.root), download=download)
+    data = load("cifar10", root=cifar_folder.root, download=download)
 
     n_train, n_test = len(cifar_folder.train_labels), len(cifar_folder.test_labels)
     assert data.train_images.dtype == torch.uint8 and data.test_images.dtype == torch.uint8
@@ -27,11 +36,12 @@ def test_cifar10_reads_the_pickles(cifar_folder, skip_cifar_md5, download: bool)
     assert data.test_labels.tolist() == cifar_folder.test_labels
     assert data.classes == cifar_folder.classes
     assert data.mean == (0.5, 0.5, 0.5) and data.std == (0.5, 0.5, 0.5)
+    assert data.name == "cifar10"
 
 
 def test_cifar10_pixels_keep_channel_and_row_order(cifar_folder, skip_cifar_md5) -> None:
     """A row of the pickle is 1024 red, 1024 green, 1024 blue values, each 32 rows of 32."""
-    data = load_cifar10(str(cifar_folder.root), download=False)
+    data = load("cifar10", root=cifar_folder.root, download=False)
 
     expected_train = torch.from_numpy(cifar_folder.train_data).view(-1, 3, 32, 32)
     assert torch.equal(data.train_images, expected_train)
@@ -45,7 +55,7 @@ def test_cifar10_pixels_keep_channel_and_row_order(cifar_folder, skip_cifar_md5)
 def test_cifar10_missing_files_name_path_and_remedies(tmp_path: Path) -> None:
     root = tmp_path / "empty"
     with pytest.raises(UserError) as excinfo:
-        load_cifar10(str(root), download=False)
+        load("cifar10", root=root, download=False)
     message = str(excinfo.value)
     assert str(root) in message
     assert "dataset.download=true" in message  # remedy 1: go online
@@ -54,7 +64,7 @@ def test_cifar10_missing_files_name_path_and_remedies(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- image folders
 def test_imagefolder_decodes_pngs_with_sorted_classes(png_folder) -> None:
-    data = load_imagefolder(str(png_folder.root))
+    data = load("imagefolder", root=png_folder.root)
 
     assert data.classes == png_folder.classes == ["apple", "mango", "zebra"]
     for split, images, labels in (
@@ -73,7 +83,7 @@ def test_imagefolder_decodes_pngs_with_sorted_classes(png_folder) -> None:
 
 
 def test_imagefolder_resizes_other_sizes_to_32x32(png_folder) -> None:
-    data = load_imagefolder(str(png_folder.root))
+    data = load("imagefolder", root=png_folder.root)
 
     keys = sorted(k for k in png_folder.images if k.startswith("train/"))
     odd = data.train_images[keys.index(png_folder.odd_image)]
@@ -89,7 +99,7 @@ def test_imagefolder_undecodable_file_is_a_user_error(tmp_path: Path) -> None:
         (tmp_path / split / "cat").mkdir(parents=True)
         (tmp_path / split / "cat" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(UserError, match="cannot decode image .*broken.png"):
-        load_imagefolder(str(tmp_path))
+        load("imagefolder", root=tmp_path)
 
 
 # ---------------------------------------------------------------- synthetic
