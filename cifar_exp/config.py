@@ -41,6 +41,12 @@ class DecodedDatasetConfig(DatasetConfig):
 class Cifar10Config(DecodedDatasetConfig):
     _target_: str = "cifar_exp.data.load_cifar10"
     download: bool = True
+    fallback: bool = MISSING
+
+
+@dataclass
+class Cifar10SampleConfig(DecodedDatasetConfig):
+    _target_: str = "cifar_exp.data.load_cifar10_sample"
 
 
 @dataclass
@@ -184,6 +190,7 @@ def register_schemas() -> None:
     cs.store(name="config_schema", node=Config)
     for group, name, node in [
         ("dataset", "cifar10_schema", Cifar10Config),
+        ("dataset", "cifar10_sample_schema", Cifar10SampleConfig),
         ("dataset", "imagefolder_schema", ImageFolderConfig),
         ("dataset", "synthetic_schema", SyntheticConfig),
         ("model", "cnn_schema", CNNConfig),

@@ -3,6 +3,8 @@ work on whole tensors: no per-sample PIL transform, no worker processes."""
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,9 +19,13 @@ import torch.nn.functional as F
 from cifar_exp import decoded_cache
 from cifar_exp.errors import UserError, first_line
 
+log = logging.getLogger(__name__)
+
 IMAGE_SIZE = 32
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR10_FILES = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
+SAMPLE = Path(__file__).resolve().parent / "sample" / "cifar10_sample.tar.xz"  # {train,test}/<class>/*.jpg
 
 
 @dataclass
@@ -33,7 +39,14 @@ class ImageData:
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    name: str  # which data this really is: cifar10, imagefolder or synthetic
+    name: str  # which data this really is: cifar10, cifar10_sample, imagefolder or synthetic
+    fallback: str | None = None  # why `name` stands in for the dataset asked for (None: it is that one)
+
+    @property
+    def source(self) -> str:
+        """One line for reports and records, e.g. "cifar10" or "cifar10_sample (fallback: CIFAR-10
+        not found under /abs/data)"."""
+        return f"{self.name} (fallback: {self.fallback})" if self.fallback else self.name
 
 
 # ---------------------------------------------------------------- loaders (config `_target_`s)
@@ -42,15 +55,47 @@ def load_cifar10(
     *,
     root: str,
     download: bool,
+    fallback: bool,
     mean: Sequence[float],
     std: Sequence[float],
     cache: bool,
     cache_dir: str | None,
 ) -> ImageData:
-    """torchvision's CIFAR10 under `root`; its `.data` is already an N x 32 x 32 x 3 uint8 array."""
+    """torchvision's CIFAR10 under `root`; its `.data` is already an N x 32 x 32 x 3 uint8 array.
+    Neither there nor downloadable: with `fallback`, the bundled sample after one warning line."""
     folder = decoded_cache.cache_folder(cache, cache_dir)
-    tensors, info = decoded_cache.load(_cifar10_source(root), lambda: _read_cifar10(root, download), folder)
+    try:
+        tensors, info = decoded_cache.load(
+            _cifar10_source(root), lambda: _read_cifar10(root, download), folder
+        )
+    except Cifar10NotFound as e:
+        if not fallback:
+            raise
+        log.warning(
+            f"CIFAR-10 not found under {e.where} ({e.reason}): training on the CIFAR-10 sample bundled "
+            f"with cifar_exp (5,000 of the 50,000 training images). For the full set go online "
+            f"(dataset.download=true) or put cifar-10-python.tar.gz in {e.where}; "
+            f"dataset.fallback=false makes this an error"
+        )
+        data = load_cifar10_sample(root=root, mean=mean, std=std, cache=cache, cache_dir=cache_dir)
+        data.fallback = f"CIFAR-10 not found under {e.where}"
+        return data
     return ImageData(**tensors, classes=info["classes"], mean=tuple(mean), std=tuple(std), name="cifar10")
+
+
+class Cifar10NotFound(UserError):
+    """CIFAR-10's files are neither under `root` nor downloadable."""
+
+    def __init__(self, root: str, reason: str) -> None:
+        self.where, self.reason = os.path.abspath(root), reason
+        super().__init__(
+            f"CIFAR-10 not found under {self.where} ({reason}). Either go online (dataset.download=true "
+            f"fetches it) or put cifar-10-python.tar.gz in {self.where}; or use dataset=cifar10_sample "
+            f"(bundled) or dataset=imagefolder dataset.root=DIR"
+        )
+
+    def __reduce__(self) -> tuple:  # pickled by parallel launchers: rebuilt from its two parts
+        return type(self), (self.where, self.reason)
 
 
 def _cifar10_source(root: str) -> decoded_cache.Source:
@@ -67,12 +112,7 @@ def _read_cifar10(root: str, download: bool) -> decoded_cache.Decoded:
         try:
             splits.append(CIFAR10(root, train=train, download=download))
         except Exception as e:  # offline download, bad archive, no files and download=false
-            reason = first_line(e)
-            raise UserError(
-                f"CIFAR-10 not found under {os.path.abspath(root)} ({reason}). Either go online "
-                f"(dataset.download=true fetches it) or put cifar-10-python.tar.gz in "
-                f"{os.path.abspath(root)}; or use dataset=imagefolder dataset.root=DIR"
-            ) from None
+            raise Cifar10NotFound(root, first_line(e)) from None
     train, test = splits
     tensors = {
         "train_images": torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous(),
@@ -81,6 +121,42 @@ def _read_cifar10(root: str, download: bool) -> decoded_cache.Decoded:
         "test_labels": torch.tensor(test.targets, dtype=torch.int64),
     }
     return tensors, {"classes": list(train.classes)}
+
+
+def load_cifar10_sample(
+    *, root: str, mean: Sequence[float], std: Sequence[float], cache: bool, cache_dir: str | None
+) -> ImageData:
+    """Real CIFAR-10 bundled with the package (cifar_exp/sample/README.md): 5,000 training and
+    1,000 test images, balanced over the 10 classes. `root` is unused (every dataset config has one)."""
+    if not SAMPLE.is_file():
+        raise UserError(f"the CIFAR-10 sample is missing from this installation: no {SAMPLE}")
+    source = decoded_cache.Source(
+        "cifar10_sample", SAMPLE.parent, [SAMPLE.name], _decode_rule(CIFAR10_CLASSES)
+    )
+    tensors, info = decoded_cache.load(source, _read_sample, decoded_cache.cache_folder(cache, cache_dir))
+    return ImageData(
+        **tensors, classes=info["classes"], mean=tuple(mean), std=tuple(std), name="cifar10_sample"
+    )
+
+
+def _read_sample() -> decoded_cache.Decoded:
+    import tarfile
+
+    files: dict[str, list[tuple[str, bytes]]] = {"train": [], "test": []}
+    with tarfile.open(SAMPLE) as tar:
+        for member in tar:
+            if member.isfile():
+                split = member.name.split("/")[0]
+                files[split].append((member.name, tar.extractfile(member).read()))
+    tensors = {}
+    for split, named in files.items():
+        named.sort()
+        labels = [CIFAR10_CLASSES.index(name.split("/")[1]) for name, _ in named]
+        tensors[f"{split}_images"] = _decode_all(
+            [io.BytesIO(data) for _, data in named], [n for n, _ in named]
+        )
+        tensors[f"{split}_labels"] = torch.tensor(labels, dtype=torch.int64)
+    return tensors, {"classes": CIFAR10_CLASSES}
 
 
 def read_image(path: Path) -> torch.Tensor:
