@@ -123,6 +123,7 @@ def main() -> None:
         full.classes,
         full.mean,
         full.std,
+        full.name,
     )
 
     print(f"{args.images} training images from {args.root}, torch {torch.__version__}, {threads} threads")

@@ -58,13 +58,28 @@ class DatasetConfig:
 
 
 @dataclass
-class Cifar10Config(DatasetConfig):
-    _target_: str = "cifar_exp.data.load_cifar10"
-    download: bool = MISSING
+class DecodedDatasetConfig(DatasetConfig):
+    """Datasets decoded from files: the decoded tensors are cached (cifar_exp/decoded_cache.py)."""
+
+    cache: bool = True  # keep decoded tensors in cache_dir for the next run; false: decode every run
+    # null: $CIFAR_EXP_CACHE_DIR, else $XDG_CACHE_HOME/cifar_exp, else ~/.cache/cifar_exp
+    cache_dir: str | None = None
 
 
 @dataclass
-class ImageFolderConfig(DatasetConfig):
+class Cifar10Config(DecodedDatasetConfig):
+    _target_: str = "cifar_exp.data.load_cifar10"
+    download: bool = MISSING
+    fallback: bool = MISSING
+
+
+@dataclass
+class Cifar10SampleConfig(DecodedDatasetConfig):
+    _target_: str = "cifar_exp.data.load_cifar10_sample"
+
+
+@dataclass
+class ImageFolderConfig(DecodedDatasetConfig):
     _target_: str = "cifar_exp.data.load_imagefolder"
 
 
@@ -197,6 +212,7 @@ def check_trainer(cfg: TrainerConfig) -> None:
 
 SCHEMAS = {  # name in the ConfigStore (top level, outside the option lists): schema
     "dataset_cifar10_schema": Cifar10Config,
+    "dataset_cifar10_sample_schema": Cifar10SampleConfig,
     "dataset_imagefolder_schema": ImageFolderConfig,
     "dataset_synthetic_schema": SyntheticConfig,
     "model_cnn_schema": CNNConfig,

@@ -50,6 +50,24 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return uri
 
 
+@pytest.fixture(autouse=True, scope="session")
+def session_decoded_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Decoded datasets are never cached in the user's ~/.cache/cifar_exp, not even by fixtures
+    wider than one test (each test then gets its own folder, below)."""
+    folder = tmp_path_factory.mktemp("decoded-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CIFAR_EXP_CACHE_DIR", str(folder))
+        yield folder
+
+
+@pytest.fixture(autouse=True)
+def decoded_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test (and every subprocess it starts) caches decoded datasets in its own tmp_path."""
+    folder = tmp_path / "decoded-cache"
+    monkeypatch.setenv("CIFAR_EXP_CACHE_DIR", str(folder))
+    return folder
+
+
 def run_cli(
     *overrides: str,
     cwd: Path,
@@ -58,7 +76,9 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """`python -m cifar_exp OVERRIDES...` in `cwd` (Hydra writes outputs/ and multirun/ there).
     The environment is this process's (so the test's MLFLOW_TRACKING_URI) updated with `env`."""
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("CIFAR_EXP_")}  # sweep state
+    inherited = {  # without sweep state, with the test's cache folder
+        k: v for k, v in os.environ.items() if not k.startswith("CIFAR_EXP_") or k == "CIFAR_EXP_CACHE_DIR"
+    }
     full_env = {
         **inherited,
         "OMP_NUM_THREADS": "1",  # see pytest_configure

@@ -32,7 +32,7 @@ EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
 @pytest.mark.parametrize(
     ("group", "expected"),
     [
-        ("dataset", {"cifar10", "imagefolder", "synthetic"}),
+        ("dataset", {"cifar10", "cifar10_sample", "imagefolder", "synthetic"}),
         ("model", {"cnn"}),
         ("optimizer", {"sgd", "adam", "adamw"}),
         ("device", {"auto", "cpu", "cuda"}),

@@ -3,13 +3,27 @@ normalisation and augmentation work on whole tensors."""
 
 from __future__ import annotations
 
+import io
+import logging
+import tarfile
+import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cifar_exp.config import build
-from cifar_exp.data import BatchOrder, ImageData, augment, batches, normalise
+from cifar_exp.data import (
+    CIFAR10_CLASSES,
+    SAMPLE,
+    BatchOrder,
+    ImageData,
+    augment,
+    batches,
+    normalise,
+)
 from cifar_exp.errors import UserError
 from tests.conftest import compose_config
 
@@ -36,6 +50,7 @@ def test_cifar10_reads_the_pickles(cifar_folder, skip_cifar_md5, download: bool)
     assert data.test_labels.tolist() == cifar_folder.test_labels
     assert data.classes == cifar_folder.classes
     assert data.mean == (0.5, 0.5, 0.5) and data.std == (0.5, 0.5, 0.5)
+    assert data.source == "cifar10" and data.fallback is None  # the real thing, no stand-in
 
 
 def test_cifar10_pixels_keep_channel_and_row_order(cifar_folder, skip_cifar_md5) -> None:
@@ -51,14 +66,74 @@ def test_cifar10_pixels_keep_channel_and_row_order(cifar_folder, skip_cifar_md5)
     assert data.train_images[7, 2, 31, 0].item() == row[2048 + 31 * 32]
 
 
-def test_cifar10_missing_files_name_path_and_remedies(tmp_path: Path) -> None:
+def test_cifar10_missing_files_with_fallback_off_name_path_and_remedies(tmp_path: Path) -> None:
     root = tmp_path / "empty"
     with pytest.raises(UserError) as excinfo:
-        load("cifar10", root=root, download=False)
+        load("cifar10", root=root, download=False, fallback=False)
     message = str(excinfo.value)
     assert str(root) in message
     assert "dataset.download=true" in message  # remedy 1: go online
     assert "cifar-10-python.tar.gz" in message  # remedy 2: put the archive there
+
+
+# ---------------------------------------------------------------- the bundled sample, the fallback
+def test_sample_is_balanced_real_cifar10() -> None:
+    data = load("cifar10_sample")
+
+    assert data.source == "cifar10_sample"
+    assert data.classes == CIFAR10_CLASSES  # CIFAR-10's names in CIFAR-10's label order
+    assert data.train_images.dtype == data.test_images.dtype == torch.uint8
+    assert data.train_images.shape == (5000, 3, 32, 32) and data.test_images.shape == (1000, 3, 32, 32)
+    assert data.train_labels.bincount(minlength=10).tolist() == [500] * 10
+    assert data.test_labels.bincount(minlength=10).tolist() == [100] * 10
+    # The pixels are the archive's JPEGs as PIL decodes them, file by file in name order.
+    with tarfile.open(SAMPLE) as tar:
+        names = sorted(m.name for m in tar if m.isfile())
+        for split, images, labels in (
+            ("train", data.train_images, data.train_labels),
+            ("test", data.test_images, data.test_labels),
+        ):
+            mine = [n for n in names if n.startswith(f"{split}/")]
+            for i in (0, 777, len(mine) - 1):
+                with Image.open(io.BytesIO(tar.extractfile(mine[i]).read())) as image:
+                    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+                assert torch.equal(images[i], pixels), mine[i]
+                assert data.classes[labels[i]] == mine[i].split("/")[1]
+
+
+def test_sample_is_small_and_its_splits_disjoint() -> None:
+    files = [SAMPLE, SAMPLE.parent / "README.md"]
+    assert sum(f.stat().st_size for f in files) <= 3_000_000
+    with tarfile.open(SAMPLE) as tar:
+        names = [m.name for m in tar if m.isfile()]
+    split_of = {}  # class/file -> split; a file in both splits would be overwritten
+    for name in names:
+        split, cls, file = name.split("/")
+        split_of[f"{cls}/{file}"] = split
+    assert len(split_of) == len(names) == 6000
+
+
+def test_cifar10_offline_falls_back_to_the_sample_with_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`make run` on a fresh offline clone: no data/, download=true, no network."""
+    import torchvision.datasets.cifar as tv_cifar
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", no_network)
+    root = tmp_path / "data"
+    data = load("cifar10", root=root)
+
+    assert data.name == "cifar10_sample" and len(data.train_images) == 5000
+    assert data.fallback == f"CIFAR-10 not found under {root}"
+    assert data.source == f"cifar10_sample (fallback: CIFAR-10 not found under {root})"
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "\n" not in warning
+    remedies = ("dataset.download=true", "cifar-10-python.tar.gz", "dataset.fallback=false")
+    for text in (f"CIFAR-10 not found under {root}", "sample", *remedies):
+        assert text in warning
 
 
 # ---------------------------------------------------------------- image folders

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CIFAR_PER_BATCH, run_cli
+from conftest import CIFAR10_CLASSES, CIFAR_PER_BATCH, run_cli
 
 from cifar_exp.run import report, run
 
@@ -172,6 +172,35 @@ def test_cifar10_run_in_process(
     assert overall == pytest.approx(100 * metrics["test/acc"], abs=1)  # exact: see the report test
     assert set(metrics) >= {"train/loss_epoch", "test/loss", "test/acc"}
     assert {f"test/acc/{c}" for c in cifar_folder.classes} <= set(metrics)
+
+
+def test_offline_clone_trains_on_the_bundled_sample(tmp_path: Path, mlflow_store: str) -> None:
+    """A fresh clone offline: no data/, so the default dataset falls back to the CIFAR-10 sample
+    with one warning line, the report and the MLflow run say so, and a short recipe still clearly
+    beats chance (10 %)."""
+    result = run_cli(
+        "experiment=tutorial_fast",
+        "trainer.batch_size=32",  # 2 epochs of 157 steps on the 5,000 images: about 39 %
+        "dataset.download=false",  # offline even where there is a network
+        "device=cpu",
+        cwd=tmp_path,
+    )
+    assert_clean_exit(result)
+    (warning,) = [
+        line for line in result.stdout.splitlines() if "not found" in line and "Trained" not in line
+    ]
+    assert f"CIFAR-10 not found under {tmp_path / 'data'}" in warning and "sample" in warning
+    n_test, overall, per_class = accuracy_report(result.stdout)
+    assert n_test == 1000 and list(per_class) == CIFAR10_CLASSES
+    assert overall > 30
+    last = result.stdout.split("Accuracy of truck")[1]
+    assert "Trained on the bundled CIFAR-10 sample" in last and str(tmp_path / "data") in last
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_store)
+    [run] = client.search_runs([client.get_experiment_by_name("cifar_exp").experiment_id])
+    assert run.data.params["data"] == "cifar10_sample"
+    assert run.data.tags["data"] == f"cifar10_sample (fallback: CIFAR-10 not found under {tmp_path / 'data'})"
 
 
 # The report is computed from counts like the tutorial (100 * correct // total): a float32

@@ -55,7 +55,12 @@ def test_missing_imagefolder_names_the_path(run_cli, tmp_path: Path) -> None:
 def test_missing_cifar10_names_the_path_and_remedies(run_cli, tmp_path: Path) -> None:
     root = tmp_path / "empty"
     result = run_cli(
-        "dataset=cifar10", f"dataset.root={root}", "dataset.download=false", cwd=tmp_path, timeout=60
+        "dataset=cifar10",
+        f"dataset.root={root}",
+        "dataset.download=false",
+        "dataset.fallback=false",  # a script that must never train on the bundled sample
+        cwd=tmp_path,
+        timeout=60,
     )
     assert_user_error(result, [str(root), "dataset.download=true", "cifar-10-python.tar.gz"])
 

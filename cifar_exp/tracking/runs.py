@@ -75,6 +75,11 @@ class Tracker:
             raise UserError(f"the MLflow store {self.uri} does not answer: {self.writer.open_error}")
         self.writer.metrics(metrics, step)
 
+    def log_params(self, params: dict[str, str]) -> None:
+        """Params beside the config's (each key once per run: MLflow refuses a changed value)."""
+        if self.writer is not None:
+            self.writer.params(params)
+
     def log_files(self, files: Files, what: str) -> None:
         """Writes `files` (artifact path -> text or bytes) to a folder now; logs it in one call
         from the writer's thread."""
