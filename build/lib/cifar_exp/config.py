@@ -1,0 +1,253 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore, and the one
+place that instantiates `_target_`s (with the allowed namespaces listed).
+
+Each YAML option under `conf/<group>/` extends its schema (`defaults: [/<group>_<option>_schema@_here_]`)
+so a wrong type (`trainer.epochs=two`), an unknown key (`model.conv1_ot=32`) or a value outside a
+closed set of choices (`trainer.lr_schedule=linear`) fails at compose time with Hydra's own message,
+before anything is built. The schemas are stored at the top level, not in a group, so `--help` and
+Hydra's "Available options" lists show only the real options.
+
+Each default lives in one place. A schema holds the types of its group and the defaults that every
+option of the group shares, and all of `trainer`, `mlflow`, `seed` and `resume` (they have no
+options); an option's own values live in its YAML file. The functions and classes built from a
+config take those values as required keyword arguments, without defaults of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import hydra.utils
+from hydra.core.config_store import ConfigStore
+from hydra.errors import InstantiationException
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from cifar_exp.errors import UserError
+
+
+# ---------------------------------------------------------------- closed sets of choices
+# StrEnum: members compare equal to their names, str() is the name (so MLflow params read
+# `onecycle`), and OmegaConf accepts the name from YAML and the command line.
+class LRSchedule(StrEnum):
+    constant = "constant"
+    onecycle = "onecycle"  # linear warm-up, then linear decay to 0
+
+
+class AutocastDtype(StrEnum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"  # adds gradient scaling
+
+
+class DeviceName(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    ddp = "ddp"
+
+
+# ---------------------------------------------------------------- dataset
+@dataclass
+class DatasetConfig:
+    _target_: str = MISSING
+    root: str = "data"  # folder holding the dataset files, relative to the working directory
+    # Per channel, pixels in [0, 1]; 0.5 and 0.5 map pixels to [-1, 1] (the tutorial's normalisation).
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+
+@dataclass
+class DecodedDatasetConfig(DatasetConfig):
+    """Datasets decoded from files: the decoded tensors are cached (cifar_exp/decoded_cache.py)."""
+
+    cache: bool = True  # keep decoded tensors in cache_dir for the next run; false: decode every run
+    # null: $CIFAR_EXP_CACHE_DIR, else $XDG_CACHE_HOME/cifar_exp, else ~/.cache/cifar_exp
+    cache_dir: str | None = None
+
+
+@dataclass
+class Cifar10Config(DecodedDatasetConfig):
+    _target_: str = "cifar_exp.data.load_cifar10"
+    download: bool = MISSING
+    fallback: bool = MISSING
+
+
+@dataclass
+class Cifar10SampleConfig(DecodedDatasetConfig):
+    _target_: str = "cifar_exp.data.load_cifar10_sample"
+
+
+@dataclass
+class ImageFolderConfig(DecodedDatasetConfig):
+    _target_: str = "cifar_exp.data.load_imagefolder"
+
+
+@dataclass
+class SyntheticConfig(DatasetConfig):
+    _target_: str = "cifar_exp.data.load_synthetic"
+    train_size: int = MISSING
+    test_size: int = MISSING
+    noise: float = MISSING
+    seed: int = MISSING
+
+
+# ---------------------------------------------------------------- model
+@dataclass
+class CNNConfig:
+    _target_: str = "cifar_exp.models.CNN"
+    conv1_out: int = MISSING
+    conv2_out: int = MISSING
+    fc1_out: int = MISSING
+    fc2_out: int = MISSING
+    kernel_size: int = MISSING
+
+
+@dataclass
+class AirbenchConfig:
+    _target_: str = "cifar_exp.models.Airbench94"
+    whiten_width: int = MISSING
+    block1: int = MISSING
+    block2: int = MISSING
+    block3: int = MISSING
+    batchnorm_momentum: float = MISSING
+    whiten_bias_epochs: int = MISSING
+
+
+# ---------------------------------------------------------------- optimizer
+@dataclass
+class OptimizerConfig:
+    _target_: str = MISSING
+    _partial_: bool = True  # built later with the model's parameters
+    lr: float = 0.001  # the tutorial's learning rate
+    weight_decay: float = 0.0
+    # lr multiplier for BatchNorm shifts (airbench uses 64); read by run.param_groups, not passed
+    # to torch.optim (see OWN_KEYS)
+    norm_bias_lr_scale: float = 1.0
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+    _target_: str = "torch.optim.SGD"
+    momentum: float = MISSING
+    nesterov: bool = MISSING
+
+
+@dataclass
+class AdamConfig(OptimizerConfig):
+    _target_: str = "torch.optim.Adam"
+    betas: list[float] = MISSING
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    _target_: str = "torch.optim.AdamW"
+
+
+# ---------------------------------------------------------------- device, trainer, tracking
+@dataclass
+class DeviceConfig:
+    name: DeviceName = MISSING
+    data_parallel: bool = True  # several GPUs visible: wrap the model in torch.nn.DataParallel
+    threads: int = 0  # CPU threads for torch; 0: 1 thread below batch 32 (faster there), else torch's default
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 2
+    batch_size: int = 4  # images per optimizer step
+    log_every_n_steps: int = 2000  # mean training loss printed and logged over this many steps
+    test_batch_size: int = 1000  # evaluation only: no gradients, so larger batches are cheaper
+    lr_schedule: LRSchedule = LRSchedule.constant
+    warmup_fraction: float = 0.2  # onecycle only: share of all steps spent warming up
+    label_smoothing: float = 0.0
+    flip: bool = False  # random horizontal flips of training batches
+    translate: int = 0  # random shifts of training batches by up to this many pixels
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model (slower to start; pays off on long runs)
+    autocast: bool = False  # mixed precision on CUDA
+    autocast_dtype: AutocastDtype = AutocastDtype.bfloat16
+    drop_last: bool = False  # skip a last training batch smaller than batch_size
+    tta: int = 0  # test-time augmentation: 0 none, 1 + mirror, 2 + mirror and 1-pixel shifts
+    lookahead: bool = False  # pull weights onto their moving average every 5 steps (airbench)
+    checkpoint: bool = True  # <hydra output dir>/checkpoint.pt after each epoch and on Ctrl-C/SIGTERM
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else <project>/mlruns/mlflow.db
+    experiment_name: str = "cifar_exp"
+    min_free_mb: int = 100  # a local store's disk needs this much free space (MB) before a run starts
+
+
+@dataclass
+class Config:
+    dataset: Any = MISSING
+    model: Any = MISSING
+    optimizer: Any = MISSING
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    mlflow: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0  # seeds torch, numpy, python and the data order
+    resume: str | None = None  # an MLflow run id or a checkpoint file: continue that run
+
+
+def check_trainer(cfg: TrainerConfig) -> None:
+    """Range checks the schema's types cannot express."""
+    for key in ("epochs", "batch_size", "log_every_n_steps", "test_batch_size"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"trainer.{key}={getattr(cfg, key)}: must be a positive integer")
+    # tta stays an int: OmegaConf writes an Enum by its name, so an IntEnum named 0, 1, 2 would
+    # print as the string '2' in --cfg job and the recorded config.
+    if cfg.tta not in (0, 1, 2):
+        raise UserError(f"trainer.tta={cfg.tta}: allowed are 0, 1, 2")
+    if cfg.translate < 0:
+        raise UserError(f"trainer.translate={cfg.translate}: must be 0 or more pixels")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise UserError(f"trainer.label_smoothing={cfg.label_smoothing}: must be in [0, 1)")
+    if not 0 <= cfg.warmup_fraction <= 1:
+        raise UserError(f"trainer.warmup_fraction={cfg.warmup_fraction}: must be in [0, 1]")
+
+
+SCHEMAS = {  # name in the ConfigStore (top level, outside the option lists): schema
+    "dataset_cifar10_schema": Cifar10Config,
+    "dataset_cifar10_sample_schema": Cifar10SampleConfig,
+    "dataset_imagefolder_schema": ImageFolderConfig,
+    "dataset_synthetic_schema": SyntheticConfig,
+    "model_cnn_schema": CNNConfig,
+    "model_airbench94_schema": AirbenchConfig,
+    "optimizer_sgd_schema": SGDConfig,
+    "optimizer_adam_schema": AdamConfig,
+    "optimizer_adamw_schema": AdamWConfig,
+    "device_schema": DeviceConfig,
+}
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for name, node in SCHEMAS.items():
+        cs.store(name=name, node=node)
+
+
+# Targets may only come from these namespaces: a config is data, not a way to run any callable.
+ALLOWED_TARGETS = ("cifar_exp.data.", "cifar_exp.models.", "torch.optim.")
+# Keys this project reads itself, never arguments of the `_target_`: build() leaves them out.
+OWN_KEYS = ("norm_bias_lr_scale",)  # optimizer: run.param_groups uses it
+
+
+def build(node: Any, **kwargs: Any) -> Any:
+    """instantiate() behind an allow-list; every object built from config goes through here."""
+    target = str(node.get("_target_", ""))
+    if not target.startswith(ALLOWED_TARGETS):
+        raise UserError(f"_target_ {target!r} is not allowed; allowed: {', '.join(ALLOWED_TARGETS)}*")
+    if isinstance(node, DictConfig) and any(key in node for key in OWN_KEYS):
+        arguments = OmegaConf.to_container(node, resolve=True)
+        node = OmegaConf.create({k: v for k, v in arguments.items() if k not in OWN_KEYS})
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, UserError):  # the target's own check: show just its message
+            raise e.__cause__ from None
+        raise

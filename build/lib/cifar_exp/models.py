@@ -1,0 +1,177 @@
+"""The networks. Widths come in as keyword arguments, with their values in conf/model/*; each
+layer takes its input size from the layer before it, so no pair of widths can disagree."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cifar_exp.errors import UserError
+
+
+def _check_widths(prefix: str, **widths: int) -> None:
+    for key, value in widths.items():
+        if value < 1:
+            raise UserError(f"{prefix}.{key}={value}: must be a positive integer")
+
+
+class Network(nn.Module):
+    """What the training loop may ask of every network: logits for N x 3 x H x W normalised
+    images, and two hooks it always calls, which do nothing unless a network overrides them."""
+
+    def fit_to_data(self, train_images: torch.Tensor) -> None:
+        """Called once before training (and before a resumed run loads its weights) with the
+        normalised training images on the training device; for layers set from the data."""
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before each training epoch (1-based), also when resuming mid-epoch."""
+
+
+class CNN(Network):
+    """The PyTorch tutorial's network: conv-pool-conv-pool-fc-fc-fc."""
+
+    def __init__(
+        self,
+        *,
+        conv1_out: int,
+        conv2_out: int,
+        fc1_out: int,
+        fc2_out: int,
+        kernel_size: int,
+        num_classes: int = 10,
+        image_size: int = 32,
+    ) -> None:
+        super().__init__()
+        _check_widths(
+            "model",
+            conv1_out=conv1_out,
+            conv2_out=conv2_out,
+            fc1_out=fc1_out,
+            fc2_out=fc2_out,
+            kernel_size=kernel_size,
+        )
+        size = image_size
+        for layer in ("conv1", "conv2"):
+            if kernel_size > size:
+                raise UserError(
+                    f"model.kernel_size={kernel_size} is larger than the {size}x{size} feature map "
+                    f"{layer} slides over; use kernel_size <= {size}"
+                )
+            size = (size - kernel_size + 1) // 2  # valid convolution, then 2x2 max-pool
+            if size < 1:
+                raise UserError(
+                    f"model.kernel_size={kernel_size} leaves no pixels after {layer} and its pool; "
+                    "use a smaller kernel_size"
+                )
+        self.conv1 = nn.Conv2d(3, conv1_out, kernel_size)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(conv1_out, conv2_out, kernel_size)
+        self.fc1 = nn.Linear(conv2_out * size * size, fc1_out)
+        self.fc2 = nn.Linear(fc1_out, fc2_out)
+        self.fc3 = nn.Linear(fc2_out, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+# ---------------------------------------------------------------- airbench94
+class _BatchNorm(nn.BatchNorm2d):
+    """airbench's BatchNorm: no learned scale, a learned shift, tiny eps."""
+
+    def __init__(self, num_features: int, momentum: float) -> None:
+        super().__init__(num_features, eps=1e-12, momentum=1 - momentum)
+        self.weight.requires_grad = False
+
+
+class _Conv(nn.Conv2d):
+    """3x3 'same' convolution, identity-initialised on its first in_channels filters."""
+
+    def __init__(self, channels_in: int, channels_out: int) -> None:
+        super().__init__(channels_in, channels_out, kernel_size=3, padding="same", bias=False)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        w = self.weight.data
+        nn.init.dirac_(w[: w.size(1)])
+
+
+class _ConvGroup(nn.Module):
+    def __init__(self, channels_in: int, channels_out: int, batchnorm_momentum: float) -> None:
+        super().__init__()
+        self.conv1 = _Conv(channels_in, channels_out)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = _BatchNorm(channels_out, batchnorm_momentum)
+        self.conv2 = _Conv(channels_out, channels_out)
+        self.norm2 = _BatchNorm(channels_out, batchnorm_momentum)
+        self.activ = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.activ(self.norm1(self.pool(self.conv1(x))))
+        return self.activ(self.norm2(self.conv2(x)))
+
+
+class Airbench94(Network):
+    """Keller Jordan's airbench94 network (github.com/KellerJordan/cifar10-airbench): a frozen
+    whitening 2x2 convolution, three conv groups, max-pool, a linear head scaled by 1/9."""
+
+    def __init__(
+        self,
+        *,
+        whiten_width: int,
+        block1: int,
+        block2: int,
+        block3: int,
+        batchnorm_momentum: float,
+        whiten_bias_epochs: int,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        _check_widths("model", whiten_width=whiten_width, block1=block1, block2=block2, block3=block3)
+        self.whiten_bias_epochs = whiten_bias_epochs
+        if whiten_width % 2 or whiten_width > 24:
+            raise UserError(
+                f"model.whiten_width={whiten_width}: must be even and at most 24 "
+                "(+/- pairs of the 12 eigenvectors of 3-channel 2x2 patches)"
+            )
+        self.whiten = nn.Conv2d(3, whiten_width, kernel_size=2, padding=0, bias=True)
+        self.whiten.weight.requires_grad = False  # set from the data by fit_to_data()
+        self.layers = nn.Sequential(
+            nn.GELU(),
+            _ConvGroup(whiten_width, block1, batchnorm_momentum),
+            _ConvGroup(block1, block2, batchnorm_momentum),
+            _ConvGroup(block2, block3, batchnorm_momentum),
+            nn.MaxPool2d(3),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(block3, num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(self.whiten(x))) / 9
+
+    def fit_to_data(self, train_images: torch.Tensor) -> None:
+        """airbench's recipe: whiten with the patches of the first 5000 training images."""
+        self.init_whitening(train_images[:5000])
+
+    def start_epoch(self, epoch: int) -> None:
+        """The whitening bias trains for the first `whiten_bias_epochs` epochs only."""
+        self.whiten.bias.requires_grad = epoch <= self.whiten_bias_epochs
+
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the first layer to whiten 2x2 patches of `images` (normalised, N x 3 x H x W):
+        the eigenvectors of the patch covariance, scaled by 1/sqrt(eigenvalue), and their negatives."""
+        c, (h, w) = images.shape[1], self.whiten.weight.shape[2:]
+        patches = images.unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w)
+        patches = patches.float()
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        eigenvalues = eigenvalues.flip(0).view(-1, 1, 1, 1)
+        eigenvectors = eigenvectors.T.reshape(c * h * w, c, h, w).flip(0)
+        scaled = eigenvectors / torch.sqrt(eigenvalues + eps)
+        half = self.whiten.out_channels // 2  # at most c*h*w, checked in __init__
+        self.whiten.weight.copy_(torch.cat((scaled[:half], -scaled[:half])).to(self.whiten.weight))

@@ -1,0 +1,137 @@
+"""run(cfg): the one page that wires the pieces together."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cifar_exp import checkpoints, reports, signals
+from cifar_exp.config import build, check_trainer
+from cifar_exp.data import ImageData
+from cifar_exp.devices import distributed, select_device, wrap_model
+from cifar_exp.tracking import identity, runs
+from cifar_exp.train import Loop, Tensors, predict_logits, prepare
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@functools.lru_cache(maxsize=2)
+def load_data(dataset_yaml: str) -> ImageData:
+    """Loads a dataset once per process: the jobs of an in-process sweep share it."""
+    return build(OmegaConf.create(dataset_yaml), _convert_="all")
+
+
+@functools.lru_cache(maxsize=1)
+def prepare_data(dataset_yaml: str, device: str, channels_last: bool) -> Tensors:
+    """The dataset normalised on its device, once per process for all jobs that share it
+    (training never writes into these tensors)."""
+    return prepare(load_data(dataset_yaml), torch.device(device), channels_last)
+
+
+def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]:
+    """Trains and evaluates one configuration (or continues an interrupted one); returns the
+    final metrics. `tags` go on a new MLflow run (`mlflow.runName` names it)."""
+    check_trainer(cfg.trainer)
+    previous = identity.previous_run(cfg)  # in a re-run sweep: this config's earlier run, if any
+    if previous and previous.status == "FINISHED":
+        log.info(f"skipped: run {previous.run_id} already finished this config")
+        return previous.metrics
+    resume_from = cfg.resume or (previous.run_id if previous and previous.checkpoint else None)
+    state = checkpoints.load(identity.checkpoint_path(resume_from, cfg.mlflow)) if resume_from else None
+    seed_everything(cfg.seed)
+    device = select_device(cfg.device, cfg.trainer.batch_size)
+    rank = distributed()[0]
+    if rank:  # under DDP only rank 0 talks to MLflow, writes checkpoints and reports
+        cfg = OmegaConf.merge(cfg, {"mlflow": {"enabled": False}, "trainer": {"checkpoint": False}})
+        logging.getLogger("cifar_exp").setLevel(logging.WARNING)
+    data = load_data(OmegaConf.to_yaml(cfg.dataset))
+    net = build(cfg.model, num_classes=len(data.classes))
+    tensors = prepare_data(OmegaConf.to_yaml(cfg.dataset), str(device), cfg.trainer.channels_last)
+    net.fit_to_data(tensors.train_images)  # airbench: its first layer whitens patches of the data
+    if cfg.trainer.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model, gpus = wrap_model(net, device, cfg.device.data_parallel)
+    log.info(f"device: {device.type}" + (f", {gpus} GPU(s)" if gpus else ""))
+    if cfg.trainer.compile:
+        model = torch.compile(model)
+    optimizer = build(cfg.optimizer)(param_groups(net, cfg.optimizer))
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    run_id = checkpoints.run_id(state) if state else None
+    with runs.start_run(cfg, device.type, gpus, run_id, {"data": data.source, **(tags or {})}) as tracker:
+        path = checkpoints.file_path(cfg.trainer.checkpoint)
+        save = checkpoints.writer(path, lambda: tracker.run_id)  # the run id once the run is open
+        loop = Loop(
+            model, optimizer, tensors, data.classes, cfg.trainer, generator, tracker.log_metrics, save
+        )
+        if state:
+            checkpoints.resume(loop, state)
+            log.info(f"resumed from {resume_from}: epoch {loop.progress.epoch}, step {loop.progress.step}")
+        elif tracker.enabled:
+            tracker.log_params({"data": data.name})  # what trained it: the fallback may stand in
+            samples = reports.sample_files(data.train_images, data.train_labels, data.classes)
+            tracker.log_files(samples, "the sample images")
+        tracker.set_checkpoint(path)
+        with signals.deferred():  # Ctrl-C/SIGTERM: finish the step, checkpoint, then stop
+            metrics, confusion = loop.fit()
+        if rank == 0:
+            report(confusion, data.classes, data.fallback)
+        if tracker.enabled:
+            tracker.log_files(result_files(net, data, tensors, confusion), "the figures, tables and weights")
+    return metrics
+
+
+def result_files(
+    net: torch.nn.Module, data: ImageData, tensors: Tensors, confusion: torch.Tensor
+) -> dict[str, str | bytes]:
+    """The trained model's predictions on the first 32 test images, with the figures, tables and
+    weights they go into."""
+    net.eval()
+    predicted = predict_logits(net, tensors.test_images[:32]).argmax(1)
+    test = (data.test_images, data.test_labels, data.classes)
+    return reports.result_files(*test, predicted, confusion, net.state_dict())
+
+
+def param_groups(net: torch.nn.Module, optimizer: DictConfig) -> list[dict]:
+    """Trainable parameters. With optimizer.norm_bias_lr_scale, BatchNorm shifts get lr * scale and
+    weight decay / scale, so their decay per step (lr * weight_decay) stays that of the other
+    parameters (airbench)."""
+    norm_bias_lr_scale = optimizer.norm_bias_lr_scale
+    trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    norm = [p for n, p in trainable if "norm" in n]
+    if norm_bias_lr_scale == 1.0 or not norm:
+        return [{"params": [p for _, p in trainable]}]
+    rest = [p for n, p in trainable if "norm" not in n]
+    scaled = {
+        "lr": optimizer.lr * norm_bias_lr_scale,
+        "weight_decay": optimizer.weight_decay / norm_bias_lr_scale,
+    }
+    return [{"params": norm, **scaled}, {"params": rest}]
+
+
+def report(confusion: torch.Tensor, classes: list[str], fallback: str | None = None) -> None:
+    """The tutorial's closing report, computed like the tutorial: 100 * correct // total; with a
+    `fallback`, a last line saying the bundled sample stood in for the full dataset."""
+    correct, total = confusion.diag(), confusion.sum(1)
+    print(
+        f"Accuracy of the network on the {int(total.sum())} test images: "
+        f"{int(100 * correct.sum() // total.sum())} %"
+    )
+    for i, name in enumerate(classes):
+        print(f"Accuracy of {name:>5s} : {int(100 * correct[i] // max(1, int(total[i]))):2d} %")
+    if fallback:
+        print(
+            f"Trained on the bundled CIFAR-10 sample (5,000 images), not the full set: {fallback}. "
+            "Figures are not comparable with the tutorial's."
+        )

@@ -1,0 +1,256 @@
+"""A run's lifecycle: open it (or reopen it to continue), record what the runner hands over
+(numbers and files), end it FINISHED, FAILED (error as a tag) or KILLED."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from cifar_exp.config import TrackingConfig
+from cifar_exp.errors import UserError, first_line
+from cifar_exp.tracking.identity import (
+    CHECKPOINT_TAG,
+    HASH_TAG,
+    config_hash,
+    flatten,
+    git_state,
+    run_name,
+    sweep_parent,
+    task_overrides,
+)
+from cifar_exp.tracking.records import UNRECORDED_ARTIFACTS, UNRECORDED_METRICS, Opener, RecordWriter
+from cifar_exp.tracking.store import (
+    check_store,
+    ensure_experiment,
+    local_store_folder,
+    retrying,
+    tracking_uri,
+)
+
+log = logging.getLogger(__name__)
+
+CONFIG_ARTIFACT = "config/config.yaml"
+Files = dict[str, str | bytes]  # artifact path -> content
+
+
+class Tracker:
+    """The run's handle for the runner: numbers and files go to the record writer's queue, in
+    order, and are written from its thread. With tracking off (no writer) every call does nothing.
+    A store that fails a call even after retries never stops training: it is said in one line, and
+    files it did not take are kept in the run's folder, under unrecorded_artifacts/."""
+
+    def __init__(self, writer: RecordWriter | None = None, folder: Path | None = None, uri: str = "") -> None:
+        self.writer = writer
+        self.folder = folder  # the run's Hydra output folder; None outside Hydra
+        self.uri = uri
+
+    @property
+    def enabled(self) -> bool:
+        return self.writer is not None
+
+    @property
+    def run_id(self) -> str | None:
+        """The run's id; waits until the run is open (None with tracking off)."""
+        if self.writer is None:
+            return None
+        if (run_id := self.writer.wait_open()) is None:
+            raise UserError(f"the MLflow store {self.uri} does not answer: {self.writer.open_error}")
+        return run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queued, not written on the spot: training never waits for the store. A run that could
+        not be opened stops training here, in one line."""
+        if self.writer is None:
+            return
+        if self.writer.open_error is not None:
+            raise UserError(f"the MLflow store {self.uri} does not answer: {self.writer.open_error}")
+        self.writer.metrics(metrics, step)
+
+    def log_params(self, params: dict[str, str]) -> None:
+        """Params beside the config's (each key once per run: MLflow refuses a changed value)."""
+        if self.writer is not None:
+            self.writer.params(params)
+
+    def log_files(self, files: Files, what: str) -> None:
+        """Writes `files` (artifact path -> text or bytes) to a folder now; logs it in one call
+        from the writer's thread."""
+        if self.writer is None:
+            return
+        folder = Path(tempfile.mkdtemp(prefix="cifar_exp-artifacts-"))
+        for name, content in files.items():
+            path = folder / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        self.writer.call(lambda client, run_id: self._log_folder(client, run_id, folder, what))
+
+    def _log_folder(self, client: Any, run_id: str, folder: Path, what: str) -> None:
+        """Logs the files under `folder`, then removes it; those the store does not take are
+        copied to <run folder>/unrecorded_artifacts/, said in one line."""
+        try:
+            _, error = self.writer.health.call(
+                lambda: client.log_artifacts(run_id, str(folder)), f"recording {what}"
+            )
+            if error is None:
+                return
+            if self.folder is None:
+                log.warning(f"MLflow: could not record {what} ({error}); they are lost")
+                return
+            kept = self.folder / UNRECORDED_ARTIFACTS
+            shutil.copytree(folder, kept, dirs_exist_ok=True)
+            log.warning(f"MLflow: could not record {what} ({error}); they are kept in {kept}")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def set_checkpoint(self, path: Path | None) -> None:
+        """Where this run's checkpoints go, for `cifar-exp resume RUN_ID`."""
+        if self.writer is None or path is None:
+            return
+        where = str(path.resolve())
+
+        def tag(client: Any, run_id: str) -> None:
+            _, error = self.writer.health.call(
+                lambda: client.set_tag(run_id, CHECKPOINT_TAG, where), "tagging the checkpoint"
+            )
+            if error:
+                log.warning(f"MLflow: could not tag the run's checkpoint ({error}); resume from {where}")
+
+        self.writer.call(tag)
+
+
+def run_tags(cfg: DictConfig, device: str, gpus: int, folder: Path | None) -> dict[str, str]:
+    """What a new run is tagged with: overrides, device, config hash, output folder, sweep (the
+    code's git state is added when the run opens)."""
+    tags = {
+        "overrides": json.dumps(task_overrides()),
+        "device": device,
+        "gpus": str(gpus),
+        HASH_TAG: config_hash(cfg),
+    }
+    if folder is not None:
+        tags["hydra_output_dir"] = str(folder)
+    if parent := sweep_parent():
+        tags["mlflow.parentRunId"] = parent
+    return tags
+
+
+def opener(cfg: TrackingConfig, name: str, tags: dict[str, str], run_id: str | None) -> Opener:
+    """What the record writer's thread calls first: creates the store and experiment if needed,
+    then starts a new run, or reopens `run_id` (its params stay as first recorded: MLflow refuses
+    changed values, so only tags are added)."""
+
+    def open_run() -> tuple[Any, str]:
+        from mlflow.tracking import MlflowClient
+
+        experiment_id = ensure_experiment(cfg)
+        client = MlflowClient(tracking_uri(cfg))
+        commit, dirty = git_state()
+        code = {"git_commit": commit, "git_dirty": str(dirty)}
+        if run_id is None:
+            run = retrying(
+                lambda: client.create_run(experiment_id, run_name=name, tags={**tags, **code}),
+                "starting the run",
+            )
+            log.info(f"MLflow run {run.info.run_id} ({name}) in {tracking_uri(cfg)}")
+            return client, run.info.run_id
+        resumed = {k: v for k, v in tags.items() if k not in ("overrides", HASH_TAG)}
+        resumed["resumed_with_overrides"] = tags["overrides"]
+        retrying(lambda: client.update_run(run_id, status="RUNNING"), "reopening the run")
+        for key, value in {**resumed, **code}.items():
+            retrying(lambda k=key, v=value: client.set_tag(run_id, k, v), "tagging the run")
+        log.info(f"MLflow run {run_id} reopened in {tracking_uri(cfg)}")
+        return client, run_id
+
+    return open_run
+
+
+@contextlib.contextmanager
+def start_run(
+    cfg: DictConfig,
+    device: str,
+    gpus: int,
+    run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> Iterator[Tracker]:
+    """Opens the MLflow run for one job (or reopens `run_id` to continue it) from a background
+    thread, so training starts at once; ends it FINISHED, FAILED (error as a tag) or KILLED, also
+    when that happens before the run was even open (it is opened first, with its params).
+    `extra_tags` may name the run (`mlflow.runName`). A local store that cannot take the run stops
+    the job here, before training; one that does not answer stops it at its first metrics; one
+    that stops answering later never stops training (see RecordWriter, Tracker)."""
+    if not cfg.mlflow.enabled:
+        yield Tracker()
+        return
+    uri = tracking_uri(cfg.mlflow)
+    if (local := local_store_folder(uri)) is not None:
+        check_store(local, uri, cfg.mlflow.min_free_mb)  # cheap: no MLflow import
+    folder = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+    tags = {**run_tags(cfg, device, gpus, folder), **(extra_tags or {})}
+    name = tags.pop("mlflow.runName", run_name(task_overrides()))
+    spill = folder / UNRECORDED_METRICS if folder is not None else None
+    writer = RecordWriter(spill_path=spill, opener=opener(cfg.mlflow, name, tags, run_id))
+    tracker = Tracker(writer, folder, uri)
+    try:
+        if run_id is None:
+            writer.params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+        tracker.log_files(config_files(cfg), "the config")
+        yield tracker
+    except KeyboardInterrupt:
+        _end(tracker, "KILLED", "interrupted (Ctrl-C or SIGTERM)")
+        raise
+    except BaseException as e:
+        _end(tracker, "FAILED", first_line(e, most=5000))
+        raise
+    else:
+        _end(tracker, "FINISHED", None)
+
+
+def config_files(cfg: DictConfig) -> Files:
+    """The resolved config and, under Hydra, its .hydra snapshot."""
+    files: Files = {CONFIG_ARTIFACT: OmegaConf.to_yaml(cfg, resolve=True)}
+    if HydraConfig.initialized():
+        snapshot = Path(HydraConfig.get().runtime.output_dir) / ".hydra"
+        for path in sorted(snapshot.glob("*")) if snapshot.is_dir() else []:
+            if path.is_file():
+                files[f"{Path(CONFIG_ARTIFACT).parent}/hydra/{path.name}"] = path.read_bytes()
+    return files
+
+
+def _end(tracker: Tracker, status: str, error: str | None) -> None:
+    """Waits for queued records, then ends the run with `status`, FINISHED also when the store did
+    not take them all (those are in the run's folder, and the run is tagged `unrecorded`). A store
+    that cannot even be told the run ended gets one line; nothing raises."""
+    writer = tracker.writer
+    writer.close()
+    run_id, client = writer.run_id, writer.client
+    if run_id is None:
+        where = f"they are in {writer.spill_path}" if writer.spill_path else "they are lost"
+        log.error(f"MLflow: the run could not be opened ({writer.open_error}); {where}")
+        return
+    tags = {"error": error[:5000]} if error else {}
+    if writer.unrecorded:
+        count = f"{writer.unrecorded} metrics and params"
+        where = f"they are in {writer.spill_path}" if writer.spill_path else "they are lost"
+        tags["unrecorded"] = f"{count}; {where}"
+        log.warning(f"MLflow: {count} of run {run_id} not recorded; {where}")
+    if tags:
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, v) for k, v in tags.items()]
+        _, problem = writer.health.call(lambda: client.log_batch(run_id, tags=batch), "tagging the run")
+        if problem:
+            log.debug(f"MLflow: could not tag run {run_id} ({problem})")  # the store is down: said below
+    _, problem = writer.health.call(lambda: client.set_terminated(run_id, status), "ending the run")
+    if problem:
+        log.error(
+            f"MLflow: could not end run {run_id} as {status} ({problem}); the store shows it "
+            "RUNNING, the training result stands"
+        )

@@ -1,0 +1,230 @@
+"""The store: where it is, whether it can take a run, the retry policy for calls that may pass
+by themselves, and one health state per run that every writer shares."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+from cifar_exp.config import TrackingConfig
+from cifar_exp.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+STORE_DIR = PROJECT_ROOT / "mlruns"
+RETRY_ENV = "CIFAR_EXP_MLFLOW_RETRY_S"  # seconds a busy or silent store is retried (default 60)
+FIRST_RETRY_S, LONGEST_RETRY_S = 0.25, 8.0  # the backoff between tries doubles from 0.25 s up to 8 s
+T = TypeVar("T")
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    """mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else the project's SQLite store."""
+    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store_uri()
+
+
+def default_store_uri() -> str:
+    return f"sqlite:///{STORE_DIR / 'mlflow.db'}"
+
+
+def ensure_experiment(cfg: TrackingConfig) -> str:
+    """Creates the store and the experiment when missing (once, before any job); returns its id.
+    A local store that cannot be written, or whose disk is nearly full, stops here, before training,
+    with one line (UserError)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg)
+    folder = local_store_folder(uri)
+    if folder is not None:
+        check_store(folder, uri, cfg.min_free_mb)
+    mlflow.set_tracking_uri(uri)
+    with creation_lock(uri):
+        client = MlflowClient(uri)  # opening a new SQLite store creates its tables
+        try:
+            experiment = retrying(
+                lambda: client.get_experiment_by_name(cfg.experiment_name), "opening the store"
+            )
+        except Exception as e:
+            if not transient(e):
+                raise
+            raise UserError(f"the MLflow store {uri} does not answer: {first_line(e)}") from None
+        if experiment is not None:
+            return experiment.experiment_id
+        artifacts = None  # a server or other store decides for itself
+        if uri.startswith("sqlite:///"):  # artifacts beside the database, wherever it is run from
+            artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+        try:
+            return client.create_experiment(cfg.experiment_name, artifact_location=artifacts)
+        except Exception:  # another process (on a server) created it first
+            experiment = client.get_experiment_by_name(cfg.experiment_name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+
+@contextlib.contextmanager
+def creation_lock(uri: str) -> Iterator[None]:
+    """For a SQLite store: one process at a time opens it first, creating or migrating its tables,
+    and creates the experiment. (MLflow's table creation races: of four processes opening a fresh
+    file at once, three failed, with migrations colliding.) Locks <database>.lock; elsewhere a no-op."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        fcntl = None
+    if not uri.startswith("sqlite:///") or fcntl is None:
+        yield
+        return
+    with open(f"{uri.removeprefix('sqlite:///')}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def local_store_folder(uri: str) -> Path | None:
+    """The folder of a local store (SQLite file or file store), None for a server."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).parent
+    if uri.startswith("file:"):
+        return Path(uri.removeprefix("file://").removeprefix("file:"))
+    if "://" not in uri and not uri.startswith(("databricks", "uc:")):
+        return Path(uri)  # a plain path: MLflow's file store
+    return None
+
+
+def check_store(folder: Path, uri: str, min_free_mb: int) -> None:
+    """The store's folder exists (or can be made) and takes a file, its database file can be
+    written, and its disk has `min_free_mb` free: else one line saying which, before any training.
+    Writing a probe file, not os.access, so it also holds for root and read-only mounts."""
+    hint = "or point mlflow.tracking_uri elsewhere"
+    database = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    try:
+        what = f"the MLflow store folder {folder}"
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        os.close(descriptor)
+        os.unlink(probe)
+        if database is not None and database.exists():
+            what = f"the MLflow database {database}"
+            database.open("r+b").close()
+    except OSError as e:
+        raise UserError(f"{what} cannot be written ({e.strerror}); fix it {hint}") from None
+    free_mb = shutil.disk_usage(folder).free // 2**20
+    if free_mb < min_free_mb:
+        raise UserError(
+            f"the MLflow store folder {folder} has {free_mb} MB free, less than mlflow.min_free_mb="
+            f"{min_free_mb}; free some space {hint}"
+        )
+
+
+# ---------------------------------------------------------------- retries and health
+def retry_seconds() -> float:
+    return float(os.environ.get(RETRY_ENV) or 60)
+
+
+def transient(error: BaseException) -> bool:
+    """Whether a store error can pass by itself: SQLite busy ("database is locked", which MLflow
+    raises as TEMPORARILY_UNAVAILABLE), a server that does not answer or is overloaded, a full disk.
+    Refusals (a bad value, a missing run, no permission) are not retried."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import (
+        DEADLINE_EXCEEDED,
+        INTERNAL_ERROR,
+        REQUEST_LIMIT_EXCEEDED,
+        TEMPORARILY_UNAVAILABLE,
+        ErrorCode,
+    )
+
+    if isinstance(error, (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return False
+    if isinstance(error, OSError):  # ConnectionError, TimeoutError, requests' errors, ENOSPC
+        return True
+    if isinstance(error, MlflowException):
+        passing = (TEMPORARILY_UNAVAILABLE, REQUEST_LIMIT_EXCEEDED, DEADLINE_EXCEEDED)
+        if error.error_code in {ErrorCode.Name(code) for code in passing}:
+            return True
+        # MLflow's HTTP client gave up on the connection after its own retries
+        message = str(error.message)
+        return error.error_code == ErrorCode.Name(INTERNAL_ERROR) and message.startswith("API request to")
+    return type(error).__name__ == "OperationalError"  # sqlite3/SQLAlchemy: locked, busy
+
+
+def retrying(call: Callable[[], T], what: str, retry_s: float | None = None, quiet: bool = False) -> T:
+    """call(), retried with backoff for up to `retry_s` (default: retry_seconds()) while it fails
+    with a transient error; then (or at once for any other error) that error is raised. Says so
+    in one line when it starts retrying, unless `quiet`."""
+    deadline = time.monotonic() + (retry_seconds() if retry_s is None else retry_s)
+    delay = FIRST_RETRY_S
+    while True:
+        try:
+            return call()
+        except Exception as e:
+            if not transient(e) or time.monotonic() + delay > deadline:
+                raise
+            if delay == FIRST_RETRY_S and not quiet:
+                log.warning(f"MLflow: {what} failed ({first_line(e)}); retrying")
+            time.sleep(delay)
+            delay = min(2 * delay, LONGEST_RETRY_S)
+
+
+class StoreHealth:
+    """Whether one run's store answers, shared by everything that writes the run's records (the
+    record writer's thread, artifact and tag calls), so an outage is found, said and waited out once.
+
+    up --a call fails--> failing (calls retried with backoff) --retry_s of silence, or a call that
+    failed after all its retries--> down (each call tried once; records go to the spill file)
+    --any call succeeds--> up."""
+
+    def __init__(self, retry_s: float | None = None) -> None:
+        self.retry_s = retry_seconds() if retry_s is None else retry_s
+        self.failing_since: float | None = None  # time.monotonic() of the first failure of an outage
+        self.down = False
+        self._lock = threading.Lock()
+
+    @property
+    def failing(self) -> bool:
+        return self.failing_since is not None
+
+    def budget(self) -> float:
+        """Seconds a call may retry: none while the store is down."""
+        return 0.0 if self.down else self.retry_s
+
+    def failed(self, given_up: bool = False) -> bool:
+        """A call failed with a transient error (`given_up`: after all its retries). Returns
+        whether the store now counts as down."""
+        with self._lock:
+            now = time.monotonic()
+            if self.failing_since is None:
+                self.failing_since = now
+            if given_up or now - self.failing_since >= self.retry_s:
+                self.down = True
+            return self.down
+
+    def answered(self) -> str | None:
+        """A call succeeded; returns what to say if that ends an outage."""
+        with self._lock:
+            if self.failing_since is None:
+                return None
+            said = "recording metrics and params again" if self.down else "nothing was lost"
+            self.failing_since, self.down = None, False
+            return f"MLflow answers again: {said}"
+
+    def call(self, call: Callable[[], T], what: str) -> tuple[T | None, str | None]:
+        """call(), retried while the store is failing but not down; returns (result, None), or
+        (None, the error's first line) when it still failed."""
+        try:
+            result = retrying(call, what, self.budget(), quiet=self.failing)
+        except Exception as e:
+            if transient(e):
+                self.failed(given_up=True)
+            return None, first_line(e)
+        if message := self.answered():
+            log.warning(message)
+        return result, None

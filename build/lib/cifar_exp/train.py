@@ -1,0 +1,373 @@
+"""fit/evaluate: pure loops over in-memory tensors that return plain metric dicts. They never talk
+to MLflow; whoever calls them passes `on_metrics(metrics, step)` to receive what to record."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from cifar_exp import signals
+from cifar_exp.config import TrainerConfig
+from cifar_exp.data import BatchOrder, ImageData, augment, batches, normalise
+from cifar_exp.devices import distributed, unwrap_model
+from cifar_exp.errors import UserError
+
+log = logging.getLogger(__name__)
+MetricsCallback = Callable[[dict[str, float], int], None]
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or inf (usually a learning rate that is too high)."""
+
+
+@dataclass
+class Tensors:
+    """A dataset moved to the training device and normalised once, ready to slice."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+
+def prepare(data: ImageData, device: torch.device, channels_last: bool = False) -> Tensors:
+    """uint8 -> normalised float32 on `device`, once per run (batches are then just slices)."""
+
+    def move(images: torch.Tensor) -> torch.Tensor:
+        x = normalise(images.to(device), data.mean, data.std, torch.float32)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    return Tensors(
+        move(data.train_images),
+        data.train_labels.to(device),
+        move(data.test_images),
+        data.test_labels.to(device),
+    )
+
+
+class Lookahead:
+    """hlb-cifar10/airbench's lookahead: every 5 steps the weights and BatchNorm statistics are
+    pulled onto an exponential moving average of themselves, harder as training ends (decay
+    0.95^5 * progress^3); at the last step the model becomes the average."""
+
+    def __init__(self, model: nn.Module, total_steps: int) -> None:
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.total_steps = total_steps
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        if step % 5 and step < self.total_steps:
+            return
+        decay = 1.0 if step >= self.total_steps else 0.95**5 * (step / self.total_steps) ** 3
+        for average, current in zip(self.average.values(), model.state_dict().values(), strict=True):
+            if current.dtype.is_floating_point:
+                average.lerp_(current, 1 - decay)
+                current.copy_(average)
+
+
+def lr_factor(schedule: str, step: int, total_steps: int, warmup_fraction: float) -> float:
+    """Multiplier of the base learning rate at `step`. onecycle: linear 0.2 -> 1 over the warm-up,
+    then linear 1 -> 0.07 to the end (airbench's shape)."""
+    if schedule == "constant":
+        return 1.0
+    warmup = max(1, int(total_steps * warmup_fraction))
+    if step < warmup:
+        return 0.2 + 0.8 * step / warmup
+    return 1.0 - 0.93 * (step - warmup) / max(1, total_steps - warmup)
+
+
+def _autocast(
+    device: torch.device, enabled: bool, dtype: str = "bfloat16"
+) -> contextlib.AbstractContextManager:
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=getattr(torch, dtype))
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Progress:
+    """Where training stands; with the rest of Loop.state_dict() enough to continue exactly."""
+
+    epoch: int = 1  # the epoch in progress, 1-based
+    step: int = 0  # optimizer steps done in all
+    epoch_step: int = 0  # steps done within `epoch`
+    window_loss: float = 0.0  # summed loss of the steps since the last train/loss point
+    window: int = 0
+    epoch_loss: float = 0.0  # summed loss of the steps of this epoch
+    epoch_rng: torch.Tensor | None = None  # data generator state before this epoch's shuffle
+
+    def advance(self) -> None:
+        """One optimizer step done."""
+        self.step, self.epoch_step, self.window = self.step + 1, self.epoch_step + 1, self.window + 1
+
+
+class LossSums:
+    """The training loss summed on the device, so that no step waits for the host: over the
+    logging window and over the epoch. Reading a mean syncs, averages over the DDP processes
+    (which all read at the same step) and fails on NaN or inf."""
+
+    def __init__(self, progress: Progress, device: torch.device, world: int) -> None:
+        self.window = torch.full((), progress.window_loss, device=device)
+        self.epoch = torch.full((), progress.epoch_loss, device=device)
+        self.world = world
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.window += loss
+        self.epoch += loss
+
+    def window_mean(self, steps: int, step: int, lr: float) -> float:
+        """The window's mean loss over its `steps` steps; the next window starts at zero."""
+        mean = _finite(self._mean(self.window) / steps, step, lr)
+        self.window.zero_()
+        return mean
+
+    def epoch_mean(self, steps: int, step: int, lr: float) -> float:
+        return _finite(self._mean(self.epoch) / max(1, steps), step, lr)
+
+    def save_to(self, progress: Progress) -> None:
+        """Keeps the partial sums in `progress`, for a checkpoint mid-epoch."""
+        progress.window_loss, progress.epoch_loss = self.window.item(), self.epoch.item()
+
+    def _mean(self, total: torch.Tensor) -> float:
+        if self.world > 1:
+            total = total.clone()
+            torch.distributed.all_reduce(total)
+            total /= self.world
+        return total.item()
+
+
+def _finite(value: float, step: int, lr: float) -> float:
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"training loss became {value} by step {step} (lr={lr:g}); lower optimizer.lr or check the data"
+        )
+    return value
+
+
+def _progress_bar(progress: Progress, steps_per_epoch: int) -> tqdm:
+    """The epoch's bar, on a terminal only; it starts at the steps a resumed epoch already did."""
+    return tqdm(
+        total=steps_per_epoch,
+        initial=progress.epoch_step,
+        unit="step",
+        leave=False,
+        desc=f"epoch {progress.epoch}",
+        disable=None,
+        mininterval=0.5,
+    )
+
+
+class Loop:
+    """fit() and its state. `checkpoint(state)` receives the loop's state (see state_dict) after
+    every epoch and when a signal stops training; `on_metrics(metrics, step)` receives what to
+    record."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data: Tensors,
+        classes: list[str],
+        cfg: TrainerConfig,
+        generator: torch.Generator,
+        on_metrics: MetricsCallback,
+        checkpoint: Callable[[dict], None] | None = None,
+    ) -> None:
+        self.model, self.optimizer, self.data, self.classes = model, optimizer, data, classes
+        self.cfg, self.generator, self.on_metrics, self.checkpoint = cfg, generator, on_metrics, checkpoint
+        self.rank, self.world = distributed()  # under DDP each process trains on its shard
+        if cfg.batch_size % self.world:
+            raise UserError(
+                f"trainer.batch_size={cfg.batch_size} must divide evenly over the {self.world} DDP processes"
+            )
+        self.order = BatchOrder(cfg.batch_size, cfg.drop_last, self.rank, self.world)
+        self.steps_per_epoch = self.order.steps(len(data.train_images))
+        total = self.steps_per_epoch * cfg.epochs
+        self.scheduler = None
+        if cfg.lr_schedule != "constant":
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s: lr_factor(cfg.lr_schedule, s, total, cfg.warmup_fraction)
+            )
+        self.lookahead = Lookahead(model, total) if cfg.lookahead else None
+        float16 = cfg.autocast and cfg.autocast_dtype == "float16"
+        self.scaler = torch.amp.GradScaler(data.train_images.device.type, enabled=float16)
+        self.progress = Progress()
+
+    def state_dict(self) -> dict:
+        """Plain tensors and numbers (no RNG states of the process: checkpoints.py adds those)."""
+        return {
+            "model": unwrap_model(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "lookahead": self.lookahead.average if self.lookahead else None,
+            "scaler": self.scaler.state_dict(),
+            "progress": dict(vars(self.progress)),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        unwrap_model(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler and state["scheduler"]:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.lookahead and state["lookahead"]:
+            self.lookahead.average = state["lookahead"]
+        self.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(**state["progress"])
+        self.generator.set_state(state["generator"])
+
+    def fit(self) -> tuple[dict[str, float], torch.Tensor]:
+        """Trains to cfg.epochs, evaluating after each epoch; returns the last epoch's metrics
+        and the confusion matrix."""
+        metrics, confusion = {}, torch.zeros(0)
+        while self.progress.epoch <= self.cfg.epochs:
+            epoch = self.progress.epoch
+            metrics = self.train_epoch()
+            started = time.perf_counter()
+            test_metrics, confusion = evaluate(
+                unwrap_model(self.model) if self.world > 1 else self.model,  # no collectives
+                self.data.test_images,
+                self.data.test_labels,
+                self.classes,
+                self.cfg.test_batch_size,
+                self.cfg.tta,
+                self.cfg.autocast,
+                self.cfg.autocast_dtype,
+            )
+            metrics.update(test_metrics, **{"time/eval_s": time.perf_counter() - started})
+            log.info(
+                f"epoch {epoch}/{self.cfg.epochs}: train loss {metrics['train/loss_epoch']:.3f}, "
+                f"test loss {metrics['test/loss']:.3f}, test acc {100 * metrics['test/acc']:.1f}%, "
+                f"{metrics['throughput/images_per_s']:,.0f} images/s"
+            )
+            self.on_metrics(metrics, self.progress.step)
+            self.progress = Progress(epoch=epoch + 1, step=self.progress.step)
+            if self.checkpoint:
+                self.checkpoint(self.state_dict())
+        return metrics, confusion
+
+    def train_epoch(self) -> dict[str, float]:
+        """The rest of the current epoch (all of it unless resuming mid-epoch)."""
+        cfg, p, images, labels = self.cfg, self.progress, self.data.train_images, self.data.train_labels
+        self.model.train()
+        unwrap_model(self.model).start_epoch(p.epoch)
+        if p.epoch_rng is None:  # a fresh epoch; a resumed one replays its saved order
+            p.epoch_rng = self.generator.get_state()
+        epoch = self.order.epoch(images, labels, self.generator, p.epoch_rng, skip=p.epoch_step)
+        losses = LossSums(p, images.device, self.world)
+        bar = _progress_bar(p, self.steps_per_epoch)
+        started, seen = time.perf_counter(), 0
+        for x, y in epoch:
+            losses.add(self.train_step(x, y, p.step))
+            p.advance()
+            seen += len(x) * self.world  # images/s and batch size are the global ones
+            bar.update()
+            if p.window == cfg.log_every_n_steps:
+                self._log_window(losses, bar, seen, started)
+            self._stop_if_signalled(losses, bar)
+        bar.close()
+        loss_epoch = losses.epoch_mean(p.epoch_step, p.step, self._lr())  # syncs
+        seconds = time.perf_counter() - started  # after the sync above: GPU work included
+        return {
+            "train/loss_epoch": loss_epoch,
+            "time/epoch_s": seconds,
+            "throughput/images_per_s": seen / seconds,
+        }
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.flip or cfg.translate:
+            images = augment(images, cfg.flip, cfg.translate, self.generator)
+        with _autocast(images.device, cfg.autocast, cfg.autocast_dtype):
+            loss = F.cross_entropy(self.model(images), labels, label_smoothing=cfg.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()  # float16 only: scaled so small gradients do not underflow
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.lookahead is not None:
+            self.lookahead.update(self.model, step + 1)
+        return loss.detach()
+
+    def _log_window(self, losses: LossSums, bar: tqdm, seen: int, started: float) -> None:
+        """A train/loss point: the mean of the window's steps (this syncs the device)."""
+        p = self.progress
+        mean = losses.window_mean(p.window, p.step, self._lr())
+        log.info(f"[{p.epoch}, {p.epoch_step:5d}] loss: {mean:.3f}")
+        images_per_s = seen / (time.perf_counter() - started)  # after the sync: GPU work included
+        bar.set_postfix(loss=f"{mean:.3f}", img_s=f"{images_per_s:,.0f}")
+        self.on_metrics({"train/loss": mean}, p.step)
+        p.window = 0
+
+    def _stop_if_signalled(self, losses: LossSums, bar: tqdm) -> None:
+        """If Ctrl-C or SIGTERM arrived: checkpoint mid-epoch (with the partial sums), then stop."""
+        if (stop := signals.take()) is None:
+            return
+        bar.close()
+        losses.save_to(self.progress)
+        if self.checkpoint:
+            self.checkpoint(self.state_dict())
+        raise stop
+
+    def _lr(self) -> float:
+        """The learning rate of the last parameter group, for error messages."""
+        return self.optimizer.param_groups[-1]["lr"]
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, tta: int = 0) -> torch.Tensor:
+    """Logits for a batch; tta 1 averages with the mirror image, 2 also with 1-pixel shifts."""
+    logits = model(images)
+    if tta >= 1:
+        logits = 0.5 * logits + 0.5 * model(images.flip(-1))
+    if tta >= 2:
+        padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+        h, w = images.shape[-2:]
+        shifted = [padded[..., :h, :w], padded[..., 2 : h + 2, 2 : w + 2]]
+        shifted_logits = [0.5 * model(x) + 0.5 * model(x.flip(-1)) for x in shifted]
+        logits = 0.5 * logits + 0.5 * torch.stack(shifted_logits).mean(0)
+    return logits
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[str],
+    batch_size: int,
+    tta: int = 0,
+    autocast: bool = False,
+    autocast_dtype: str = "bfloat16",
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Test loss, accuracy (a fraction) and per-class accuracy; plus the confusion matrix
+    (rows: true class, columns: predicted)."""
+    model.eval()
+    n_classes = len(classes)
+    confusion = torch.zeros(n_classes, n_classes, dtype=torch.int64, device=images.device)
+    total_loss = torch.zeros((), device=images.device)
+    for x, y in batches(images, labels, batch_size):
+        with _autocast(images.device, autocast, autocast_dtype):
+            logits = predict_logits(model, x, tta).float()
+        total_loss += F.cross_entropy(logits, y, reduction="sum")
+        confusion += torch.bincount(y * n_classes + logits.argmax(1), minlength=n_classes**2).view(
+            n_classes, n_classes
+        )
+    confusion = confusion.cpu()
+    per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
+    metrics = {
+        "test/loss": total_loss.item() / len(images),
+        "test/acc": (confusion.diag().sum() / confusion.sum()).item(),
+    }
+    metrics.update({f"test/acc/{name}": per_class[i].item() for i, name in enumerate(classes)})
+    return metrics, confusion
