@@ -15,6 +15,9 @@ config take those values as required keyword arguments, without defaults of thei
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -24,7 +27,9 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from cifar_exp.errors import UserError
+from cifar_exp.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- closed sets of choices
@@ -193,21 +198,163 @@ class Config:
     resume: str | None = None  # an MLflow run id or a checkpoint file: continue that run
 
 
-def check_trainer(cfg: TrainerConfig) -> None:
-    """Range checks the schema's types cannot express."""
-    for key in ("epochs", "batch_size", "log_every_n_steps", "test_batch_size"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"trainer.{key}={getattr(cfg, key)}: must be a positive integer")
-    # tta stays an int: OmegaConf writes an Enum by its name, so an IntEnum named 0, 1, 2 would
-    # print as the string '2' in --cfg job and the recorded config.
-    if cfg.tta not in (0, 1, 2):
-        raise UserError(f"trainer.tta={cfg.tta}: allowed are 0, 1, 2")
-    if cfg.translate < 0:
-        raise UserError(f"trainer.translate={cfg.translate}: must be 0 or more pixels")
-    if not 0 <= cfg.label_smoothing < 1:
-        raise UserError(f"trainer.label_smoothing={cfg.label_smoothing}: must be in [0, 1)")
-    if not 0 <= cfg.warmup_fraction <= 1:
-        raise UserError(f"trainer.warmup_fraction={cfg.warmup_fraction}: must be in [0, 1]")
+# ---------------------------------------------------------------- ranges
+# What the schema's types cannot say, checked by validate() before anything is built or recorded.
+# Upper bounds stop values that would exhaust memory or never end, not unusual experiments.
+MAX_EPOCHS = 10_000  # CIFAR-10 for 10,000 epochs is weeks on one GPU: more is a typo
+# Synthetic images per split: 200,000 are 2.4 GB once normalised to float32 (4x CIFAR-10's train set).
+MAX_SYNTHETIC_IMAGES = 200_000
+# Channels or units of one layer. Common CIFAR networks stop at 512-1024; at 4096 the CNN's fc1
+# alone (conv2_out=4096 x 5 x 5 -> fc1_out=4096) holds 420 M weights, 1.7 GB before optimizer
+# state. Larger widths would not fit in memory, or take minutes to allocate before failing.
+MAX_WIDTH = 4096
+MAX_THREADS = 1024  # CPU threads for torch; far past any machine's cores
+SEED_MAX = 2**32 - 1  # numpy's seeds are 0 ... 2**32 - 1 (torch takes more)
+
+
+@dataclass(frozen=True)
+class Range:
+    """Numbers from `low` to `high` (ends excluded where open), finite; for a list, each item."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""  # said after the range: why, or what the values mean
+
+    def allows(self, x: float) -> bool:
+        if not math.isfinite(x):
+            return False
+        above = x > self.low if self.low_open else x >= self.low
+        below = x < self.high if self.high_open else x <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        low = _number(self.low)
+        if self.high == math.inf:
+            text = f"> {low}" if self.low_open else f">= {low}"
+        else:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            text = f"in {left}{low}, {_number(self.high)}{right}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+_PIXEL_STATS = "per-channel statistics of pixels in [0, 1]; 0-255 values? divide them by 255"
+_WIDTH = "wider layers would not fit in memory"
+RANGES = {  # a key absent from the composed config (another option's key) is not checked
+    "seed": Range(0, SEED_MAX, note="numpy's seed range"),
+    "dataset.mean": Range(0, 1, note=_PIXEL_STATS),
+    "dataset.std": Range(0, 1, low_open=True, note=_PIXEL_STATS),
+    "dataset.train_size": Range(10, MAX_SYNTHETIC_IMAGES, note="at least one image per class"),
+    "dataset.test_size": Range(10, MAX_SYNTHETIC_IMAGES, note="at least one image per class"),
+    "dataset.noise": Range(0, note="std of the noise, pixels in [0, 1]"),
+    "dataset.seed": Range(0, SEED_MAX, note="numpy's seed range"),
+    "model.conv1_out": Range(1, MAX_WIDTH, note=_WIDTH),
+    "model.conv2_out": Range(1, MAX_WIDTH, note=_WIDTH),
+    "model.fc1_out": Range(1, MAX_WIDTH, note=_WIDTH),
+    "model.fc2_out": Range(1, MAX_WIDTH, note=_WIDTH),
+    "model.kernel_size": Range(1, 32, note="pixels; the 32x32 image is the widest"),
+    "model.whiten_width": Range(2, 24, note="even: +/- pairs of the 12 eigenvectors of 2x2x3 patches"),
+    "model.block1": Range(1, MAX_WIDTH, note=_WIDTH),
+    "model.block2": Range(1, MAX_WIDTH, note=_WIDTH),
+    "model.block3": Range(1, MAX_WIDTH, note=_WIDTH),
+    "model.batchnorm_momentum": Range(0, 1, high_open=True, note="weight of the old running statistics"),
+    "model.whiten_bias_epochs": Range(0, MAX_EPOCHS),
+    "optimizer.lr": Range(0, low_open=True),
+    "optimizer.weight_decay": Range(0),
+    "optimizer.norm_bias_lr_scale": Range(0, low_open=True),
+    "optimizer.momentum": Range(0, 1, high_open=True),
+    "optimizer.betas": Range(0, 1, high_open=True),
+    "device.threads": Range(0, MAX_THREADS, note="0: automatic"),
+    "trainer.epochs": Range(1, MAX_EPOCHS),
+    # No upper bound: a batch never holds more than the training set (run.py warns when it would).
+    "trainer.batch_size": Range(1),
+    "trainer.log_every_n_steps": Range(1),
+    "trainer.test_batch_size": Range(1),
+    "trainer.warmup_fraction": Range(0, 1),
+    "trainer.label_smoothing": Range(0, 1, high_open=True),
+    "trainer.translate": Range(0, 31, note="pixels; reflect padding needs fewer than the image's 32"),
+    "trainer.tta": Range(0, 2, note="0: none, 1: + mirror, 2: + mirror and 1-pixel shifts"),
+    "mlflow.min_free_mb": Range(0),
+}
+LENGTHS = {"dataset.mean": 3, "dataset.std": 3, "optimizer.betas": 2}  # lists of exactly this many
+# Strings that may be null (the default) but not empty: an empty value is usually a shell
+# variable that expanded to nothing (`resume=$RUN_ID`), which would silently mean the default.
+NOT_EMPTY = {
+    "resume": "a run id or a checkpoint file, or null",
+    "dataset.root": "a folder; . for the working directory",
+    "dataset.cache_dir": "a folder, or null for the default",
+    "mlflow.tracking_uri": "a URI (sqlite:///path/mlflow.db, http://host:5000), or null for the default",
+    "mlflow.experiment_name": "a name",
+}
+# Where each group's `_target_` may come from (build() allows the union of these).
+TARGETS = {"dataset": "cifar_exp.data.", "model": "cifar_exp.models.", "optimizer": "torch.optim."}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks every range the schema's types cannot express, before anything is built or
+    recorded; the first bad value raises a UserError: one line naming the key and what is allowed."""
+    for key, rule in RANGES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        items = list(value) if OmegaConf.is_list(value) else [value]
+        if key in LENGTHS and len(items) != LENGTHS[key]:
+            raise UserError(f"{key}={_shown(value)}: must be a list of {LENGTHS[key]} numbers, each {rule}")
+        if not all(rule.allows(x) for x in items):
+            each = "each number " if OmegaConf.is_list(value) else ""
+            finite = "" if all(math.isfinite(x) for x in items) else "finite and "
+            raise UserError(f"{key}={_shown(value)}: {each}must be {finite}{rule}")
+    for key, allowed in NOT_EMPTY.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not str(value).strip():
+            raise UserError(f"{key}={value!r}: empty; must be {allowed}")
+    for group, namespace in TARGETS.items():
+        target = OmegaConf.select(cfg, f"{group}._target_", default=None)
+        if target is not None and not str(target).startswith(namespace):
+            raise UserError(f"{group}._target_={target!r}: must name a callable in {namespace}*")
+    _validate_combinations(cfg)
+
+
+def _validate_combinations(cfg: DictConfig) -> None:
+    """Rules over more than one key, and single-key rules a range cannot say."""
+    optimizer = cfg.get("optimizer") or {}
+    if "_partial_" in optimizer and optimizer._partial_ is not True:
+        raise UserError(
+            f"optimizer._partial_={optimizer._partial_}: must be true (the optimizer is built later, "
+            "with the model's parameters)"
+        )
+    if optimizer.get("nesterov") and optimizer.get("momentum", 0) <= 0:  # torch.optim.SGD's rule
+        raise UserError(
+            f"optimizer.nesterov=true needs optimizer.momentum > 0 (it is {optimizer.momentum}); "
+            "set optimizer.momentum or optimizer.nesterov=false"
+        )
+    if "lr" in optimizer and not math.isfinite(optimizer.lr * optimizer.get("norm_bias_lr_scale", 1)):
+        raise UserError(
+            f"optimizer.lr={optimizer.lr} x optimizer.norm_bias_lr_scale={optimizer.norm_bias_lr_scale} "
+            "overflows: lower either"
+        )
+    width = OmegaConf.select(cfg, "model.whiten_width", default=None)
+    if width is not None and width % 2:
+        raise UserError(f"model.whiten_width={width}: must be even (+/- pairs of eigenvectors), from 2 to 24")
+
+
+def check_batch_size(cfg: DictConfig, train_images: int) -> None:
+    """A batch larger than the training set is the whole set: say so once (not an error, so a
+    recipe can be tried on a small dataset unchanged)."""
+    if cfg.trainer.batch_size > train_images:
+        log.warning(
+            f"trainer.batch_size={cfg.trainer.batch_size} is larger than the {train_images} training "
+            f"images: every epoch is one batch of {train_images}"
+        )
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if x == int(x) else str(x)
+
+
+def _shown(value: Any) -> str:
+    return str(OmegaConf.to_container(value)) if OmegaConf.is_config(value) else str(value)
 
 
 SCHEMAS = {  # name in the ConfigStore (top level, outside the option lists): schema
@@ -232,22 +379,43 @@ def register_schemas() -> None:
 
 
 # Targets may only come from these namespaces: a config is data, not a way to run any callable.
-ALLOWED_TARGETS = ("cifar_exp.data.", "cifar_exp.models.", "torch.optim.")
+ALLOWED_TARGETS = tuple(TARGETS.values())
 # Keys this project reads itself, never arguments of the `_target_`: build() leaves them out.
 OWN_KEYS = ("norm_bias_lr_scale",)  # optimizer: run.param_groups uses it
 
 
 def build(node: Any, **kwargs: Any) -> Any:
-    """instantiate() behind an allow-list; every object built from config goes through here."""
+    """instantiate() behind an allow-list; every object built from config goes through here. A
+    constructor's own complaint (torch.optim's ValueError, a wrong keyword) becomes one line naming
+    the config node, also when a `_partial_` node is called later."""
     target = str(node.get("_target_", ""))
     if not target.startswith(ALLOWED_TARGETS):
         raise UserError(f"_target_ {target!r} is not allowed; allowed: {', '.join(ALLOWED_TARGETS)}*")
+    where = f"{_full_key(node) or 'config'} ({target})"  # e.g. "optimizer (torch.optim.SGD)"
     if isinstance(node, DictConfig) and any(key in node for key in OWN_KEYS):
         arguments = OmegaConf.to_container(node, resolve=True)
         node = OmegaConf.create({k: v for k, v in arguments.items() if k not in OWN_KEYS})
     try:
-        return hydra.utils.instantiate(node, **kwargs)
+        built = hydra.utils.instantiate(node, **kwargs)
     except InstantiationException as e:
         if isinstance(e.__cause__, UserError):  # the target's own check: show just its message
             raise e.__cause__ from None
-        raise
+        raise UserError(f"{where}: {first_line(e.__cause__ or e)}") from e
+    if isinstance(built, functools.partial):
+        return functools.partial(_reporting, where, built)
+    return built
+
+
+def _reporting(where: str, make: functools.partial, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return make(*args, **kwargs)
+    except (ValueError, TypeError) as e:  # e.g. torch.optim.SGD: "Invalid learning rate: -1.0"
+        raise UserError(f"{where}: {first_line(e)}") from e
+
+
+def _full_key(node: Any) -> str:
+    """Where a node sits in the composed config ("optimizer"); "" for a free-standing one."""
+    try:
+        return str(node._get_full_key(None))
+    except AttributeError:
+        return ""

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp import checkpoints, reports, signals
-from cifar_exp.config import build, check_trainer
+from cifar_exp.config import build, check_batch_size, validate
 from cifar_exp.data import ImageData
 from cifar_exp.devices import distributed, select_device, wrap_model
 from cifar_exp.tracking import identity, runs
@@ -42,7 +42,7 @@ def prepare_data(dataset_yaml: str, device: str, channels_last: bool) -> Tensors
 def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]:
     """Trains and evaluates one configuration (or continues an interrupted one); returns the
     final metrics. `tags` go on a new MLflow run (`mlflow.runName` names it)."""
-    check_trainer(cfg.trainer)
+    validate(cfg)  # every range, before anything is built or recorded
     previous = identity.previous_run(cfg)  # in a re-run sweep: this config's earlier run, if any
     if previous and previous.status == "FINISHED":
         log.info(f"skipped: run {previous.run_id} already finished this config")
@@ -56,6 +56,7 @@ def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]
         cfg = OmegaConf.merge(cfg, {"mlflow": {"enabled": False}, "trainer": {"checkpoint": False}})
         logging.getLogger("cifar_exp").setLevel(logging.WARNING)
     data = load_data(OmegaConf.to_yaml(cfg.dataset))
+    check_batch_size(cfg, len(data.train_images))
     net = build(cfg.model, num_classes=len(data.classes))
     tensors = prepare_data(OmegaConf.to_yaml(cfg.dataset), str(device), cfg.trainer.channels_last)
     net.fit_to_data(tensors.train_images)  # airbench: its first layer whitens patches of the data

@@ -20,9 +20,9 @@ COMPOSE_ERRORS = [
     (["experiment=no_such_experiment"], ["experiment/no_such_experiment", "tutorial"]),
 ]
 RUN_ERRORS = [
-    (["model.conv1_out=0"], ["model.conv1_out=0", "positive"]),
-    (["trainer.batch_size=-1"], ["trainer.batch_size=-1", "positive"]),
-    (["trainer.tta=3"], ["trainer.tta=3", "0, 1, 2"]),
+    (["model.conv1_out=0"], ["model.conv1_out=0", "[1, 4096]"]),
+    (["trainer.batch_size=-1"], ["trainer.batch_size=-1", ">= 1"]),
+    (["trainer.tta=3"], ["trainer.tta=3", "[0, 2]"]),
     (["model.kernel_size=20"], ["model.kernel_size=20"]),
 ]
 
