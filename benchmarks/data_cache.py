@@ -24,14 +24,14 @@ REPO = Path(__file__).resolve().parent.parent
 # One load in a fresh interpreter; times only the loader, not Python's and torch's start-up.
 CHILD = """
 import json, sys, time
-from cifar_exp import data, decoded_cache
+from cifar_exp import data, decoded_cache, image_files
 root, cache_dir = sys.argv[1], sys.argv[2]
 started = time.perf_counter()
 loaded = data.load_imagefolder(root=root, mean=[0.5] * 3, std=[0.5] * 3, cache=True, cache_dir=cache_dir)
 load_s = time.perf_counter() - started
 started = time.perf_counter()
-listed = [data._list_split(data.Path(root), split, loaded.classes)[0] for split in ("train", "test")]
-files = listed[0] + listed[1]
+listed = [image_files.list_split(data.Path(root), split).classes for split in ("train", "test")]
+files = [f for split in listed for name in loaded.classes for f in split[name]]
 decoded_cache.Source("imagefolder", data.Path(root), files, "").key()
 key_s = time.perf_counter() - started
 images = len(loaded.train_images) + len(loaded.test_images)

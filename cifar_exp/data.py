@@ -8,22 +8,19 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cifar_exp import decoded_cache
+from cifar_exp import decoded_cache, image_files
 from cifar_exp.errors import UserError, first_line
+from cifar_exp.image_files import IMAGE_SIZE
+from cifar_exp.image_files import read_image as read_image  # commands.predict reads images through here
 
 log = logging.getLogger(__name__)
 
-IMAGE_SIZE = 32
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR10_FILES = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
 SAMPLE = Path(__file__).resolve().parent / "sample" / "cifar10_sample.tar.xz"  # {train,test}/<class>/*.jpg
@@ -153,62 +150,23 @@ def _read_sample() -> decoded_cache.Decoded:
     for split, named in files.items():
         named.sort()
         labels = [CIFAR10_CLASSES.index(name.split("/")[1]) for name, _ in named]
-        tensors[f"{split}_images"] = _decode_all(
+        tensors[f"{split}_images"] = image_files.decode_all(
             [io.BytesIO(data) for _, data in named], [n for n, _ in named]
         )
         tensors[f"{split}_labels"] = torch.tensor(labels, dtype=torch.int64)
     return tensors, {"classes": CIFAR10_CLASSES}
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """One image file as uint8 3 x 32 x 32 (RGB; other sizes resized with antialiasing)."""
-    return _decode_image(path, path)
-
-
-def _decode_image(file: Path | str | BinaryIO, name: Path | str) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(file) as image:
-            image = image.convert("RGB")
-            if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-                image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-            pixels = np.asarray(image, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as e:
-        raise UserError(f"cannot decode image {name}: {first_line(e)}") from None
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
-
-
 def _decode_rule(classes: list[str]) -> str:
-    """What turns files into tensors, for the cache key: a new decoder version may decode differently."""
-    import PIL
-
-    return f"PIL {PIL.__version__}: RGB, {IMAGE_SIZE}x{IMAGE_SIZE}, other sizes resized bilinear; {classes}"
-
-
-def _decode_all(files: Sequence[str | BinaryIO], names: Sequence[str]) -> torch.Tensor:
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # decoding releases the GIL
-        return torch.stack(list(pool.map(_decode_image, files, names, chunksize=256)))
-
-
-def _list_split(root: Path, split: str, classes: list[str]) -> tuple[list[str], list[int]]:
-    """The image files of root/split/<class>/ as paths relative to root, class by class, each class
-    sorted by name; and their labels. Strings, not Paths: 50,000 files take about 0.15 s."""
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        with os.scandir(root / split / name) as entries:
-            found = sorted(e.name for e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES)
-        files += [f"{split}/{name}/{file}" for file in found]
-        labels += [label] * len(found)
-    if not files:
-        raise UserError(f"no images under {root / split}/<class>/ (looked for {sorted(IMAGE_SUFFIXES)})")
-    return files, labels
+    """How files become tensors and labels, for the cache key."""
+    return f"{image_files.decode_rule()}; {classes}"
 
 
 def load_imagefolder(
     *, root: str, mean: Sequence[float], std: Sequence[float], cache: bool, cache_dir: str | None
 ) -> ImageData:
-    """root/train/<class>/* and root/test/<class>/*, classes in sorted folder order, decoded once."""
+    """root/train/<class>/** and root/test/<class>/**, classes in sorted folder order, decoded once.
+    What a folder may hold, and what is skipped: cifar_exp/image_files.py."""
     base = Path(root)
     for split in ("train", "test"):
         if not (base / split).is_dir():
@@ -216,27 +174,64 @@ def load_imagefolder(
                 f"dataset.root={root}: no folder {os.path.abspath(base / split)}; imagefolder needs "
                 f"{root}/train/<class>/ and {root}/test/<class>/"
             )
-    classes = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
-    missing = [c for c in classes if not (base / "test" / c).is_dir()]
-    if not classes or missing:
-        raise UserError(
-            f"dataset.root={root}: train/ and test/ must hold the same class folders "
-            f"(train has {classes}, test lacks {missing})"
-        )
-    listed = {split: _list_split(base, split, classes) for split in ("train", "test")}
+    splits = {split: image_files.list_split(base, split) for split in ("train", "test")}
+    listed = _listed_classes(root, splits)
+    classes = sorted(listed["train"])
 
     def decode() -> decoded_cache.Decoded:
         tensors = {}
-        for split, (files, labels) in listed.items():
+        for split, per_class in listed.items():
+            files = [file for name in classes for file in per_class[name]]
             paths = [f"{base}/{file}" for file in files]
-            tensors[f"{split}_images"] = _decode_all(paths, paths)
+            tensors[f"{split}_images"] = image_files.decode_all(paths, paths)
+            labels = [label for label, name in enumerate(classes) for _ in per_class[name]]
             tensors[f"{split}_labels"] = torch.tensor(labels, dtype=torch.int64)
         return tensors, {"classes": classes}
 
-    every_file = listed["train"][0] + listed["test"][0]
+    # Only the images listed are in the key: a README added or removed does not decode again.
+    every_file = [file for split in listed.values() for name in classes for file in split[name]]
     source = decoded_cache.Source("imagefolder", base, every_file, _decode_rule(classes))
     tensors, _ = decoded_cache.load(source, decode, decoded_cache.cache_folder(cache, cache_dir))
     return ImageData(**tensors, classes=classes, mean=tuple(mean), std=tuple(std), name="imagefolder")
+
+
+def _listed_classes(root: str, splits: dict[str, image_files.Listing]) -> dict[str, dict[str, list[str]]]:
+    """split -> class -> image files, for the classes with images in both splits. A class folder
+    without images in either split is skipped with a warning; one with images in only one split,
+    or a broken link, stops here with one line."""
+    broken = [path for listing in splits.values() for path in listing.broken]
+    if broken:
+        raise UserError(
+            f"dataset.root={root}: {image_files.some(broken)}: broken symbolic link(s), their target is "
+            "gone; remove them or restore the targets"
+        )
+    strays = [path for listing in splits.values() for path in listing.strays]
+    if strays:
+        log.warning(
+            f"dataset.root={root}: skipped {len(strays)} file(s) that are not images in a class folder: "
+            f"{image_files.some(strays)} (images end in {', '.join(sorted(image_files.IMAGE_SUFFIXES))})"
+        )
+    train, test = splits["train"].classes, splits["test"].classes
+    names = sorted(set(train) | set(test))
+    empty = [name for name in names if not train.get(name) and not test.get(name)]
+    if empty:
+        log.warning(f"dataset.root={root}: skipped class folders without images in train/ or test/: {empty}")
+    for name in names:
+        for have, lack, other in (("train", "test", test), ("test", "train", train)):
+            if splits[have].classes.get(name) and not other.get(name):
+                state = "has no images" if name in other else "is missing"
+                raise UserError(
+                    f"dataset.root={root}: {have}/{name}/ has {len(splits[have].classes[name])} images but "
+                    f"{lack}/{name}/ {state}; every class needs images in both train/ and test/: add "
+                    f"images to {lack}/{name}/ or move {have}/{name}/ out of {root}/{have}"
+                )
+    kept = [name for name in names if name not in empty]
+    if not kept:
+        raise UserError(
+            f"dataset.root={root}: no images in {root}/train/<class>/ and {root}/test/<class>/ "
+            f"(images end in {', '.join(sorted(image_files.IMAGE_SUFFIXES))}, in any case)"
+        )
+    return {split: {name: splits[split].classes[name] for name in kept} for split in ("train", "test")}
 
 
 def load_synthetic(

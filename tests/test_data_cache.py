@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from cifar_exp import data as data_module
-from cifar_exp import decoded_cache
+from cifar_exp import decoded_cache, image_files
 from cifar_exp.data import ImageData
 from tests.test_data import load
 
@@ -34,13 +34,13 @@ def images(png_folder, tmp_path: Path) -> Path:
 def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names of the images decoded from files, in order (not read from the cache)."""
     decoded: list[str] = []
-    decode = data_module._decode_image
+    decode = image_files.decode_image
 
     def counting(file, name):
         decoded.append(str(name))
         return decode(file, name)
 
-    monkeypatch.setattr(data_module, "_decode_image", counting)
+    monkeypatch.setattr(image_files, "decode_image", counting)
     return decoded
 
 
