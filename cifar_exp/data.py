@@ -220,8 +220,9 @@ def _listed_classes(root: str, splits: dict[str, image_files.Listing]) -> dict[s
         for have, lack, other in (("train", "test", test), ("test", "train", train)):
             if splits[have].classes.get(name) and not other.get(name):
                 state = "has no images" if name in other else "is missing"
+                count = len(splits[have].classes[name])
                 raise UserError(
-                    f"dataset.root={root}: {have}/{name}/ has {len(splits[have].classes[name])} images but "
+                    f"dataset.root={root}: {have}/{name}/ has {count} image{'s' * (count != 1)} but "
                     f"{lack}/{name}/ {state}; every class needs images in both train/ and test/: add "
                     f"images to {lack}/{name}/ or move {have}/{name}/ out of {root}/{have}"
                 )

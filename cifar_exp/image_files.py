@@ -136,7 +136,8 @@ def decode_image(file: Path | str | BinaryIO, name: Path | str) -> torch.Tensor:
                 rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
             pixels = np.asarray(rgb, dtype=np.uint8)
     except Exception as e:  # truncated, empty, not an image, too large (DecompressionBombError)
-        raise UndecodableImage(str(name), first_line(e)) from None
+        reason = first_line(e).replace(f" {str(name)!r}", "")  # Pillow repeats the path
+        raise UndecodableImage(str(name), reason) from None
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
