@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -247,7 +248,7 @@ RANGES = {  # a key absent from the composed config (another option's key) is no
     "dataset.std": Range(0, 1, low_open=True, note=_PIXEL_STATS),
     "dataset.train_size": Range(10, MAX_SYNTHETIC_IMAGES, note="at least one image per class"),
     "dataset.test_size": Range(10, MAX_SYNTHETIC_IMAGES, note="at least one image per class"),
-    "dataset.noise": Range(0, note="std of the noise, pixels in [0, 1]"),
+    "dataset.noise": Range(0, 10, note="std of the noise, pixels in [0, 1]; above 1 the images are noise"),
     "dataset.seed": Range(0, SEED_MAX, note="numpy's seed range"),
     "model.conv1_out": Range(1, MAX_WIDTH, note=_WIDTH),
     "model.conv2_out": Range(1, MAX_WIDTH, note=_WIDTH),
@@ -294,49 +295,63 @@ TARGETS = {"dataset": "cifar_exp.data.", "model": "cifar_exp.models.", "optimize
 def validate(cfg: DictConfig) -> None:
     """Checks every range the schema's types cannot express, before anything is built or
     recorded; the first bad value raises a UserError: one line naming the key and what is allowed."""
+    values = OmegaConf.to_container(cfg, resolve=True)
     for key, rule in RANGES.items():
-        value = OmegaConf.select(cfg, key, default=None)
+        value = _get(values, key)
         if value is None:
             continue
-        items = list(value) if OmegaConf.is_list(value) else [value]
+        items = value if isinstance(value, list) else [value]
         if key in LENGTHS and len(items) != LENGTHS[key]:
-            raise UserError(f"{key}={_shown(value)}: must be a list of {LENGTHS[key]} numbers, each {rule}")
+            raise UserError(f"{key}={value}: must be a list of {LENGTHS[key]} numbers, each {rule}")
         if not all(rule.allows(x) for x in items):
-            each = "each number " if OmegaConf.is_list(value) else ""
+            each = "each number " if isinstance(value, list) else ""
             finite = "" if all(math.isfinite(x) for x in items) else "finite and "
-            raise UserError(f"{key}={_shown(value)}: {each}must be {finite}{rule}")
+            raise UserError(f"{key}={value}: {each}must be {finite}{rule}")
     for key, allowed in NOT_EMPTY.items():
-        value = OmegaConf.select(cfg, key, default=None)
+        value = _get(values, key)
         if value is not None and not str(value).strip():
             raise UserError(f"{key}={value!r}: empty; must be {allowed}")
     for group, namespace in TARGETS.items():
-        target = OmegaConf.select(cfg, f"{group}._target_", default=None)
+        target = _get(values, f"{group}._target_")
         if target is not None and not str(target).startswith(namespace):
             raise UserError(f"{group}._target_={target!r}: must name a callable in {namespace}*")
-    _validate_combinations(cfg)
+    _validate_combinations(values)
 
 
-def _validate_combinations(cfg: DictConfig) -> None:
+def _validate_combinations(values: dict[str, Any]) -> None:
     """Rules over more than one key, and single-key rules a range cannot say."""
-    optimizer = cfg.get("optimizer") or {}
-    if "_partial_" in optimizer and optimizer._partial_ is not True:
+    optimizer = values.get("optimizer") or {}
+    if optimizer.get("_partial_", True) is not True:
         raise UserError(
-            f"optimizer._partial_={optimizer._partial_}: must be true (the optimizer is built later, "
-            "with the model's parameters)"
+            f"optimizer._partial_={optimizer['_partial_']}: must be true (the optimizer is built "
+            "later, with the model's parameters)"
         )
     if optimizer.get("nesterov") and optimizer.get("momentum", 0) <= 0:  # torch.optim.SGD's rule
         raise UserError(
-            f"optimizer.nesterov=true needs optimizer.momentum > 0 (it is {optimizer.momentum}); "
+            f"optimizer.nesterov=true needs optimizer.momentum > 0 (it is {optimizer.get('momentum')}); "
             "set optimizer.momentum or optimizer.nesterov=false"
         )
-    if "lr" in optimizer and not math.isfinite(optimizer.lr * optimizer.get("norm_bias_lr_scale", 1)):
+    lr, scale = optimizer.get("lr", 1), optimizer.get("norm_bias_lr_scale", 1)
+    if not math.isfinite(lr * scale):
+        raise UserError(f"optimizer.lr={lr} x optimizer.norm_bias_lr_scale={scale} overflows: lower either")
+    uri = _get(values, "mlflow.tracking_uri")
+    if uri is not None and not re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", str(uri)):  # a scheme, not C:
         raise UserError(
-            f"optimizer.lr={optimizer.lr} x optimizer.norm_bias_lr_scale={optimizer.norm_bias_lr_scale} "
-            "overflows: lower either"
+            f"mlflow.tracking_uri={uri}: not a URI; use sqlite:///path/mlflow.db, http://host:5000, or "
+            "null for the default (a plain folder is MLflow's file store, which MLflow 3 refuses)"
         )
-    width = OmegaConf.select(cfg, "model.whiten_width", default=None)
+    width = _get(values, "model.whiten_width")
     if width is not None and width % 2:
         raise UserError(f"model.whiten_width={width}: must be even (+/- pairs of eigenvectors), from 2 to 24")
+
+
+def _get(values: dict[str, Any], key: str) -> Any:
+    """values["a"]["b"] for "a.b"; None where there is no such key."""
+    for part in key.split("."):
+        if not isinstance(values, dict) or part not in values:
+            return None
+        values = values[part]
+    return values
 
 
 def check_batch_size(cfg: DictConfig, train_images: int) -> None:
@@ -351,10 +366,6 @@ def check_batch_size(cfg: DictConfig, train_images: int) -> None:
 
 def _number(x: float) -> str:
     return str(int(x)) if x == int(x) else str(x)
-
-
-def _shown(value: Any) -> str:
-    return str(OmegaConf.to_container(value)) if OmegaConf.is_config(value) else str(value)
 
 
 SCHEMAS = {  # name in the ConfigStore (top level, outside the option lists): schema

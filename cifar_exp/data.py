@@ -85,15 +85,16 @@ class Cifar10NotFound(UserError):
     """CIFAR-10's files are neither under `root` nor downloadable."""
 
     def __init__(self, root: str, reason: str) -> None:
-        self.where, self.reason = os.path.abspath(root), reason
+        self.root, self.where, self.reason = root, os.path.abspath(root), reason
         super().__init__(
-            f"CIFAR-10 not found under {self.where} ({reason}). Either go online (dataset.download=true "
-            f"fetches it) or put cifar-10-python.tar.gz in {self.where}; or use dataset=cifar10_sample "
-            f"(bundled) or dataset=imagefolder dataset.root=DIR"
+            f"dataset.root={root}: CIFAR-10 not found under {self.where} ({reason}). Either go online "
+            f"(dataset.download=true fetches it) or put cifar-10-python.tar.gz in {self.where}; or use "
+            f"the bundled sample (dataset=cifar10_sample, or dataset.fallback=true when CIFAR-10 is "
+            f"missing) or dataset=imagefolder dataset.root=DIR"
         )
 
     def __reduce__(self) -> tuple:  # pickled by parallel launchers: rebuilt from its two parts
-        return type(self), (self.where, self.reason)
+        return type(self), (self.root, self.reason)
 
 
 def _cifar10_source(root: str) -> decoded_cache.Source:

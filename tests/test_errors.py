@@ -4,6 +4,7 @@ before torch is imported; the others fail before any training or MLflow run star
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,14 @@ RUN_ERRORS = [
     (["trainer.batch_size=-1"], ["trainer.batch_size=-1", ">= 1"]),
     (["trainer.tta=3"], ["trainer.tta=3", "[0, 2]"]),
     (["model.kernel_size=20"], ["model.kernel_size=20"]),
+    # Checked by config.validate before anything is built (tests/test_bad_values.py tries every
+    # key): torch.optim's error was a traceback, the std of 0 opened a run that failed on NaN, the
+    # URI trained a whole run before failing.
+    (["optimizer.lr=-1"], ["optimizer.lr=-1.0: must be > 0"]),
+    (["dataset.std=[0,0.5,0.5]"], ["dataset.std=[0.0, 0.5, 0.5]", "(0, 1]"]),
+    (["mlflow.tracking_uri=abc"], ["mlflow.tracking_uri=abc: not a URI"]),  # trained, then failed
 ]
+HYDRA_FRAME = ("Error executing job with overrides:", "Set the environment variable HYDRA_FULL_ERROR=1")
 
 
 def assert_user_error(result, expected: list[str]) -> None:
@@ -44,6 +52,28 @@ def test_bad_value_is_one_message(run_cli, tmp_path: Path, overrides: list[str],
     result = run_cli(*TINY, *overrides, cwd=tmp_path, timeout=60)
     assert_user_error(result, expected)
     assert not (tmp_path / "mlflow.db").exists()  # failed before a run was opened
+    if (overrides, expected) in RUN_ERRORS:  # ours, not Hydra's compose messages: exactly one line
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len([line for line in lines if not line.startswith(HYDRA_FRAME)]) == 1, result.stderr
+
+
+def test_resume_of_nothing_is_one_line_and_records_nothing(run_cli, tmp_path: Path) -> None:
+    result = run_cli(*TINY, "resume=abc", cwd=tmp_path, timeout=60)
+    assert_user_error(result, ["resume=abc: neither a checkpoint file nor a run"])
+    store = tmp_path / "mlflow.db"
+    if store.exists():  # looking the run up may create the store; it holds no run
+        with sqlite3.connect(store) as db:
+            assert db.execute("SELECT count(*) FROM runs").fetchone() == (0,)
+
+
+def test_a_batch_larger_than_the_data_is_the_whole_set(run_cli, tmp_path: Path) -> None:
+    """A huge value that is not an error: the run trains and finishes, and says what it did."""
+    result = run_cli(
+        *TINY, "trainer.batch_size=1000000000", "mlflow.enabled=false", cwd=tmp_path, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "larger than the 20 training images: every epoch is one batch of 20" in result.stdout
+    assert "Accuracy of the network on the 10 test images" in result.stdout
 
 
 def test_missing_imagefolder_names_the_path(run_cli, tmp_path: Path) -> None:
