@@ -28,7 +28,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cifar_exp.config import build, validate
+from cifar_exp.config import RANGES, build, validate
 from cifar_exp.devices import select_device
 from cifar_exp.errors import UserError
 from cifar_exp.run import param_groups
@@ -166,6 +166,13 @@ def composed(composition: str, files: dict[str, list[str]], *extra: str) -> Dict
     return compose_config(*overrides, *files.get(dataset, []), *extra)
 
 
+def is_number(value: Any) -> bool:
+    """An int or float (not a bool), or a list of them."""
+    if isinstance(value, list):
+        return bool(value) and all(map(is_number, value))
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def value_at(cfg: DictConfig, key: str) -> Any:
     value = OmegaConf.select(cfg, key)
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
@@ -184,12 +191,15 @@ def distinct(files: dict[str, list[str]]) -> dict[str, DictConfig]:
 
 
 def test_every_bad_value_is_refused_by_name_or_usable(offline_data: dict[str, list[str]]) -> None:
+    """Also: every number in every composition has its range in config.RANGES (a new key too)."""
     configs = distinct(offline_data)
-    ended, problems, rng = Counter(), [], random.Random(0)
+    ended, problems, unranged, rng = Counter(), [], set(), random.Random(0)
     for composition, cfg in configs.items():
         pristine, builder = OmegaConf.to_yaml(cfg), Builder()
         for key in leaves(cfg):
             original = value_at(cfg, key)
+            if is_number(original) and key not in RANGES:
+                unranged.add(key)
             for value in BAD_VALUES:
                 how, message = outcome(cfg, key, value, builder)
                 ended[how] += 1
@@ -201,6 +211,7 @@ def test_every_bad_value_is_refused_by_name_or_usable(offline_data: dict[str, li
             composition, cfg, [(rng.choice(leaves(cfg)), rng.choice(BAD_VALUES))], offline_data
         )
     print(f"{sum(ended.values())} (key, value) cases in {len(configs)} distinct compositions: {dict(ended)}")
+    assert not unranged, f"numbers without a range in config.RANGES: {sorted(unranged)}"
     assert not problems, "\n".join(problems[:20])
     assert ended["compose"] and ended["validate"] and ended["build"] and ended["accepted"]
 

@@ -16,7 +16,7 @@ from conftest import CONF_DIR, REPO
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from cifar_exp.config import build
+from cifar_exp.config import build, validate
 from cifar_exp.devices import select_device
 from cifar_exp.errors import UserError
 from cifar_exp.models import CNN
@@ -359,3 +359,49 @@ def test_build_refuses_targets_outside_the_allow_list(tmp_path: Path) -> None:
 def test_build_allow_list_is_by_namespace(target: str) -> None:
     with pytest.raises(UserError, match="not allowed"):
         build(OmegaConf.create({"_target_": target}))
+
+
+# ---------------------------------------------------------------- ranges (test_bad_values.py: every key)
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optimizer.lr=0"], "optimizer.lr=0.0: must be > 0"),
+        (["optimizer.lr=inf"], "optimizer.lr=inf: must be finite and > 0"),
+        (["optimizer.momentum=1"], "optimizer.momentum=1.0: must be in [0, 1)"),
+        (
+            ["optimizer.nesterov=true", "optimizer.momentum=0"],
+            "optimizer.nesterov=true needs optimizer.momentum > 0",
+        ),
+        (["optimizer=adam", "optimizer.betas=[0.9]"], "optimizer.betas=[0.9]: must be a list of 2 numbers"),
+        (["optimizer.weight_decay=-0.1"], "optimizer.weight_decay=-0.1: must be >= 0"),
+        (["dataset.mean=[125.3,123,114]"], "0-255 values? divide them by 255"),
+        (["model=airbench94", "model.whiten_width=13"], "model.whiten_width=13: must be even"),
+        (["model.fc1_out=5000"], "model.fc1_out=5000: must be in [1, 4096]"),
+        (["device.threads=-1"], "device.threads=-1: must be in [0, 1024]"),
+        (["mlflow.experiment_name=' '"], "mlflow.experiment_name=' ': empty"),
+        (["resume=''"], "resume='': empty; must be a run id or a checkpoint file, or null"),
+        (["model._target_=torch.optim.SGD"], "model._target_='torch.optim.SGD': must name a callable in"),
+    ],
+)
+def test_validate_names_the_key_and_what_is_allowed(
+    compose_config, overrides: list[str], message: str
+) -> None:
+    from cifar_exp.config import validate
+
+    with pytest.raises(UserError) as excinfo:
+        validate(compose_config(*overrides))
+    assert message in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize("name", [*options("optimizer"), "experiment=airbench94"])
+def test_validate_accepts_every_option(compose_config, name: str) -> None:
+    validate(compose_config(name if "=" in name else f"optimizer={name}"))
+
+
+def test_a_constructor_error_is_one_line_naming_the_node(compose_config) -> None:
+    """What validate misses still ends in one line: torch.optim's own check, called later."""
+    make = build(compose_config().optimizer)
+    with pytest.raises(UserError, match=r"^optimizer \(torch.optim.SGD\): Invalid learning rate: -1$"):
+        make(torch.nn.Linear(2, 2).parameters(), lr=-1)
+    with pytest.raises(UserError, match=r"^model \(cifar_exp.models.CNN\): .*unexpected keyword"):
+        build(compose_config().model, num_classes=10, colour=True)
