@@ -72,7 +72,9 @@ class Source:
             except FileNotFoundError:
                 return None
             parts.append(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}")
-        return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+        return hashlib.sha256(
+            "\0".join(parts).encode("utf-8", "surrogateescape")
+        ).hexdigest()  # any file name
 
     def filename(self) -> str:
         return f"{self.kind}-{hashlib.sha256(os.path.abspath(self.root).encode()).hexdigest()[:16]}.tensors"

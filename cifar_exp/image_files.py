@@ -36,7 +36,7 @@ EXAMPLES = 3  # files named in a one-line message; the rest are counted
 class UndecodableImage(UserError):
     def __init__(self, name: str, reason: str) -> None:
         self.name, self.reason = name, reason
-        super().__init__(f"cannot decode image {name}: {reason}")
+        super().__init__(f"cannot decode image {printable(name)}: {reason}")
 
     def __reduce__(self) -> tuple:  # pickled by parallel launchers: rebuilt from its two parts
         return type(self), (self.name, self.reason)
@@ -100,9 +100,15 @@ def _scan(folder: str, relative: str, listing: Listing, seen: set[str]) -> list[
     return found
 
 
+def printable(path: str) -> str:
+    """A file name that is not UTF-8 (os.scandir hands it over with surrogates) as \\xff escapes,
+    so printing it cannot fail."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def some(paths: Sequence[str]) -> str:
     """The first few of `paths`, and how many more: for a one-line message."""
-    shown = ", ".join(paths[:EXAMPLES])
+    shown = ", ".join(printable(path) for path in paths[:EXAMPLES])
     return shown + (f" and {len(paths) - EXAMPLES} more" if len(paths) > EXAMPLES else "")
 
 

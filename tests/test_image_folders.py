@@ -288,3 +288,18 @@ def test_a_bad_file_writes_no_cache_and_its_removal_loads(root: Path, decoded_ca
     data = load(root)
     assert data.train_labels.tolist() == [0, 0, 0, 1, 1]
     assert list(decoded_cache_dir.iterdir()) == [cached]  # the same file, rewritten for the new key
+
+
+def test_file_names_that_are_not_utf8_load_and_print(root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Names from old archives (Latin-1, cp1252) are bytes Python cannot decode as UTF-8."""
+    folder = os.fsencode(root / "train/cat")
+    try:
+        save(solid(COLOURS["cat"]), Path(os.fsdecode(folder + b"/caf\xe9.png")), format="PNG")
+    except (OSError, UnicodeError):
+        pytest.skip("this filesystem refuses names that are not UTF-8")
+    Path(os.fsdecode(folder + b"/r\xe9sum\xe9.txt")).write_text("notes")
+    assert load(root).train_labels.tolist() == [0, 0, 0, 1, 1]
+    (warning,) = warnings_in(caplog)
+    assert "train/cat/r\\xe9sum\\xe9.txt" in warning
+    warning.encode("utf-8")  # printable
+    assert load(root).train_labels.tolist() == [0, 0, 0, 1, 1]  # from the cache
