@@ -11,11 +11,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp import checkpoints, reports, signals
-from cifar_exp.config import build, check_batch_size, validate
+from cifar_exp.config import build
 from cifar_exp.data import ImageData
 from cifar_exp.devices import distributed, select_device, wrap_model
 from cifar_exp.tracking import identity, runs
 from cifar_exp.train import Loop, Tensors, predict_logits, prepare
+from cifar_exp.validation import check_batch_size, validate
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Property: for every leaf of every option of every group and every experiment, each of a handful
 of bad values (negative, zero, huge, infinite, not a number, wrong type, empty, null) is either
-refused with a message naming the key (at compose time by the schema, or by config.validate
+refused with a message naming the key (at compose time by the schema, or by validation.validate
 before anything is built) or is a value the run can use: the model, optimizer, device and data
 build from it. Never another exception, which would print a traceback.
 
@@ -28,10 +28,11 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cifar_exp.config import RANGES, build, validate
+from cifar_exp.config import build
 from cifar_exp.devices import select_device
 from cifar_exp.errors import UserError
 from cifar_exp.run import param_groups
+from cifar_exp.validation import RANGES, validate
 
 BAD_VALUES = ["-1", "0", "1000000000", "1e300", "inf", "nan", "abc", "''", "null", "[1,2]"]
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "experiment")
@@ -191,7 +192,7 @@ def distinct(files: dict[str, list[str]]) -> dict[str, DictConfig]:
 
 
 def test_every_bad_value_is_refused_by_name_or_usable(offline_data: dict[str, list[str]]) -> None:
-    """Also: every number in every composition has its range in config.RANGES (a new key too)."""
+    """Also: every number in every composition has its range in validation.RANGES (a new key too)."""
     configs = distinct(offline_data)
     ended, problems, unranged, rng = Counter(), [], set(), random.Random(0)
     for composition, cfg in configs.items():
@@ -211,7 +212,7 @@ def test_every_bad_value_is_refused_by_name_or_usable(offline_data: dict[str, li
             composition, cfg, [(rng.choice(leaves(cfg)), rng.choice(BAD_VALUES))], offline_data
         )
     print(f"{sum(ended.values())} (key, value) cases in {len(configs)} distinct compositions: {dict(ended)}")
-    assert not unranged, f"numbers without a range in config.RANGES: {sorted(unranged)}"
+    assert not unranged, f"numbers without a range in validation.RANGES: {sorted(unranged)}"
     assert not problems, "\n".join(problems[:20])
     assert ended["compose"] and ended["validate"] and ended["build"] and ended["accepted"]
 

@@ -16,10 +16,11 @@ from conftest import CONF_DIR, REPO
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from cifar_exp.config import build, validate
+from cifar_exp.config import build
 from cifar_exp.devices import select_device
 from cifar_exp.errors import UserError
 from cifar_exp.models import CNN
+from cifar_exp.validation import validate
 
 
 def options(group: str) -> list[str]:
@@ -386,7 +387,6 @@ def test_build_allow_list_is_by_namespace(target: str) -> None:
 def test_validate_names_the_key_and_what_is_allowed(
     compose_config, overrides: list[str], message: str
 ) -> None:
-    from cifar_exp.config import validate
 
     with pytest.raises(UserError) as excinfo:
         validate(compose_config(*overrides))

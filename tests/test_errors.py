@@ -25,7 +25,7 @@ RUN_ERRORS = [
     (["trainer.batch_size=-1"], ["trainer.batch_size=-1", ">= 1"]),
     (["trainer.tta=3"], ["trainer.tta=3", "[0, 2]"]),
     (["model.kernel_size=20"], ["model.kernel_size=20"]),
-    # Checked by config.validate before anything is built (tests/test_bad_values.py tries every
+    # Checked by validation.validate before anything is built (tests/test_bad_values.py tries every
     # key): torch.optim's error was a traceback, the std of 0 opened a run that failed on NaN, the
     # URI trained a whole run before failing.
     (["optimizer.lr=-1"], ["optimizer.lr=-1.0: must be > 0"]),
