@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from cifar_exp.config import TARGETS
-from cifar_exp.errors import UserError
+from cifar_exp.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ RANGES = {  # a key absent from the composed config (another option's key) is no
     "optimizer.betas": Range(0, 1, high_open=True),
     "device.threads": Range(0, MAX_THREADS, note="0: automatic"),
     "trainer.epochs": Range(1, MAX_EPOCHS),
-    # No upper bound: a batch never holds more than the training set (run.py warns when it would).
+    # No upper bound: a batch never holds more than the training set (check_batch_size says so).
     "trainer.batch_size": Range(1),
     "trainer.log_every_n_steps": Range(1),
     "trainer.test_batch_size": Range(1),
@@ -113,7 +114,13 @@ NOT_EMPTY = {
 def validate(cfg: DictConfig) -> None:
     """Checks every range the schema's types cannot express, before anything is built or
     recorded; the first bad value raises a UserError: one line naming the key and what is allowed."""
-    values = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        values = OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as e:  # key=${nowhere}
+        raise UserError(f"{e.full_key}: {first_line(e)}; fix or remove the ${{...}} reference") from None
+    for key in missing:
+        raise UserError(f"{key}=???: no value; set {key}=VALUE")
     for key, rule in RANGES.items():
         value = _get(values, key)
         if value is None:

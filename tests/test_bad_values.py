@@ -1,5 +1,5 @@
 """Property: for every leaf of every option of every group and every experiment, each of a handful
-of bad values (negative, zero, huge, infinite, not a number, wrong type, empty, null) is either
+of bad values (negative, zero, huge, infinite, not a number, wrong type, empty, null, missing) is either
 refused with a message naming the key (at compose time by the schema, or by validation.validate
 before anything is built) or is a value the run can use: the model, optimizer, device and data
 build from it. Never another exception, which would print a traceback.
@@ -34,7 +34,9 @@ from cifar_exp.errors import UserError
 from cifar_exp.run import param_groups
 from cifar_exp.validation import RANGES, validate
 
-BAD_VALUES = ["-1", "0", "1000000000", "1e300", "inf", "nan", "abc", "''", "null", "[1,2]"]
+# Negative, zero, huge (an int, a float), infinite, not a number, wrong types, empty, null, Hydra's
+# "no value" and an interpolation that leads nowhere.
+BAD_VALUES = ["-1", "0", "1000000000", "1e300", "inf", "nan", "abc", "[1,2]", "''", "null", "???", "${oops}"]
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "experiment")
 COMPOSITIONS = [
     "",  # the defaults
