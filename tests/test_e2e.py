@@ -6,27 +6,23 @@ the report's prints; MLflow's own notices go to stderr."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 import torch
 import yaml
-from conftest import CIFAR_PER_BATCH, run_cli
+from conftest import CIFAR_PER_BATCH, SYNTHETIC_CLASSES, Command, Store, ok, start_cli, synthetic
 
 from cifar_exp.run import report, run
 
-SMALL = (
-    "dataset=synthetic",
-    "dataset.train_size=500",
-    "dataset.test_size=200",
-    "trainer.epochs=1",
-    "trainer.batch_size=32",
-    "trainer.log_every_n_steps=4",
+SMALL = [
+    *synthetic(train=500, test=200, epochs=1, batch=32, log_every=4),  # on CPU: bitwise repeatable
     "optimizer=adam",
     "optimizer.lr=0.01",
-    "device=cpu",  # bitwise-repeatable runs: no GPU kernels that pick algorithms at run time
-)
-SYNTHETIC_CLASSES = [f"class_{i}" for i in range(10)]
+]
+UNTRACKED = "mlflow.enabled=false"
 
 TOTAL = re.compile(r"^Accuracy of the network on the (\d+) test images: (\d+) %$", re.M)
 PER_CLASS = re.compile(r"^Accuracy of\s+(\S+) :\s+(\d+) %$", re.M)
@@ -42,23 +38,50 @@ def accuracy_report(stdout: str) -> tuple[int, int, dict[str, int]]:
     return int(totals[0][0]), int(totals[0][1]), per_class
 
 
-def assert_clean_exit(result) -> None:
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    assert "Traceback" not in result.stderr
+def clean_exit(command: Command) -> CompletedProcess[str]:
+    result = ok(command.result())
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
 
 
 @pytest.fixture(scope="module")
-def synthetic_run(tmp_path_factory: pytest.TempPathFactory):
-    """One small synthetic run, shared by the tests that read its output."""
-    cwd = tmp_path_factory.mktemp("synthetic_run")
-    store = f"sqlite:///{cwd}/mlflow.db"
-    result = run_cli(*SMALL, cwd=cwd, env={"MLFLOW_TRACKING_URI": store})
-    return result, cwd, store
+def launched(new_store, png_folder, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Command]]:
+    """Every command of this file, each in a folder of its own, started together so that they share
+    the cores. Only the first tracks (into a store it creates): the MLflow side is test_tracking.py's."""
+
+    def folder(name: str) -> Path:
+        return tmp_path_factory.mktemp(name)
+
+    sweep_sizes = [o for o in SMALL if not o.startswith("dataset.t")] + [
+        "dataset.train_size=100",
+        "dataset.test_size=50",
+    ]
+    # The tutorial's own batch size, learning rate and logging interval; tiny data, one epoch.
+    tutorial = ["experiment=tutorial", "dataset=synthetic", "dataset.train_size=200", "dataset.test_size=50"]
+    started = {
+        "synthetic": new_store("synthetic_run", created=False).start_cli(*SMALL),
+        "same_seed": start_cli(*SMALL, UNTRACKED, cwd=folder("same_seed")),
+        "other_seed": start_cli(*SMALL, "seed=1", UNTRACKED, cwd=folder("other_seed")),
+        "sweep": start_cli(*sweep_sizes, UNTRACKED, "model.conv1_out=4,8", "-m", cwd=folder("sweep")),
+        "tutorial": start_cli(*tutorial, "trainer.epochs=1", UNTRACKED, cwd=folder("tutorial")),
+        "imagefolder": start_cli(
+            "dataset=imagefolder",
+            f"dataset.root={png_folder.root}",
+            "trainer.epochs=5",
+            "trainer.batch_size=8",
+            "optimizer=adam",
+            "optimizer.lr=0.01",
+            UNTRACKED,
+            cwd=folder("imagefolder"),
+        ),
+    }
+    yield started
+    for command in started.values():
+        command.stop()
 
 
-def test_synthetic_run_reports_accuracy_above_chance(synthetic_run) -> None:
-    result, _, _ = synthetic_run
-    assert_clean_exit(result)
+def test_synthetic_run_reports_accuracy_above_chance(launched) -> None:
+    result = clean_exit(launched["synthetic"])
     assert "Accuracy of the network on the 200 test images:" in result.stdout
     n_test, overall, per_class = accuracy_report(result.stdout)
     assert n_test == 200
@@ -69,23 +92,22 @@ def test_synthetic_run_reports_accuracy_above_chance(synthetic_run) -> None:
     assert len(EPOCH.findall(result.stdout)) == 1
 
 
-def test_synthetic_run_tracks_into_the_temporary_store(synthetic_run) -> None:
+def test_synthetic_run_tracks_into_the_temporary_store(launched) -> None:
     """The MLflow side (params, metrics, artifacts) is tests/test_tracking.py's."""
-    result, cwd, store = synthetic_run
-    assert_clean_exit(result)
-    assert re.search(rf"^MLflow run [0-9a-f]{{32}} .* in {re.escape(store)}$", result.stdout, re.M)
-    assert (cwd / "mlflow.db").is_file()
-    assert (cwd / "artifacts").is_dir()  # artifacts beside the SQLite store
-    (snapshot,) = cwd.glob("outputs/*/*/.hydra/config.yaml")  # Hydra's snapshot, in the cwd
+    command = launched["synthetic"]
+    result = clean_exit(command)
+    root = command.cwd.parent  # the store's folder, which had no store
+    store = Store(f"sqlite:///{root / 'mlflow.db'}")
+    assert re.search(rf"^MLflow run [0-9a-f]{{32}} .* in {re.escape(store.uri)}$", result.stdout, re.M)
+    assert (root / "mlflow.db").is_file()
+    assert (root / "artifacts").is_dir()  # artifacts beside the SQLite store
+    (snapshot,) = command.cwd.glob("outputs/*/*/.hydra/config.yaml")  # Hydra's snapshot, in the cwd
     assert yaml.safe_load(snapshot.read_text())["dataset"]["train_size"] == 500
 
 
-def test_same_seed_same_numbers(synthetic_run, tmp_path: Path) -> None:
+def test_same_seed_same_numbers(launched) -> None:
     """Run again (without tracking, which must not touch the random streams either)."""
-    first, _, _ = synthetic_run
-    second = run_cli(*SMALL, "mlflow.enabled=false", cwd=tmp_path)
-    assert_clean_exit(first)
-    assert_clean_exit(second)
+    first, second = clean_exit(launched["synthetic"]), clean_exit(launched["same_seed"])
 
     def numbers(stdout: str) -> list[str]:
         """Loss lines, epoch summaries without their throughput, the report."""
@@ -95,56 +117,35 @@ def test_same_seed_same_numbers(synthetic_run, tmp_path: Path) -> None:
     assert len(LOSS.findall(first.stdout)) == 4
     assert numbers(first.stdout) == numbers(second.stdout)
 
-    other_seed = run_cli(*SMALL, "seed=1", "mlflow.enabled=false", cwd=tmp_path)
-    assert_clean_exit(other_seed)
+    other_seed = clean_exit(launched["other_seed"])
     assert LOSS.findall(other_seed.stdout) != LOSS.findall(first.stdout)
 
 
-def test_sweep_runs_every_job(tmp_path: Path) -> None:
-    small = [o for o in SMALL if not o.startswith("dataset.t")]
-    sizes = ("dataset.train_size=100", "dataset.test_size=50")
-    # Tracking off: the sweep's MLflow parent run and summary are tests/test_tracking.py's.
-    result = run_cli(*small, *sizes, "mlflow.enabled=false", "model.conv1_out=4,8", "-m", cwd=tmp_path)
-    assert_clean_exit(result)
+def test_sweep_runs_every_job(launched) -> None:
+    # Tracking off: the sweep's MLflow parent run and summary are tests/test_scale_out.py's.
+    command = launched["sweep"]
+    result = clean_exit(command)
     assert len(TOTAL.findall(result.stdout)) == 2
     assert all(n == "50" for n, _ in TOTAL.findall(result.stdout))
     assert len(PER_CLASS.findall(result.stdout)) == 2 * 10
-    jobs = sorted(tmp_path.glob("multirun/*/*/[0-9]*/.hydra/config.yaml"))
+    jobs = sorted(command.cwd.glob("multirun/*/*/[0-9]*/.hydra/config.yaml"))
     assert [yaml.safe_load(p.read_text())["model"]["conv1_out"] for p in jobs] == [4, 8]
 
 
-def test_tutorial_experiment_runs(tmp_path: Path) -> None:
-    result = run_cli(
-        "experiment=tutorial",
-        "dataset=synthetic",
-        "dataset.train_size=200",
-        "dataset.test_size=50",
-        "trainer.epochs=1",
-        "mlflow.enabled=false",
-        cwd=tmp_path,
-    )
-    assert_clean_exit(result)
+def test_tutorial_experiment_runs(launched) -> None:
+    command = launched["tutorial"]
+    result = clean_exit(command)
     n_test, _, per_class = accuracy_report(result.stdout)
     assert n_test == 50 and list(per_class) == SYNTHETIC_CLASSES
     assert not LOSS.findall(result.stdout)  # 50 steps of 4 images: no 2000-step window completes
-    (snapshot,) = tmp_path.glob("outputs/*/*/.hydra/config.yaml")
+    (snapshot,) = command.cwd.glob("outputs/*/*/.hydra/config.yaml")
     cfg = yaml.safe_load(snapshot.read_text())
     assert cfg["trainer"]["batch_size"] == 4 and cfg["trainer"]["epochs"] == 1
     assert cfg["optimizer"]["lr"] == 0.001 and cfg["optimizer"]["momentum"] == 0.9
 
 
-def test_imagefolder_run(png_folder, tmp_path: Path) -> None:
-    result = run_cli(
-        "dataset=imagefolder",
-        f"dataset.root={png_folder.root}",
-        "trainer.epochs=5",
-        "trainer.batch_size=8",
-        "optimizer=adam",
-        "optimizer.lr=0.01",
-        "mlflow.enabled=false",
-        cwd=tmp_path,
-    )
-    assert_clean_exit(result)
+def test_imagefolder_run(launched, png_folder) -> None:
+    result = clean_exit(launched["imagefolder"])
     n_test, overall, per_class = accuracy_report(result.stdout)
     assert n_test == 3 * 4
     assert list(per_class) == png_folder.classes
