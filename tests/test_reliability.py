@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import random
 import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ok, signal_ignored, synthetic
+from conftest import Command, Store, ok, signal_ignored, synthetic
 
 from cifar_exp import checkpoints
 from cifar_exp.errors import UserError
@@ -73,16 +75,48 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
+# ---------------------------------------------------------------- the commands, started together
+SWEEP = [*train(epochs=1), "model.conv1_out=4,8", "-m"]
+
+
+@dataclass
+class Started:
+    stores: dict[str, Store]
+    commands: dict[str, Command]
+    statuses_at_ctrl_c: list[str]  # the statuses of the Ctrl-C store's runs, just before the signal
+
+
+@pytest.fixture(scope="module")
+def started(new_store) -> Iterator[Started]:
+    """The first command of each test below, each with a store of its own, started together so
+    that they share the cores. The two that are interrupted get their signal here, mid-training."""
+    first = {
+        "whole": [*train(), "hydra.run.dir=whole"],  # the run that "cut" is resumed to match
+        "cut": [*train(), "hydra.run.dir=cut"],
+        "ctrl_c": [*train(epochs=100), "hydra.run.dir=cut"],  # still training whenever it comes
+        "longer": train(epochs=1),
+        "sweep": SWEEP,
+    }
+    stores = {name: new_store(name) for name in first}
+    commands = {name: stores[name].start_cli(*args) for name, args in first.items()}
+    try:
+        commands["cut"].wait_for(r"^\[2,\s+25\] loss")  # mid-epoch 2, with 375 of its 600 steps to go
+        commands["cut"].proc.send_signal(signal.SIGTERM)
+        commands["ctrl_c"].wait_for(r"^\[1,\s+50\] loss")
+        statuses = [r.info.status for r in stores["ctrl_c"].runs()]
+        commands["ctrl_c"].proc.send_signal(signal.SIGINT)
+        yield Started(stores, commands, statuses)
+    finally:
+        for command in commands.values():
+            command.stop()
+
+
 # ---------------------------------------------------------------- signals and exact resume
-def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(new_store) -> None:
+def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(started: Started) -> None:
     if signal_ignored(signal.SIGTERM):
         pytest.skip("SIGTERM is ignored here, so the command would ignore it too")
-    reference, store = new_store("whole"), new_store("cut")
-    whole = reference.start_cli(*train(), "hydra.run.dir=whole")
-    cut = store.start_cli(*train(), "hydra.run.dir=cut")
-    cut.wait_for(r"^\[2,\s+25\] loss")  # mid-epoch 2, with 375 of its 600 steps to go
-    cut.proc.send_signal(signal.SIGTERM)
-    result = cut.result()
+    store, reference = started.stores["cut"], started.stores["whole"]
+    result = started.commands["cut"].result()
     assert result.returncode == 143, result.stdout + result.stderr
     [interrupted] = store.runs()
     assert interrupted.info.status == "KILLED"
@@ -93,7 +127,7 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(new_store) 
     assert final.info.run_id == interrupted.info.run_id
     assert final.info.status == "FINISHED"
 
-    ok(whole.result())
+    ok(started.commands["whole"].result())
     [uninterrupted] = reference.runs()
     for key in ("train/loss", "train/loss_epoch", "test/loss", "test/acc"):
         expected = reference.history(uninterrupted.info.run_id, key)
@@ -104,16 +138,11 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(new_store) 
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights must be bit-identical"
 
 
-def test_ctrl_c_exits_130_and_the_run_ends_killed_with_what_it_logged(new_store) -> None:
+def test_ctrl_c_exits_130_and_the_run_ends_killed_with_what_it_logged(started: Started) -> None:
     if signal_ignored(signal.SIGINT):
         pytest.skip("SIGINT is ignored here, so the command would ignore it too")
-    store = new_store("ctrl_c")
-    command = store.start_cli(*train(epochs=100), "hydra.run.dir=cut")  # training whenever it comes
-    command.wait_for(r"^\[1,\s+50\] loss")
-    open_runs = [r.info.status for r in store.runs()]
-    command.proc.send_signal(signal.SIGINT)
-    result = command.result()
-    assert open_runs == ["RUNNING"]  # one run, open while it trains
+    store, result = started.stores["ctrl_c"], started.commands["ctrl_c"].result()
+    assert started.statuses_at_ctrl_c == ["RUNNING"]  # one run, open while it trains
     assert result.returncode == 130, result.stdout + result.stderr
     [run] = store.runs()
     assert run.info.status == "KILLED"
@@ -123,9 +152,9 @@ def test_ctrl_c_exits_130_and_the_run_ends_killed_with_what_it_logged(new_store)
     assert checkpoints.load(store.cwd / "cut" / "checkpoint.pt")["progress"]["step"] >= 50
 
 
-def test_resume_can_train_longer(new_store) -> None:
-    store = new_store("longer")
-    ok(store.run_cli(*train(epochs=1)))
+def test_resume_can_train_longer(started: Started) -> None:
+    store = started.stores["longer"]
+    ok(started.commands["longer"].result())
     [run] = store.runs()
     ok(store.run_cli("resume", run.info.run_id, "trainer.epochs=2"))
     steps = [step for step, _ in store.history(run.info.run_id, "test/acc")]
@@ -133,11 +162,10 @@ def test_resume_can_train_longer(new_store) -> None:
 
 
 # ---------------------------------------------------------------- sweeps
-def test_rerunning_a_sweep_skips_finished_jobs(new_store) -> None:
-    store = new_store("sweep")
-    sweep = [*train(epochs=1), "model.conv1_out=4,8", "-m"]
-    ok(store.run_cli(*sweep))
-    second = ok(store.run_cli(*sweep))
+def test_rerunning_a_sweep_skips_finished_jobs(started: Started) -> None:
+    store = started.stores["sweep"]
+    ok(started.commands["sweep"].result())
+    second = ok(store.run_cli(*SWEEP))
     assert second.stdout.count("already finished") + second.stderr.count("already finished") == 2
     runs = store.runs()
     children = [r for r in runs if r.data.tags.get("sweep") != "true"]
