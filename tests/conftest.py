@@ -88,6 +88,21 @@ def synthetic(
     return overrides + ([f"device={device}"] if device else [])
 
 
+# What a run prints: Hydra's job log (loss lines, epoch summaries) and the tutorial's closing report.
+TOTAL = re.compile(r"^Accuracy of the network on the (\d+) test images: (\d+) %$", re.M)
+PER_CLASS = re.compile(r"^Accuracy of\s+(\S+) :\s+(\d+) %$", re.M)
+LOSS = re.compile(r"^\[\d+,\s+\d+\] loss: \d+\.\d+$", re.M)
+EPOCH = re.compile(r"^epoch \d+/\d+: train loss [\d.]+, test loss [\d.]+, test acc [\d.]+%", re.M)
+
+
+def accuracy_report(stdout: str) -> tuple[int, int, dict[str, int]]:
+    """(test images, overall %, {class: %}) from the closing report; exactly one report."""
+    totals = TOTAL.findall(stdout)
+    assert len(totals) == 1, stdout
+    per_class = {name: int(acc) for name, acc in PER_CLASS.findall(stdout)}
+    return int(totals[0][0]), int(totals[0][1]), per_class
+
+
 def wait_until(condition: Callable[[], T], timeout: float = 120, what: str = "the condition") -> T:
     """Polls `condition` until it returns something truthy, and returns that. The deadline is
     generous (the machine may be busy): reaching it is a failure, never a measurement."""

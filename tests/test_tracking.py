@@ -1,6 +1,7 @@
-"""What MLflow records, read back the way a user would: one run, `rerun`, `predict`, and a sweep
-with a failing job. (A sweep's parent run, children and summary: test_scale_out.py, through a
-tracking server. Runs stopped by SIGTERM or Ctrl-C: test_reliability.py.)
+"""What a tracked run prints and what MLflow records, read back the way a user would: one run (and
+that tracking leaves its numbers alone), `rerun`, `predict`, and a sweep with a failing job.
+(A sweep's parent run, children and summary: test_scale_out.py, through a tracking server. Runs
+stopped by SIGTERM or Ctrl-C: test_reliability.py.)
 
 Every command runs as a subprocess (`python -m cifar_exp ...`) from a temporary folder against its own
 temporary SQLite store. The independent commands start together in the background on first use, so
@@ -23,14 +24,19 @@ import pytest
 import torch
 import yaml
 from conftest import (
+    EPOCH,
     FIGURES,
+    LOSS,
+    PER_CLASS,
     PNG,
     REPO,
     RUN_ARTIFACTS,
     SYNTHETIC_CLASSES,
+    TOTAL,
     Command,
     Store,
     Sweep,
+    accuracy_report,
     finished_sweep,
     ok,
     synthetic,
@@ -42,7 +48,7 @@ from omegaconf import OmegaConf
 TRAIN_SIZE, TEST_SIZE, BATCH, LOG_EVERY, EPOCHS = 320, 100, 32, 5, 2
 STEPS_PER_EPOCH = TRAIN_SIZE // BATCH
 SMALL = synthetic(train=TRAIN_SIZE, test=TEST_SIZE, epochs=EPOCHS, batch=BATCH, log_every=LOG_EVERY)
-SINGLE = [*SMALL, "model.conv1_out=8", "optimizer.lr=0.01"]
+SINGLE = [*SMALL, "model.conv1_out=8", "optimizer=adam", "optimizer.lr=0.01"]  # learns in an epoch
 # lr 1e6 makes the training loss non-finite within a few steps, after the job's run has opened.
 # The loss is logged every step, so the finite ones before it are recorded.
 FAILING_SWEEP = [
@@ -50,6 +56,8 @@ FAILING_SWEEP = [
     "optimizer.lr=0.01,1e6",
     "-m",
 ]
+
+UNTRACKED = "mlflow.enabled=false"
 
 EPOCH_METRICS = ["train/loss_epoch", "test/loss", "test/acc", "time/epoch_s", "throughput/images_per_s"]
 CLASSES = SYNTHETIC_CLASSES
@@ -73,10 +81,16 @@ def resolved(compose_config, overrides: list[str]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the commands, started together
 @pytest.fixture(scope="module")
 def launched(new_store) -> Iterator[dict[str, tuple[Store, Command]]]:
-    """The one run and the sweep with a failing job, started together."""
+    """The one run (into a folder with no store yet), the same run untracked and with another seed,
+    and the sweep with a failing job, started together."""
     started = {}
-    for name, args in [("single", SINGLE), ("failing_sweep", FAILING_SWEEP)]:
-        store = new_store(name)
+    for name, args, created in [
+        ("single", SINGLE, False),
+        ("untracked", [*SINGLE, UNTRACKED], True),
+        ("other_seed", [*SINGLE, "seed=1", UNTRACKED], True),
+        ("failing_sweep", FAILING_SWEEP, True),
+    ]:
+        store = new_store(name, created=created)
         started[name] = (store, store.start_cli(*args))
     yield started
     for _, command in started.values():
@@ -106,10 +120,40 @@ def test_run_finishes_named_after_its_overrides(single: Recorded) -> None:
     assert info.end_time is not None
     assert "conv1_out=8" in info.run_name
     assert "lr=0.01" in info.run_name
-    assert info.run_id in single.result.stdout + single.result.stderr  # the log says where it went
+
+
+def test_run_prints_the_tutorials_report(single: Recorded) -> None:
+    stdout = single.result.stdout
+    n_test, overall, per_class = accuracy_report(stdout)
+    assert n_test == TEST_SIZE
+    assert list(per_class) == CLASSES  # one line per class, in class order
+    assert all(0 <= acc <= 100 for acc in per_class.values())
+    assert overall > 50  # chance is 10 %; this data is learnt within an epoch
+    assert len(LOSS.findall(stdout)) == EPOCHS * STEPS_PER_EPOCH // LOG_EVERY
+    assert len(EPOCH.findall(stdout)) == EPOCHS
+    assert "Traceback" not in single.result.stderr
+
+
+def test_tracking_leaves_the_numbers_alone(single: Recorded, launched) -> None:
+    """The same run untracked prints the same numbers; another seed, others."""
+
+    def numbers(stdout: str) -> list[str]:
+        """Loss lines, epoch summaries without their throughput, the report."""
+        lines = LOSS.findall(stdout) + EPOCH.findall(stdout)
+        return lines + TOTAL.findall(stdout) + PER_CLASS.findall(stdout)
+
+    untracked = ok(launched["untracked"][1].result())
+    assert LOSS.findall(single.result.stdout)
+    assert numbers(untracked.stdout) == numbers(single.result.stdout)
+    other_seed = ok(launched["other_seed"][1].result())
+    assert LOSS.findall(other_seed.stdout) != LOSS.findall(single.result.stdout)
 
 
 def test_run_goes_to_the_store_the_env_names(single: Recorded) -> None:
+    """It created the store (the folder had none) and keeps its artifacts beside it."""
+    store_line = rf"^MLflow run {single.run.info.run_id} .* in {re.escape(single.store.uri)}$"
+    assert re.search(store_line, single.result.stdout, re.M), single.result.stdout
+    assert (single.store.root / "mlflow.db").is_file()
     artifacts = single.store.root / "artifacts"
     assert single.run.info.artifact_uri.startswith(artifacts.as_uri())
     assert (artifacts / single.run.info.run_id).is_dir()
@@ -178,7 +222,8 @@ def test_metrics_are_logged_at_global_steps(single: Recorded) -> None:
     # The synthetic test set holds as many images of each class: accuracy is the per-class mean.
     final = single.run.data.metrics
     assert final["test/acc"] == pytest.approx(sum(final[k] for k in per_class) / len(per_class), abs=1e-6)
-    printed = f"Accuracy of the network on the {TEST_SIZE} test images: {int(100 * final['test/acc'])} %"
+    percent = round(100 * final["test/acc"])  # k right of 100 (int() would floor 0.96 to 95)
+    printed = f"Accuracy of the network on the {TEST_SIZE} test images: {percent} %"
     assert printed in single.result.stdout
 
 
