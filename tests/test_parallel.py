@@ -116,9 +116,10 @@ print(tracking.ensure_experiment(TrackingConfig(tracking_uri=sys.argv[1])), flus
 
 def test_processes_opening_a_fresh_store_at_once_create_it_once(tmp_path: Path) -> None:
     """Left to MLflow, of four processes opening a new SQLite file at once three failed (tables
-    created twice, migrations colliding); ensure_experiment lets one create it at a time."""
+    created twice, migrations colliding), and of two, one failed in each of three tries;
+    ensure_experiment lets one create it at a time."""
     uri, go = f"sqlite:///{tmp_path}/store/mlflow.db", tmp_path / "go"
-    commands = [start([sys.executable, "-c", OPEN_STORE, uri, str(go)], tmp_path) for _ in range(N_JOBS)]
+    commands = [start([sys.executable, "-c", OPEN_STORE, uri, str(go)], tmp_path) for _ in range(2)]
     try:
         for command in commands:  # every process imported everything: they now start together
             command.wait_for("^ready$")
@@ -127,7 +128,7 @@ def test_processes_opening_a_fresh_store_at_once_create_it_once(tmp_path: Path) 
     finally:
         for command in commands:
             command.stop()
-    assert [result.returncode for result in results] == [0] * N_JOBS, [r.stderr for r in results]
+    assert [result.returncode for result in results] == [0, 0], [r.stderr for r in results]
     ids = {result.stdout.removeprefix("ready\n").strip() for result in results}
     assert len(ids) == 1
     experiments = Store(uri).client().search_experiments()
