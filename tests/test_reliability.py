@@ -6,8 +6,10 @@ from __future__ import annotations
 import random
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from subprocess import CompletedProcess
+from typing import Any
 
 import numpy as np
 import pytest
@@ -80,16 +82,22 @@ SWEEP = [*train(epochs=1), "model.conv1_out=4,8", "-m"]
 
 
 @dataclass
-class Started:
-    stores: dict[str, Store]
-    commands: dict[str, Command]
-    statuses_at_ctrl_c: list[str]  # the statuses of the Ctrl-C store's runs, just before the signal
+class Scenario:
+    """A store of its own, the command that starts the scenario and, once that has ended, the
+    command that follows it (if any)."""
+
+    store: Store
+    first: Command
+    result: CompletedProcess[str] | None = None  # of `first`, once it has ended
+    runs: list[Any] = field(default_factory=list)  # the store's runs then, before `then` starts
+    then: Command | None = None
 
 
 @pytest.fixture(scope="module")
-def started(new_store) -> Iterator[Started]:
-    """The first command of each test below, each with a store of its own, started together so
-    that they share the cores. The two that are interrupted get their signal here, mid-training."""
+def started(new_store) -> Iterator[dict[str, Scenario]]:
+    """The scenarios below, started together so that they share the cores. The two interrupted
+    runs get their signal here, mid-training (statuses_at_ctrl_c: the runs just before it); what
+    follows a command starts as soon as that has ended: the resumes and the sweep run again."""
     first = {
         "whole": [*train(), "hydra.run.dir=whole"],  # the run that "cut" is resumed to match
         "cut": [*train(), "hydra.run.dir=cut"],
@@ -97,77 +105,92 @@ def started(new_store) -> Iterator[Started]:
         "longer": train(epochs=1),
         "sweep": SWEEP,
     }
-    stores = {name: new_store(name) for name in first}
-    commands = {name: stores[name].start_cli(*args) for name, args in first.items()}
+    then = {
+        "cut": lambda runs: ["resume", runs[-1].info.run_id],
+        "longer": lambda runs: ["resume", runs[-1].info.run_id, "trainer.epochs=2"],
+        "sweep": lambda runs: SWEEP,
+    }
+    scenarios = {}
+    for name, args in first.items():
+        store = new_store(name)
+        scenarios[name] = Scenario(store, store.start_cli(*args))
     try:
-        commands["cut"].wait_for(r"^\[2,\s+25\] loss")  # mid-epoch 2, with 375 of its 600 steps to go
-        commands["cut"].proc.send_signal(signal.SIGTERM)
-        commands["ctrl_c"].wait_for(r"^\[1,\s+50\] loss")
-        statuses = [r.info.status for r in stores["ctrl_c"].runs()]
-        commands["ctrl_c"].proc.send_signal(signal.SIGINT)
-        yield Started(stores, commands, statuses)
+        scenarios["cut"].first.wait_for(r"^\[2,\s+25\] loss")  # mid-epoch 2, 375 of 600 steps to go
+        scenarios["cut"].first.proc.send_signal(signal.SIGTERM)
+        scenarios["ctrl_c"].first.wait_for(r"^\[1,\s+50\] loss")
+        scenarios["ctrl_c"].runs = scenarios["ctrl_c"].store.runs()
+        scenarios["ctrl_c"].first.proc.send_signal(signal.SIGINT)
+        for name, follow in then.items():
+            scenario = scenarios[name]
+            scenario.result = scenario.first.result()
+            scenario.runs = scenario.store.runs()
+            if scenario.runs:  # else its test fails on what `first` did
+                scenario.then = scenario.store.start_cli(*follow(scenario.runs))
+        yield scenarios
     finally:
-        for command in commands.values():
-            command.stop()
+        for scenario in scenarios.values():
+            for command in (scenario.first, scenario.then):
+                if command is not None:
+                    command.stop()
 
 
 # ---------------------------------------------------------------- signals and exact resume
-def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(started: Started) -> None:
+def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(started: dict[str, Scenario]) -> None:
     if signal_ignored(signal.SIGTERM):
         pytest.skip("SIGTERM is ignored here, so the command would ignore it too")
-    store, reference = started.stores["cut"], started.stores["whole"]
-    result = started.commands["cut"].result()
-    assert result.returncode == 143, result.stdout + result.stderr
-    [interrupted] = store.runs()
+    cut, whole = started["cut"], started["whole"]
+    assert cut.result.returncode == 143, cut.result.stdout + cut.result.stderr
+    [interrupted] = cut.runs
     assert interrupted.info.status == "KILLED"
-    assert (store.cwd / "cut" / "checkpoint.pt").is_file()
+    assert (cut.store.cwd / "cut" / "checkpoint.pt").is_file()
 
-    ok(store.run_cli("resume", interrupted.info.run_id))
-    [final] = store.runs()  # resume continues the same MLflow run
+    ok(cut.then.result())  # resume
+    [final] = cut.store.runs()  # resume continues the same MLflow run
     assert final.info.run_id == interrupted.info.run_id
     assert final.info.status == "FINISHED"
 
-    ok(started.commands["whole"].result())
-    [uninterrupted] = reference.runs()
+    ok(whole.first.result())
+    [uninterrupted] = whole.store.runs()
     for key in ("train/loss", "train/loss_epoch", "test/loss", "test/acc"):
-        expected = reference.history(uninterrupted.info.run_id, key)
-        assert store.history(final.info.run_id, key) == expected, key
-    a = torch.load(reference.cwd / "whole" / "checkpoint.pt", weights_only=True)["model"]
+        expected = whole.store.history(uninterrupted.info.run_id, key)
+        assert cut.store.history(final.info.run_id, key) == expected, key
+    a = torch.load(whole.store.cwd / "whole" / "checkpoint.pt", weights_only=True)["model"]
     new_dir = Path(final.data.tags["checkpoint"]).parent
     b = torch.load(new_dir / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights must be bit-identical"
 
 
-def test_ctrl_c_exits_130_and_the_run_ends_killed_with_what_it_logged(started: Started) -> None:
+def test_ctrl_c_exits_130_and_the_run_ends_killed_with_what_it_logged(started: dict[str, Scenario]) -> None:
     if signal_ignored(signal.SIGINT):
         pytest.skip("SIGINT is ignored here, so the command would ignore it too")
-    store, result = started.stores["ctrl_c"], started.commands["ctrl_c"].result()
-    assert started.statuses_at_ctrl_c == ["RUNNING"]  # one run, open while it trains
+    ctrl_c = started["ctrl_c"]
+    result = ctrl_c.first.result()
+    assert [r.info.status for r in ctrl_c.runs] == ["RUNNING"]  # one run, open while it trained
     assert result.returncode == 130, result.stdout + result.stderr
-    [run] = store.runs()
+    [run] = ctrl_c.store.runs()
     assert run.info.status == "KILLED"
     assert run.info.end_time is not None
-    steps = [step for step, _ in store.history(run.info.run_id, "train/loss")]
+    steps = [step for step, _ in ctrl_c.store.history(run.info.run_id, "train/loss")]
     assert steps[:2] == [25, 50]  # what it logged is kept
-    assert checkpoints.load(store.cwd / "cut" / "checkpoint.pt")["progress"]["step"] >= 50
+    assert checkpoints.load(ctrl_c.store.cwd / "cut" / "checkpoint.pt")["progress"]["step"] >= 50
 
 
-def test_resume_can_train_longer(started: Started) -> None:
-    store = started.stores["longer"]
-    ok(started.commands["longer"].result())
-    [run] = store.runs()
-    ok(store.run_cli("resume", run.info.run_id, "trainer.epochs=2"))
-    steps = [step for step, _ in store.history(run.info.run_id, "test/acc")]
+def test_resume_can_train_longer(started: dict[str, Scenario]) -> None:
+    longer = started["longer"]
+    ok(longer.result)
+    [run] = longer.runs
+    ok(longer.then.result())  # resume with trainer.epochs=2
+    steps = [step for step, _ in longer.store.history(run.info.run_id, "test/acc")]
     assert steps == [200, 400]  # epoch 2 continues the step count of epoch 1
 
 
 # ---------------------------------------------------------------- sweeps
-def test_rerunning_a_sweep_skips_finished_jobs(started: Started) -> None:
-    store = started.stores["sweep"]
-    ok(started.commands["sweep"].result())
-    second = ok(store.run_cli(*SWEEP))
+def test_rerunning_a_sweep_skips_finished_jobs(started: dict[str, Scenario]) -> None:
+    sweep = started["sweep"]
+    ok(sweep.result)
+    second = ok(sweep.then.result())  # the same sweep again
     assert second.stdout.count("already finished") + second.stderr.count("already finished") == 2
-    runs = store.runs()
+    runs = sweep.store.runs()
     children = [r for r in runs if r.data.tags.get("sweep") != "true"]
     assert len(children) == 2, "no job ran twice"
     parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
