@@ -285,7 +285,9 @@ class Store:
     def download(self, run_id: str, artifact: str, dest: Path) -> Path:
         return Path(self.client().download_artifacts(run_id, artifact, str(dest)))
 
-    def start_cli(self, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> Command:
+    def start_cli(
+        self, *args: str, cwd: Path | None = None, env: dict[str, str | None] | None = None
+    ) -> Command:
         """`python -m cifar_exp ARGS...` in the background, tracking into this store (run from
         its cwd unless told otherwise)."""
         return start_cli(*args, cwd=cwd or self.cwd, env={"MLFLOW_TRACKING_URI": self.uri, **(env or {})})
