@@ -7,13 +7,13 @@ import re
 from pathlib import Path
 
 import torch
+from conftest import compose_config, ok, run_cli, synthetic
 from omegaconf import OmegaConf
 
 from cifar_exp.config import build
 from cifar_exp.models import Airbench94
 from cifar_exp.run import param_groups
 from cifar_exp.train import Lookahead, predict_logits
-from tests.conftest import compose_config, run_cli
 
 
 def airbench(*overrides: str) -> Airbench94:
@@ -74,18 +74,12 @@ def test_tta_averages_mirror_views() -> None:
 def test_airbench94_experiment_trains_a_few_batches_on_cpu(tmp_path: Path) -> None:
     result = run_cli(
         "experiment=airbench94",
-        "device=cpu",
-        "dataset=synthetic",
-        "dataset.train_size=512",
-        "dataset.test_size=100",
-        "trainer.epochs=1",
-        "trainer.batch_size=256",
+        *synthetic(train=512, test=100, epochs=1, batch=256, log_every=None),
         "model.block1=16",
         "model.block2=32",
         "model.block3=32",
         "mlflow.enabled=false",
         cwd=tmp_path,
-        timeout=180,
     )
-    assert result.returncode == 0, result.stderr
+    ok(result)
     assert re.search(r"Accuracy of the network on the 100 test images: \d+ %", result.stdout)

@@ -203,7 +203,10 @@ def test_optimizer_specific_keys_reach_torch(compose_config) -> None:
 # ---------------------------------------------------------------- experiments
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes(compose_config, name: str) -> None:
-    assert compose_config(f"experiment={name}", hydra_config=True).hydra.job.name
+    job = compose_config(f"experiment={name}", hydra_config=True).hydra.job
+    # Hydra's own part composes too, and no experiment renames the job (the compose API's "app":
+    # the SLURM job name, the log file's) or turns on chdir (dataset.root stays where you ran).
+    assert (job.name, job.chdir) == ("app", False)
     cfg = compose_config(f"experiment={name}")
     assert OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # nothing left unset
     build(cfg.model, num_classes=10)
