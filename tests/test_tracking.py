@@ -176,7 +176,8 @@ def test_store_is_the_override_else_the_env_else_the_project_default(
 def test_params_are_every_leaf_of_the_resolved_config(single: Recorded, compose_config) -> None:
     expected = leaves(resolved(compose_config, SINGLE))
     params = single.run.data.params
-    assert set(params) == set(expected)
+    assert set(params) == set(expected) | {"data"}  # and which data really trained it
+    assert params["data"] == "synthetic" and single.run.data.tags["data"] == "synthetic"
     for key, value in expected.items():
         if isinstance(value, list):
             assert json.loads(params[key]) == value, key
