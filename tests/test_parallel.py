@@ -66,7 +66,7 @@ def test_a_joblib_sweep_records_every_run_whole(new_store, compose_config) -> No
     assert output.index("MLflow parent run") < output.index("Joblib.Parallel("), output
 
     experiments = {e.name: e.experiment_id for e in store.client().search_experiments()}
-    assert set(experiments) == {"Default", "cifar_exp"}  # created once, whole
+    assert set(experiments) == {"cifar_exp"}  # created once, whole; MLflow's empty "Default" hidden
     runs = store.client().search_runs(list(experiments.values()), max_results=1000)
     [parent] = [r for r in runs if r.data.tags.get("sweep") == "true"]
     children = [r for r in runs if r.info.run_id != parent.info.run_id]
@@ -133,7 +133,7 @@ def test_processes_opening_a_fresh_store_at_once_create_it_once(tmp_path: Path) 
     ids = {result.stdout.removeprefix("ready\n").strip() for result in results}
     assert len(ids) == 1
     experiments = Store(uri).client().search_experiments()
-    assert sorted(e.name for e in experiments) == ["Default", "cifar_exp"]
+    assert sorted(e.name for e in experiments) == ["cifar_exp"]  # MLflow's empty "Default" hidden
 
 
 # ---------------------------------------------------------------- many writers, one SQLite store
