@@ -36,6 +36,42 @@ def test_whitening_layer_decorrelates_patches() -> None:
     assert not net.whiten.weight.requires_grad
 
 
+def test_whitening_bias_starts_at_zero() -> None:
+    assert torch.equal(airbench().whiten.bias, torch.zeros(24))
+
+
+def class_sorted_images(per_class: int = 1000) -> torch.Tensor:
+    """8x8 images as an image folder gives them: sorted by class, each class a different colour
+    cast and contrast, so the first half of the set holds half of the classes only."""
+    gen = torch.Generator().manual_seed(0)
+    classes = []
+    for k in range(10):
+        scale = torch.tensor([1.0 + k, 1.0, 0.2 + 0.3 * k]).view(1, 3, 1, 1)
+        classes.append(torch.randn(per_class, 3, 8, 8, generator=gen) * scale + k / 3)
+    return torch.cat(classes)
+
+
+def test_whitening_samples_all_classes_at_random_seeded() -> None:
+    images = class_sorted_images()
+
+    def misfit(weight: torch.Tensor) -> float:
+        """How far the layer's outputs over the whole set are from white (covariance I)."""
+        out = torch.nn.functional.conv2d(images, weight[:12])  # the + half of the pairs
+        flat = out.permute(1, 0, 2, 3).reshape(12, -1)
+        return (flat @ flat.T / flat.shape[1] - torch.eye(12)).norm().item()
+
+    def fitted(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        net = airbench()
+        net.fit_to_data(images)
+        return net.whiten.weight
+
+    first = airbench()
+    first.init_whitening(images[:5000])  # the old choice: the first 5 classes only
+    assert misfit(fitted(0)) < 0.5 < 5 < misfit(first.whiten.weight)
+    assert torch.equal(fitted(0), fitted(0)) and not torch.equal(fitted(0), fitted(1))
+
+
 def test_widths_are_keys_and_propagate() -> None:
     net = airbench("model.block1=16", "model.block2=32", "model.block3=48")
     assert net.layers[1].conv1.out_channels == 16 and net.layers[2].conv1.in_channels == 16
