@@ -5,7 +5,12 @@ fractional epochs, airbench's float16 precision, cuDNN autotuning)."""
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,12 +20,13 @@ from omegaconf import OmegaConf
 
 from cifar_exp import train
 from cifar_exp.config import TrainerConfig, build, check_trainer
+from cifar_exp.data import load_synthetic
 from cifar_exp.devices import cudnn_autotune
 from cifar_exp.errors import UserError
 from cifar_exp.models import Airbench94, Network
 from cifar_exp.run import param_groups
 from cifar_exp.train import Lookahead, Loop, Tensors, predict_logits, to_half
-from tests.conftest import compose_config, run_cli
+from tests.conftest import REPO, compose_config, run_cli
 
 
 def airbench(*overrides: str) -> Airbench94:
@@ -300,3 +306,55 @@ def test_cudnn_autotunes_fixed_shapes_on_cuda_only() -> None:
     assert cudnn_autotune(torch.device("cuda"), fixed_shapes=True)
     assert not cudnn_autotune(torch.device("cuda"), fixed_shapes=False)  # a smaller last batch
     assert not cudnn_autotune(torch.device("cpu"), fixed_shapes=True)
+
+
+# ---------------------------------------------------------------- benchmarks/airbench_anchor.py
+def anchor_module():
+    path = REPO / "benchmarks" / "airbench_anchor.py"
+    spec = importlib.util.spec_from_file_location("airbench_anchor", path)
+    module = sys.modules["airbench_anchor"] = importlib.util.module_from_spec(spec)  # for its dataclass
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_anchor_writes_our_images_as_airbench_reads_them(tmp_path: Path) -> None:
+    anchor = anchor_module()
+    data = load_synthetic(
+        train_size=60, test_size=20, noise=0.1, seed=0, root="", mean=(0.5,) * 3, std=(0.5,) * 3
+    )
+    data.train_labels, order = data.train_labels.sort()  # as an image folder loads: by class
+    data.train_images = data.train_images[order]
+    folder = anchor.write_reference_data(data, tmp_path)
+    anchor.check_reference_data(folder)
+    train = torch.load(tmp_path / "cifar10" / "train.pt", weights_only=True)
+    assert train["images"].shape == (60, 32, 32, 3) and train["classes"] == data.classes
+    assert len(train["labels"][:10].unique()) > 3  # the first (airbench's whitening sample) mix classes
+
+    def pairs(images: torch.Tensor, labels: torch.Tensor) -> set[tuple[bytes, int]]:
+        return {(x.numpy().tobytes(), int(y)) for x, y in zip(images, labels, strict=True)}
+
+    ours = pairs(data.train_images.permute(0, 2, 3, 1).contiguous(), data.train_labels)
+    assert pairs(train["images"], train["labels"]) == ours  # the same images and labels, reordered
+    test = torch.load(tmp_path / "cifar10" / "test.pt", weights_only=True)
+    assert torch.equal(test["images"], data.test_images.permute(0, 2, 3, 1))
+
+
+@pytest.mark.slow
+def test_anchor_smoke_runs_ours_on_cpu(tmp_path: Path) -> None:
+    """--smoke: tiny generated images, one seed of each of our variants for a few steps; the
+    reference is skipped (it needs CUDA) but its data files are written and read back."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "airbench_anchor.py"), "--smoke", "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reference: skipped" in result.stdout
+    for name in ("airbench94", "airbench94_half"):
+        assert re.search(rf"^{name} +1 +\d+\.\d\d% ", result.stdout, re.MULTILINE), result.stdout
+    record = json.loads((tmp_path / "anchor.json").read_text())
+    assert set(record["summary"]) == {"airbench94", "airbench94_half"}
+    assert all(run["train_s"] > 0 for runs in record["runs"].values() for run in runs)
