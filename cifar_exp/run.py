@@ -14,8 +14,9 @@ from cifar_exp import checkpoints, reports, signals
 from cifar_exp.config import build, check_trainer
 from cifar_exp.data import ImageData
 from cifar_exp.devices import cudnn_autotune, distributed, select_device, wrap_model
+from cifar_exp.precision import to_half
 from cifar_exp.tracking import identity, runs
-from cifar_exp.train import Loop, Tensors, predict_logits, prepare, to_half
+from cifar_exp.train import Loop, Tensors, predict_logits, prepare
 
 log = logging.getLogger(__name__)
 

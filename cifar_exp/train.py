@@ -21,6 +21,7 @@ from cifar_exp.config import TrainerConfig
 from cifar_exp.data import BatchOrder, ImageData, alternating_flip, augment, batches, normalise, random_flip
 from cifar_exp.devices import distributed, unwrap_model
 from cifar_exp.errors import UserError
+from cifar_exp.precision import sum_loss_hyperparameters
 
 log = logging.getLogger(__name__)
 MetricsCallback = Callable[[dict[str, float], int], None]
@@ -98,28 +99,6 @@ def _autocast(
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=getattr(torch, dtype))
     return contextlib.nullcontext()
-
-
-def to_half(model: nn.Module) -> nn.Module:
-    """airbench's precision (trainer.half): float16 weights, BatchNorm's kept in float32 (its
-    running statistics need the range; cuDNN takes float16 inputs with float32 parameters)."""
-    model.half()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.float()
-    return model
-
-
-def sum_loss_hyperparameters(optimizer: torch.optim.Optimizer, batch: int) -> None:
-    """For a loss summed over `batch` images instead of averaged (gradients `batch` times larger):
-    SGD with lr / batch and weight_decay * batch takes exactly the steps it took on the mean loss
-    (momentum, Nesterov and decay are all linear in the gradient). airbench's parametrisation;
-    with float16 gradients it keeps small ones from underflowing. Other optimizers differ."""
-    if type(optimizer) is not torch.optim.SGD:
-        raise UserError(f"trainer.half=true supports optimizer=sgd only, not {type(optimizer).__name__}")
-    for group in optimizer.param_groups:
-        group["lr"] /= batch
-        group["weight_decay"] *= batch
 
 
 @dataclass
@@ -333,7 +312,7 @@ class Loop:
         if self.random_flip or cfg.translate:
             images = augment(images, self.random_flip, cfg.translate, self.generator)
         with _autocast(images.device, cfg.autocast, cfg.autocast_dtype):
-            logits = self.model(images).float()  # a no-op unless trainer.half
+            logits = self.model(images).float()  # float16 under autocast or trainer.half: loss in float32
             loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         summed = loss * self.loss_scale if self.loss_scale != 1 else loss

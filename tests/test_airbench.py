@@ -24,8 +24,9 @@ from cifar_exp.data import load_synthetic
 from cifar_exp.devices import cudnn_autotune
 from cifar_exp.errors import UserError
 from cifar_exp.models import Airbench94, Network
+from cifar_exp.precision import to_half
 from cifar_exp.run import param_groups
-from cifar_exp.train import Lookahead, Loop, Tensors, predict_logits, to_half
+from cifar_exp.train import Lookahead, Loop, Tensors, predict_logits
 from tests.conftest import REPO, compose_config, run_cli
 
 
