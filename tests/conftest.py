@@ -69,7 +69,7 @@ def synthetic(
     *,
     train: int = 320,
     test: int = 100,
-    epochs: int = 2,
+    epochs: float = 2,
     batch: int = 32,
     log_every: int | None = 5,
     device: str | None = "cpu",
