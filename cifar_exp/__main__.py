@@ -1,5 +1,5 @@
-"""The front door: `python -m cifar_exp [overrides]` trains; `cifar-exp ui|rerun|resume|predict`
-use what MLflow recorded. Bad input ends in one line on stderr and a non-zero exit
+"""The front door: `python -m cifar_exp [overrides]` trains; `cifar-exp ui|compare|runs|rerun|resume|
+predict` use what MLflow recorded. Bad input ends in one line on stderr and a non-zero exit
 (HYDRA_FULL_ERROR=1 shows the traceback)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from cifar_exp import signals
 from cifar_exp.config import register_schemas
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-COMMANDS = ("ui", "rerun", "resume", "predict")
+COMMANDS = ("ui", "compare", "runs", "rerun", "resume", "predict")
 register_schemas()
 
 

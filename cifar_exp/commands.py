@@ -1,4 +1,5 @@
-"""Subcommands that use what MLflow recorded: `ui`, `rerun RUN_ID`, `predict RUN_ID IMAGE...`."""
+"""Subcommands that use what MLflow recorded: `ui`, `compare [SWEEP]`, `runs`, `rerun RUN_ID`,
+`resume RUN_ID`, `predict RUN_ID IMAGE...`."""
 
 from __future__ import annotations
 
@@ -8,20 +9,26 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 
-from cifar_exp import reports
+from cifar_exp import reports, sweeps
 from cifar_exp.config import TrackingConfig
 from cifar_exp.errors import UserError, first_line
-from cifar_exp.tracking import runs, store
+from cifar_exp.tracking import identity, runs, store
 
 HydraMain = Callable[[list[str], dict[str, str] | None], None]
 USAGE = {
-    "ui": "start the MLflow UI on the project's store, bound to 127.0.0.1",
+    "ui": "start the MLflow UI on the project's store, bound to 127.0.0.1, and print links to the "
+    "runs and to the latest sweep's comparison",
+    "compare": "print a sweep's runs as a table: swept values, test/acc, test/loss, training time",
+    "runs": "list the most recent runs: id, name, status, test/acc, duration",
     "rerun": "re-run a recorded run from its logged config snapshot into a new run",
     "resume": "continue an interrupted run from its last checkpoint, into the same run",
     "predict": "print the top classes of each image with a recorded run's weights",
@@ -38,6 +45,13 @@ def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
     )
     if command == "ui":
         parser.add_argument("--port", type=int, default=5000)
+    elif command == "compare":
+        parser.add_argument(
+            "sweep", nargs="?", default="latest", help="the parent run's id (or its start), or latest"
+        )
+        parser.add_argument("--csv", action="store_true", help="CSV with full keys and values, for scripts")
+    elif command == "runs":
+        parser.add_argument("--limit", type=int, default=20, help="how many runs, newest first")
     else:
         parser.add_argument("run_id", help="the MLflow run id (see the UI or the end of a run's log)")
     if command == "predict":
@@ -49,10 +63,17 @@ def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
         parser.add_argument("overrides", nargs="*", help="e.g. trainer.epochs=10 to train longer")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if command in ("ui", "compare", "runs"):  # reading: a server that does not answer is said at once
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     uri = store.tracking_uri(TrackingConfig(tracking_uri=args.tracking_uri))
     try:
         if command == "ui":
             return ui(uri, args.port)
+        if command == "compare":
+            return compare(uri, args.sweep, args.csv)
+        if command == "runs":
+            return list_runs(uri, args.limit)
         if command in ("rerun", "resume"):
             return rerun(uri, args.run_id, args.overrides, hydra_main, resume=command == "resume")
         return predict(uri, args.run_id, args.images, args.top)
@@ -62,23 +83,177 @@ def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
 
 
 def ui(uri: str, port: int) -> int:
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    if uri == store.default_store_uri():
-        store.STORE_DIR.mkdir(parents=True, exist_ok=True)
-        command += ["--default-artifact-root", (store.STORE_DIR / "artifacts").as_uri()]
-    print(f"MLflow UI on http://127.0.0.1:{port} for {uri} (Ctrl-C stops it)", flush=True)
+    """`mlflow ui` on the store, bound to 127.0.0.1; a SQLite store's new artifacts go beside it.
+    Prints the links that land on the runs (model-training view) and the latest sweep's compare
+    view: MLflow 3 opens an experiment in its GenAI view (traces) unless told otherwise."""
+    base = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    if (artifacts := store.artifact_root(uri)) is not None:
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        command += ["--default-artifact-root", artifacts, "--artifacts-destination", artifacts]
+    print(f"MLflow UI on {base} for {uri} (Ctrl-C stops it)")
+    try:
+        client = open_store(uri)
+        if store.local_store_folder(uri) is not None:
+            store.hide_default_experiment(client)  # a store made before the project hid it
+        for what, url in ui_links(client, base).items():
+            print(f"  {what:<22} {url}")
+    except UserError as e:
+        print(f"  ({e})")
+    sys.stdout.flush()
     return subprocess.call(command)
+
+
+def ui_links(client: Any, base: str, experiment_name: str | None = None) -> dict[str, str]:
+    """{what: URL}: the experiment's runs in the model-training view, and for the latest sweep its
+    parent run and the compare view of its children."""
+    experiment = find_experiment(client, experiment_name)
+    eid = experiment.experiment_id
+    view = store.MODEL_TRAINING_VIEW
+    # An empty searchFilter: the UI keeps the last search per experiment, and would show only that.
+    links = {"runs:": f"{base}/#/experiments/{eid}/runs?{view}&searchFilter="}
+    try:
+        parent = find_sweep(client, eid, "latest")
+    except UserError:
+        return links
+    children = sweeps.sweep_children(client, parent)
+    # Written as the UI writes it: JSON lists, with only their quotes escaped.
+    ids = json.dumps([c.info.run_id for c in children], separators=(",", ":"))
+    experiments = json.dumps(sorted({c.info.experiment_id for c in children} or {eid}), separators=(",", ":"))
+    query = f"{ids}&experiments={experiments}".replace('"', "%22")
+    children_first = urllib.parse.urlencode(
+        {
+            "searchFilter": f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+            "orderByKey": "metrics.`test/acc`",
+        }
+    )
+    links["latest sweep:"] = f"{base}/#/experiments/{eid}/runs/{parent.info.run_id}?{view}"
+    links["its runs, best first:"] = (
+        f"{base}/#/experiments/{eid}/runs?{view}&{children_first}&orderByAsc=false"
+    )
+    links["its runs compared:"] = f"{base}/#/compare-runs?runs={query}&{view}"
+    return links
+
+
+# ---------------------------------------------------------------- reading the store from a command
+def open_store(uri: str) -> Any:
+    """An MlflowClient on an existing store: a SQLite file that is not there is not created (one
+    line: nothing recorded yet); one that cannot be read is said in one line."""
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"nothing recorded yet: no MLflow store at {uri.removeprefix('sqlite:///')}")
+    try:
+        return MlflowClient(uri)  # opens (and for SQLite reads) the store
+    except Exception as e:  # noqa: BLE001 - a file that is not a database, a bad URI
+        raise UserError(f"the MLflow store {uri} cannot be read: {first_line(e)}") from None
+
+
+def _asking(client: Any, call: Callable[[], Any]) -> Any:
+    """call(), with a store that does not answer (or cannot be read) said in one line."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return call()
+    except Exception as e:  # MLflow's, sqlite3/SQLAlchemy's, requests': no server, not a database
+        if isinstance(e, MlflowException) and e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise UserError(f"the MLflow store {client.tracking_uri} does not answer: {first_line(e)}") from None
+
+
+def find_experiment(client: Any, name: str | None = None) -> Any:
+    name = name or TrackingConfig().experiment_name
+    experiment = _asking(client, lambda: client.get_experiment_by_name(name))
+    if experiment is None:
+        raise UserError(f"nothing recorded yet: no experiment {name} in {client.tracking_uri}")
+    return experiment
+
+
+def find_sweep(client: Any, experiment_id: str, ref: str) -> Any:
+    """The parent run of a sweep: `latest`, its run id, or the start of its id (unique)."""
+    from mlflow.exceptions import MlflowException
+
+    if ref != "latest" and len(ref) == 32:
+        try:
+            run = _asking(client, lambda: client.get_run(ref))
+        except MlflowException:
+            raise UserError(f"no run {ref} in {client.tracking_uri}") from None
+        if run.data.tags.get("sweep") != "true":
+            raise UserError(f"run {ref} ({run.info.run_name}) is not a sweep's parent run")
+        return run
+    parents = _asking(
+        client,
+        lambda: client.search_runs(
+            [experiment_id], "tags.sweep = 'true'", order_by=["attributes.start_time DESC"], max_results=1000
+        ),
+    )
+    if not parents:
+        raise UserError(f"no sweeps in {client.tracking_uri} yet (one: cifar-exp model.conv1_out=8,16,32 -m)")
+    if ref == "latest":
+        return parents[0]
+    matches = [p for p in parents if p.info.run_id.startswith(ref)]
+    if len(matches) != 1:
+        said = "no sweep" if not matches else f"{len(matches)} sweeps"
+        raise UserError(
+            f"{said} with a run id starting {ref} in {client.tracking_uri} (cifar-exp runs lists them)"
+        )
+    return matches[0]
+
+
+def compare(uri: str, ref: str, as_csv: bool) -> int:
+    """A sweep's table: what varies, final test/acc and test/loss, training time; best first."""
+    client = open_store(uri)
+    parent = find_sweep(client, find_experiment(client).experiment_id, ref)
+    children = _asking(client, lambda: sweeps.sweep_children(client, parent))
+    keys = sweeps.varying_keys(parent, children)
+    rows = sweeps.summary_rows(
+        children, keys, _asking(client, lambda: sweeps.training_seconds(client, children))
+    )
+    if as_csv:
+        sys.stdout.write(reports.csv_table(rows))
+        return 0
+    print(f"{parent.info.run_name}  ({parent.info.run_id}, {parent.info.status.lower()}, {len(rows)} runs)")
+    sys.stdout.write(reports.text_table(sweeps.display_rows(rows, keys, mark="*")) or "(no runs)\n")
+    return 0
+
+
+def list_runs(uri: str, limit: int) -> int:
+    """The newest runs of the experiment, sweeps' parents included: id, name, status, final
+    test/acc (a sweep: its best), duration."""
+    client = open_store(uri)
+    experiment = find_experiment(client)
+    found = _asking(
+        client,
+        lambda: client.search_runs(
+            [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=limit
+        ),
+    )
+    rows = []
+    for run in found:
+        acc = run.data.metrics.get("test/acc", run.data.metrics.get("best/test/acc"))
+        end = run.info.end_time or time.time() * 1000
+        name = run.info.run_name or ""
+        rows.append(
+            {
+                "run id": run.info.run_id,
+                "name": name if len(name) <= 48 else f"{name[:16]}…{name[-31:]}",  # keep the end: what varied
+                "status": run.info.status,
+                "test/acc": "" if acc is None else sweeps.ACC_FORMAT.format(acc),
+                "duration": _duration((end - run.info.start_time) / 1000),
+            }
+        )
+    sys.stdout.write(reports.text_table(rows) or f"no runs in {uri} yet\n")
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _download(uri: str, run_id: str, artifact: str, dest: str) -> Path:
@@ -118,12 +293,46 @@ def rerun(uri: str, run_id: str, overrides: list[str], hydra_main: HydraMain, re
             "hydra": hydra_settings.get("hydra", {}),
         }
         Path(tmp, "rerun.yaml").write_text(yaml.safe_dump(primary, sort_keys=False))
+        original = MlflowClient(uri).get_run(run_id)
+        check_code(uri, original, tmp)
         tags = None
         if not resume:
-            original = MlflowClient(uri).get_run(run_id)
             tags = {"rerun_of": run_id, "mlflow.runName": f"rerun:{original.info.run_name}"}
         hydra_main(["--config-dir", tmp, "--config-name", "rerun", *overrides], tags)
     return 0
+
+
+def check_code(uri: str, run: Any, tmp: str) -> bool:
+    """Whether this checkout runs the code `run` ran: its commit plus its uncommitted diff. If not,
+    says so on stderr with the commands that restore it (the diff saved to a file to apply);
+    silent outside git or for a run recorded outside git."""
+    recorded, run_id = run.data.tags.get("git_commit", "unknown"), run.info.run_id
+    commit, dirty = identity.git_state()
+    if "unknown" in (recorded, commit):
+        return True
+    diff: str | None = ""
+    if run.data.tags.get("git_dirty") == "True":
+        try:
+            diff = _download(uri, run_id, identity.DIFF_ARTIFACT, tmp).read_text()
+        except UserError:
+            diff = None  # recorded before the diff was kept
+    if commit == recorded and diff == (identity.uncommitted_diff() if dirty else ""):
+        return True
+    restore = f"git checkout {recorded[:12]}"
+    if diff:
+        saved = Path(tempfile.gettempdir()) / f"cifar_exp-{run_id[:8]}.diff"
+        saved.write_text(diff)
+        restore += f" && git apply {saved}"
+    changes = {"": "", None: " with uncommitted changes it did not record"}.get(
+        diff, " plus its uncommitted diff"
+    )
+    print(
+        f"warning: this code is not what run {run_id} ran (commit {recorded[:12]}{changes}); "
+        f"to run that code, from a clean checkout: {restore}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return False
 
 
 def predict(uri: str, run_id: str, images: list[str], top: int) -> int:

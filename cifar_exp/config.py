@@ -156,7 +156,9 @@ class DeviceConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 2
+    # may be fractional (airbench: 9.9): training stops after ceil(epochs * steps per epoch) steps,
+    # the last epoch cut short (and still evaluated); the lr schedule spans those steps
+    epochs: float = 2
     batch_size: int = 4  # images per optimizer step
     log_every_n_steps: int = 2000  # mean training loss printed and logged over this many steps
     test_batch_size: int = 1000  # evaluation only: no gradients, so larger batches are cheaper
@@ -164,11 +166,18 @@ class TrainerConfig:
     warmup_fraction: float = 0.2  # onecycle only: share of all steps spent warming up
     label_smoothing: float = 0.0
     flip: bool = False  # random horizontal flips of training batches
+    # with flip: mirror each image at random once, then the whole set on every second epoch, so each
+    # is seen both ways round every two epochs (airbench's alternating flip, about +0.2 points)
+    alternate_flip: bool = False
     translate: int = 0  # random shifts of training batches by up to this many pixels
     channels_last: bool = False
     compile: bool = False  # torch.compile the model (slower to start; pays off on long runs)
     autocast: bool = False  # mixed precision on CUDA
     autocast_dtype: AutocastDtype = AutocastDtype.bfloat16
+    # airbench's precision instead of autocast: float16 weights (BatchNorm float32), no GradScaler;
+    # the loss is summed over the batch (with SGD's lr / batch and weight_decay * batch, the same
+    # steps) so small gradients stay within float16's range
+    half: bool = False
     drop_last: bool = False  # skip a last training batch smaller than batch_size
     tta: int = 0  # test-time augmentation: 0 none, 1 + mirror, 2 + mirror and 1-pixel shifts
     lookahead: bool = False  # pull weights onto their moving average every 5 steps (airbench)

@@ -282,13 +282,25 @@ def normalise(
     return ((images.float() / 255 - mean_t) / std_t).to(dtype)
 
 
+def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image mirrored left-right with probability 1/2."""
+    mask = torch.rand(len(images), generator=generator, device=generator.device) < 0.5
+    return torch.where(mask.view(-1, 1, 1, 1).to(images.device), images.flip(-1), images)
+
+
+def alternating_flip(images: torch.Tensor, epoch: int) -> torch.Tensor:
+    """airbench's alternating flip for epoch `epoch` (1-based) of a training set that random_flip
+    mirrored once before training: odd epochs see that set, even epochs all of it mirrored, so
+    every image is seen both ways round every two epochs (random flips repeat some orientations)."""
+    return images if epoch % 2 else images.flip(-1)
+
+
 def augment(images: torch.Tensor, flip: bool, translate: int, generator: torch.Generator) -> torch.Tensor:
     """Random horizontal flips and random shifts of up to `translate` pixels (reflect-padded),
     on a whole batch at once."""
     n = len(images)
     if flip:
-        mask = torch.rand(n, generator=generator, device=generator.device) < 0.5
-        images = torch.where(mask.view(-1, 1, 1, 1).to(images.device), images.flip(-1), images)
+        images = random_flip(images, generator)
     if translate:
         t = translate
         padded = F.pad(images, (t, t, t, t), mode="reflect")

@@ -39,6 +39,14 @@ def select_device(cfg: DeviceConfig, batch_size: int) -> torch.device:
     return torch.device("cpu")
 
 
+def cudnn_autotune(device: torch.device, fixed_shapes: bool) -> bool:
+    """Whether to set torch.backends.cudnn.benchmark: cuDNN then times its convolution algorithms
+    on the first batch of each new shape and keeps the fastest. That pays on CUDA when every
+    training batch has one shape (trainer.drop_last); with a smaller last batch it would time
+    that shape too, and on CPU the flag does nothing."""
+    return device.type == "cuda" and fixed_shapes
+
+
 def _init_distributed(cfg: DeviceConfig) -> torch.device:
     """Joins the process group torchrun set up: NCCL on GPUs (one per local rank), gloo on CPU."""
     import os

@@ -80,6 +80,9 @@ class CNN(Network):
 
 
 # ---------------------------------------------------------------- airbench94
+WHITENING_SAMPLE = 5000  # training images whose 2x2 patches set the whitening layer (airbench's)
+
+
 class _BatchNorm(nn.BatchNorm2d):
     """airbench's BatchNorm: no learned scale, a learned shift, tiny eps."""
 
@@ -140,6 +143,7 @@ class Airbench94(Network):
             )
         self.whiten = nn.Conv2d(3, whiten_width, kernel_size=2, padding=0, bias=True)
         self.whiten.weight.requires_grad = False  # set from the data by fit_to_data()
+        nn.init.zeros_(self.whiten.bias)  # as airbench: its Conv zeroes every bias
         self.layers = nn.Sequential(
             nn.GELU(),
             _ConvGroup(whiten_width, block1, batchnorm_momentum),
@@ -154,8 +158,11 @@ class Airbench94(Network):
         return self.head(self.layers(self.whiten(x))) / 9
 
     def fit_to_data(self, train_images: torch.Tensor) -> None:
-        """airbench's recipe: whiten with the patches of the first 5000 training images."""
-        self.init_whitening(train_images[:5000])
+        """airbench's recipe: whiten with the patches of 5000 training images. airbench takes the
+        first 5000 of CIFAR-10's file, whose order is already random; here they are drawn at random
+        from torch's seeded generator, since a folder of images comes sorted by class."""
+        sample = torch.randperm(len(train_images), device=train_images.device)[:WHITENING_SAMPLE]
+        self.init_whitening(train_images[sample])
 
     def start_epoch(self, epoch: int) -> None:
         """The whitening bias trains for the first `whiten_bias_epochs` epochs only."""

@@ -170,28 +170,123 @@ def csv_table(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
-def sweep_figure(rows: list[dict[str, Any]], numeric_keys: list[str], metric: str = "test/acc") -> Any:
-    """One panel per swept numeric key: `metric` of every finished child against that key."""
+def text_table(rows: list[dict[str, Any]]) -> str:
+    """Rows as aligned columns for a terminal: a value that reads as a number is right-aligned."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    cells = [[str(r.get(k, "")) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(row[i]) for row in cells)) for i, k in enumerate(keys)]
+    numeric = [all(_number(row[i]) is not None or row[i] == "" for row in cells) for i in range(len(keys))]
+
+    def line(values: list[str]) -> str:
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(keys), *(line(row) for row in cells)]) + "\n"
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _axis(values: list[Any]) -> tuple[list[float], list[str] | None, bool]:
+    """Where each value goes on an axis: numbers at themselves (log scale when all positive and
+    spanning more than 20x), anything else at 0, 1, 2... in first-seen order with its label."""
+    numbers = [_number(v) for v in values]
+    if all(n is not None for n in numbers):
+        log = min(numbers) > 0 and max(numbers) > 20 * min(numbers)
+        return numbers, None, log
+    labels = list(dict.fromkeys(str(v) for v in values))
+    return [float(labels.index(str(v))) for v in values], labels, False
+
+
+def sweep_figure(
+    rows: list[dict[str, Any]], keys: list[str], names: dict[str, str] | None = None, metric: str = "test/acc"
+) -> Any:
+    """`metric` of the children against what the sweep varies: a heatmap when exactly two keys
+    vary over a grid, else one panel per key (every child a dot, the mean per value a line, the
+    best a star). Sized to be read in MLflow's artifact preview: panels of about 480x360 px, at
+    most two a row."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(
-        1, max(1, len(numeric_keys)), figsize=(4.5 * max(1, len(numeric_keys)), 3.5), squeeze=False
-    )
-    for ax, key in zip(axes.flat, numeric_keys, strict=False):
-        points = sorted(
-            (float(r[key]), float(r[metric]))
-            for r in rows
-            if r.get(metric) not in (None, "") and r.get(key) not in (None, "")
-        )
-        if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, "o")
-        ax.set_xlabel(key)
-        ax.set_ylabel(metric)
+    names = names or {k: k for k in keys}
+    done = [r for r in rows if _number(r.get(metric)) is not None]
+    best = next((r for r in done if r.get("best")), None)
+    if len(keys) == 2 and all(len({str(r[k]) for r in done}) > 1 for k in keys):
+        return _heatmap(plt, done, keys, names, metric, best)
+    columns = min(2, max(1, len(keys)))
+    rows_n = (max(1, len(keys)) + columns - 1) // columns
+    fig, axes = plt.subplots(rows_n, columns, figsize=(4.8 * columns, 3.6 * rows_n), dpi=100, squeeze=False)
+    for ax in axes.flat[len(keys) :]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        xs, labels, log = _axis([r[key] for r in done])
+        ys = [float(r[metric]) for r in done]
+        ax.plot(xs, ys, "o", color="tab:blue", alpha=0.6)
+        means: dict[float, list[float]] = {}
+        for x, y in zip(xs, ys, strict=True):
+            means.setdefault(x, []).append(y)
+        if len(means) < len(xs) or len(means) <= 12:  # a grid: join the means; a search: dots only
+            line = sorted((x, sum(v) / len(v)) for x, v in means.items())
+            ax.plot(*zip(*line, strict=True), "-", color="tab:blue", alpha=0.8, label="mean")
+        if best is not None:
+            ax.plot(xs[done.index(best)], float(best[metric]), "*", color="tab:red", ms=14, label="best")
+            ax.legend(loc="best", fontsize=9)
+        if labels is not None:
+            ax.set_xticks(range(len(labels)), labels, rotation=20 if len(labels) > 4 else 0)
+        elif log:
+            ax.set_xscale("log")
+        elif len(set(xs)) <= 12:
+            ax.set_xticks(sorted(set(xs)))
+        ax.set_xlabel(names[key], fontsize=11)
+        ax.set_ylabel(metric, fontsize=11)
         ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _heatmap(
+    plt: Any, rows: list[dict[str, Any]], keys: list[str], names: dict[str, str], metric: str, best: Any
+) -> Any:
+    """`metric` over a two-key grid: one cell per pair of values (the mean if several runs), each
+    written in its cell; the best boxed."""
+    x_key, y_key = keys
+
+    def rank(value: str) -> tuple[bool, float, str]:  # numbers by size, then words by name
+        return _number(value) is None, _number(value) or 0.0, value
+
+    order = {k: sorted({str(r[k]) for r in rows}, key=rank) for k in keys}
+    grid = np.full((len(order[y_key]), len(order[x_key])), np.nan)
+    cells: dict[tuple[int, int], list[float]] = {}
+    for r in rows:
+        cell = (order[y_key].index(str(r[y_key])), order[x_key].index(str(r[x_key])))
+        cells.setdefault(cell, []).append(float(r[metric]))
+    for (i, j), values in cells.items():
+        grid[i, j] = sum(values) / len(values)
+    width = min(9.6, 2.4 + 1.1 * len(order[x_key]))
+    fig, ax = plt.subplots(figsize=(width, min(7.2, 1.6 + 0.8 * len(order[y_key]))), dpi=100)
+    image = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+    fig.colorbar(image, ax=ax, label=metric)
+    finite = grid[np.isfinite(grid)]
+    middle = (finite.min() + finite.max()) / 2 if finite.size else 0
+    for (i, j), _ in cells.items():
+        colour = "black" if grid[i, j] > middle else "white"
+        ax.text(j, i, f"{grid[i, j]:.4f}", ha="center", va="center", color=colour, fontsize=10)
+    if best is not None:
+        i, j = order[y_key].index(str(best[y_key])), order[x_key].index(str(best[x_key]))
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+    ax.set_xticks(range(len(order[x_key])), order[x_key])
+    ax.set_yticks(range(len(order[y_key])), order[y_key])
+    ax.set_xlabel(names[x_key], fontsize=11)
+    ax.set_ylabel(names[y_key], fontsize=11)
+    ax.set_title(f"{metric} (best boxed)", fontsize=11)
     fig.tight_layout()
     return fig
 

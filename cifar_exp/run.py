@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from cifar_exp import checkpoints, reports, signals
 from cifar_exp.config import build
 from cifar_exp.data import ImageData
-from cifar_exp.devices import distributed, select_device, wrap_model
+from cifar_exp.devices import cudnn_autotune, distributed, select_device, wrap_model
+from cifar_exp.precision import to_half
 from cifar_exp.tracking import identity, runs
 from cifar_exp.train import Loop, Tensors, predict_logits, prepare
 from cifar_exp.validation import check_batch_size, validate
@@ -34,10 +35,11 @@ def load_data(dataset_yaml: str) -> ImageData:
 
 
 @functools.lru_cache(maxsize=1)
-def prepare_data(dataset_yaml: str, device: str, channels_last: bool) -> Tensors:
-    """The dataset normalised on its device, once per process for all jobs that share it
-    (training never writes into these tensors)."""
-    return prepare(load_data(dataset_yaml), torch.device(device), channels_last)
+def prepare_data(dataset_yaml: str, device: str, channels_last: bool, half: bool) -> Tensors:
+    """The dataset normalised on its device (in float16 for trainer.half), once per process for
+    all jobs that share it (training never writes into these tensors)."""
+    dtype = torch.float16 if half else torch.float32
+    return prepare(load_data(dataset_yaml), torch.device(device), channels_last, dtype)
 
 
 def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]:
@@ -59,8 +61,12 @@ def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]
     data = load_data(OmegaConf.to_yaml(cfg.dataset))
     check_batch_size(cfg, len(data.train_images))
     net = build(cfg.model, num_classes=len(data.classes))
-    tensors = prepare_data(OmegaConf.to_yaml(cfg.dataset), str(device), cfg.trainer.channels_last)
+    dataset_yaml, trainer = OmegaConf.to_yaml(cfg.dataset), cfg.trainer
+    tensors = prepare_data(dataset_yaml, str(device), trainer.channels_last, trainer.half)
     net.fit_to_data(tensors.train_images)  # airbench: its first layer whitens patches of the data
+    if trainer.half:  # after the whitening is set in float32, as airbench
+        net = to_half(net)
+    torch.backends.cudnn.benchmark = cudnn_autotune(device, trainer.drop_last)
     if cfg.trainer.channels_last:
         net = net.to(memory_format=torch.channels_last)
     model, gpus = wrap_model(net, device, cfg.device.data_parallel)

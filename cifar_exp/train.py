@@ -4,6 +4,7 @@ to MLflow; whoever calls them passes `on_metrics(metrics, step)` to receive what
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -17,9 +18,10 @@ from tqdm import tqdm
 
 from cifar_exp import signals
 from cifar_exp.config import TrainerConfig
-from cifar_exp.data import BatchOrder, ImageData, augment, batches, normalise
+from cifar_exp.data import BatchOrder, ImageData, alternating_flip, augment, batches, normalise, random_flip
 from cifar_exp.devices import distributed, unwrap_model
 from cifar_exp.errors import UserError
+from cifar_exp.precision import sum_loss_hyperparameters
 
 log = logging.getLogger(__name__)
 MetricsCallback = Callable[[dict[str, float], int], None]
@@ -39,11 +41,13 @@ class Tensors:
     test_labels: torch.Tensor
 
 
-def prepare(data: ImageData, device: torch.device, channels_last: bool = False) -> Tensors:
-    """uint8 -> normalised float32 on `device`, once per run (batches are then just slices)."""
+def prepare(
+    data: ImageData, device: torch.device, channels_last: bool = False, dtype: torch.dtype = torch.float32
+) -> Tensors:
+    """uint8 -> normalised `dtype` on `device`, once per run (batches are then just slices)."""
 
     def move(images: torch.Tensor) -> torch.Tensor:
-        x = normalise(images.to(device), data.mean, data.std, torch.float32)
+        x = normalise(images.to(device), data.mean, data.std, dtype)
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     return Tensors(
@@ -57,17 +61,21 @@ def prepare(data: ImageData, device: torch.device, channels_last: bool = False) 
 class Lookahead:
     """hlb-cifar10/airbench's lookahead: every 5 steps the weights and BatchNorm statistics are
     pulled onto an exponential moving average of themselves, harder as training ends (decay
-    0.95^5 * progress^3); at the last step the model becomes the average."""
+    0.95^5 * progress^3); after the last step the model becomes the average (as in airbench, a
+    last step that is a multiple of 5 first takes its regular pull)."""
 
     def __init__(self, model: nn.Module, total_steps: int) -> None:
         self.average = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.total_steps = total_steps
 
-    @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        if step % 5 and step < self.total_steps:
-            return
-        decay = 1.0 if step >= self.total_steps else 0.95**5 * (step / self.total_steps) ** 3
+        if step % 5 == 0:
+            self._pull(model, 0.95**5 * (step / self.total_steps) ** 3)
+        if step >= self.total_steps:
+            self._pull(model, 1.0)
+
+    @torch.no_grad()
+    def _pull(self, model: nn.Module, decay: float) -> None:
         for average, current in zip(self.average.values(), model.state_dict().values(), strict=True):
             if current.dtype.is_floating_point:
                 average.lerp_(current, 1 - decay)
@@ -153,10 +161,11 @@ def _finite(value: float, step: int, lr: float) -> float:
     return value
 
 
-def _progress_bar(progress: Progress, steps_per_epoch: int) -> tqdm:
-    """The epoch's bar, on a terminal only; it starts at the steps a resumed epoch already did."""
+def _progress_bar(progress: Progress, steps: int) -> tqdm:
+    """The epoch's bar of `steps` steps, on a terminal only; it starts at the steps a resumed
+    epoch already did."""
     return tqdm(
-        total=steps_per_epoch,
+        total=steps,
         initial=progress.epoch_step,
         unit="step",
         leave=False,
@@ -191,13 +200,24 @@ class Loop:
             )
         self.order = BatchOrder(cfg.batch_size, cfg.drop_last, self.rank, self.world)
         self.steps_per_epoch = self.order.steps(len(data.train_images))
-        total = self.steps_per_epoch * cfg.epochs
+        # fractional epochs (airbench's 9.9) as airbench counts them: the last epoch is cut short
+        self.total_steps = total = math.ceil(self.steps_per_epoch * cfg.epochs)
+        self.epochs = math.ceil(total / self.steps_per_epoch)
+        self.loss_scale = 1  # trainer.half: the loss summed over each process's batch
+        if cfg.half:
+            self.loss_scale = cfg.batch_size // self.world
+            sum_loss_hyperparameters(optimizer, self.loss_scale)  # before the scheduler reads lr
         self.scheduler = None
         if cfg.lr_schedule != "constant":
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda s: lr_factor(cfg.lr_schedule, s, total, cfg.warmup_fraction)
             )
         self.lookahead = Lookahead(model, total) if cfg.lookahead else None
+        self.random_flip = cfg.flip and not cfg.alternate_flip
+        self.train_images = data.train_images
+        if cfg.flip and cfg.alternate_flip:  # each image's first orientation, drawn once: the
+            # generator is fresh here, so a resumed run (which restores it later) draws the same
+            self.train_images = random_flip(data.train_images, generator)
         float16 = cfg.autocast and cfg.autocast_dtype == "float16"
         self.scaler = torch.amp.GradScaler(data.train_images.device.type, enabled=float16)
         self.progress = Progress()
@@ -229,7 +249,7 @@ class Loop:
         """Trains to cfg.epochs, evaluating after each epoch; returns the last epoch's metrics
         and the confusion matrix."""
         metrics, confusion = {}, torch.zeros(0)
-        while self.progress.epoch <= self.cfg.epochs:
+        while self.progress.epoch <= self.epochs:
             epoch = self.progress.epoch
             metrics = self.train_epoch()
             started = time.perf_counter()
@@ -245,7 +265,7 @@ class Loop:
             )
             metrics.update(test_metrics, **{"time/eval_s": time.perf_counter() - started})
             log.info(
-                f"epoch {epoch}/{self.cfg.epochs}: train loss {metrics['train/loss_epoch']:.3f}, "
+                f"epoch {epoch}/{self.epochs}: train loss {metrics['train/loss_epoch']:.3f}, "
                 f"test loss {metrics['test/loss']:.3f}, test acc {100 * metrics['test/acc']:.1f}%, "
                 f"{metrics['throughput/images_per_s']:,.0f} images/s"
             )
@@ -256,15 +276,19 @@ class Loop:
         return metrics, confusion
 
     def train_epoch(self) -> dict[str, float]:
-        """The rest of the current epoch (all of it unless resuming mid-epoch)."""
-        cfg, p, images, labels = self.cfg, self.progress, self.data.train_images, self.data.train_labels
+        """The rest of the current epoch (all of it unless resuming mid-epoch; the last one stops
+        at the run's step count)."""
+        cfg, p, images, labels = self.cfg, self.progress, self.train_images, self.data.train_labels
         self.model.train()
         unwrap_model(self.model).start_epoch(p.epoch)
+        if cfg.flip and cfg.alternate_flip:
+            images = alternating_flip(images, p.epoch)
         if p.epoch_rng is None:  # a fresh epoch; a resumed one replays its saved order
             p.epoch_rng = self.generator.get_state()
         epoch = self.order.epoch(images, labels, self.generator, p.epoch_rng, skip=p.epoch_step)
+        epoch = itertools.islice(epoch, max(0, self.total_steps - p.step))
         losses = LossSums(p, images.device, self.world)
-        bar = _progress_bar(p, self.steps_per_epoch)
+        bar = _progress_bar(p, min(self.steps_per_epoch, self.total_steps - (p.step - p.epoch_step)))
         started, seen = time.perf_counter(), 0
         for x, y in epoch:
             losses.add(self.train_step(x, y, p.step))
@@ -285,12 +309,14 @@ class Loop:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
         cfg = self.cfg
-        if cfg.flip or cfg.translate:
-            images = augment(images, cfg.flip, cfg.translate, self.generator)
+        if self.random_flip or cfg.translate:
+            images = augment(images, self.random_flip, cfg.translate, self.generator)
         with _autocast(images.device, cfg.autocast, cfg.autocast_dtype):
-            loss = F.cross_entropy(self.model(images), labels, label_smoothing=cfg.label_smoothing)
+            logits = self.model(images).float()  # float16 under autocast or trainer.half: loss in float32
+            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()  # float16 only: scaled so small gradients do not underflow
+        summed = loss * self.loss_scale if self.loss_scale != 1 else loss
+        self.scaler.scale(summed).backward()  # autocast float16: scaled so small gradients do not underflow
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.scheduler is not None:
@@ -321,7 +347,7 @@ class Loop:
 
     def _lr(self) -> float:
         """The learning rate of the last parameter group, for error messages."""
-        return self.optimizer.param_groups[-1]["lr"]
+        return self.optimizer.param_groups[-1]["lr"] * self.loss_scale
 
 
 @torch.no_grad()

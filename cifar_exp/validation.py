@@ -88,7 +88,7 @@ RANGES = {  # a key absent from the composed config (another option's key) is no
     "optimizer.momentum": Range(0, 1, high_open=True),
     "optimizer.betas": Range(0, 1, high_open=True),
     "device.threads": Range(0, MAX_THREADS, note="0: automatic"),
-    "trainer.epochs": Range(1, MAX_EPOCHS),
+    "trainer.epochs": Range(0, MAX_EPOCHS, low_open=True, note="fractions allowed, e.g. 9.9"),
     # No upper bound: a batch never holds more than the training set (check_batch_size says so).
     "trainer.batch_size": Range(1),
     "trainer.log_every_n_steps": Range(1),
@@ -164,6 +164,11 @@ def _validate_combinations(values: dict[str, Any]) -> None:
         raise UserError(
             f"mlflow.tracking_uri={uri}: not a URI; use sqlite:///path/mlflow.db, http://host:5000, or "
             "null for the default (a plain folder is MLflow's file store, which MLflow 3 refuses)"
+        )
+    trainer = values.get("trainer") or {}
+    if trainer.get("half") and trainer.get("autocast"):
+        raise UserError(
+            "trainer.half=true trains float16 weights, without autocast: add trainer.autocast=false"
         )
     width = _get(values, "model.whiten_width")
     if width is not None and width % 2:

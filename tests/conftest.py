@@ -1,16 +1,27 @@
-"""Shared fixtures: a temporary MLflow store for every test, the CLI in a subprocess, Hydra's
-compose API, and generated datasets in the formats users bring (CIFAR-10 pickles, PNG folders)."""
+"""The one test harness: a temporary MLflow store for every test; commands in a subprocess (their
+environment, blocking and background runs); a real `mlflow server`; the store read back the way a
+user would; Hydra's compose API; and generated datasets in the formats users bring (CIFAR-10
+pickles, PNG folders)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import pickle
+import re
+import shutil
+import signal
+import socket
 import struct
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -18,6 +29,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO / "conf"
+T = TypeVar("T")
 
 CIFAR10_CLASSES = [
     "airplane",
@@ -32,6 +44,19 @@ CIFAR10_CLASSES = [
     "truck",
 ]
 CIFAR_PER_BATCH = 20  # images per data_batch_N and in test_batch (the real files hold 10000)
+SYNTHETIC_CLASSES = [f"class_{i}" for i in range(10)]  # dataset=synthetic's class names
+PNG = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
+FIGURES = {"figures/train_samples.png", "figures/test_predictions.png", "figures/confusion_matrix.png"}
+RUN_ARTIFACTS = FIGURES | {  # what every tracked run records
+    "config/config.yaml",
+    "config/hydra/config.yaml",
+    "config/hydra/hydra.yaml",
+    "config/hydra/overrides.yaml",
+    "tables/per_class_accuracy.md",
+    "tables/per_class_accuracy.csv",
+    "model/state_dict.pt",
+    "model/classes.json",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -40,10 +65,67 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
-# ---------------------------------------------------------------- MLflow store and the CLI
+def synthetic(
+    *,
+    train: int = 320,
+    test: int = 100,
+    epochs: float = 2,
+    batch: int = 32,
+    log_every: int | None = 5,
+    device: str | None = "cpu",
+) -> list[str]:
+    """The overrides of a small run on generated data (10 classes, learnt within an epoch); on
+    the CPU every machine computes the same numbers, so runs can be compared exactly."""
+    overrides = [
+        "dataset=synthetic",
+        f"dataset.train_size={train}",
+        f"dataset.test_size={test}",
+        f"trainer.epochs={epochs}",
+        f"trainer.batch_size={batch}",
+    ]
+    if log_every is not None:
+        overrides.append(f"trainer.log_every_n_steps={log_every}")
+    return overrides + ([f"device={device}"] if device else [])
+
+
+# What a run prints: Hydra's job log (loss lines, epoch summaries) and the tutorial's closing report.
+TOTAL = re.compile(r"^Accuracy of the network on the (\d+) test images: (\d+) %$", re.M)
+PER_CLASS = re.compile(r"^Accuracy of\s+(\S+) :\s+(\d+) %$", re.M)
+LOSS = re.compile(r"^\[\d+,\s+\d+\] loss: \d+\.\d+$", re.M)
+EPOCH = re.compile(r"^epoch \d+/\d+: train loss [\d.]+, test loss [\d.]+, test acc [\d.]+%", re.M)
+
+
+def accuracy_report(stdout: str) -> tuple[int, int, dict[str, int]]:
+    """(test images, overall %, {class: %}) from the closing report; exactly one report."""
+    totals = TOTAL.findall(stdout)
+    assert len(totals) == 1, stdout
+    per_class = {name: int(acc) for name, acc in PER_CLASS.findall(stdout)}
+    return int(totals[0][0]), int(totals[0][1]), per_class
+
+
+def wait_until(condition: Callable[[], T], timeout: float = 120, what: str = "the condition") -> T:
+    """Polls `condition` until it returns something truthy, and returns that. The deadline is
+    generous (the machine may be busy): reaching it is a failure, never a measurement."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"waited {timeout:.0f} s for {what}"
+        time.sleep(0.1)
+    return value
+
+
+# ---------------------------------------------------------------- the MLflow store of every test
+@pytest.fixture(autouse=True, scope="session")
+def session_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """No test, fixture or command tracks into the repo's mlruns/ or the user's own store."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('session_store')}/mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
+
+
 @pytest.fixture(autouse=True)
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test (and every subprocess it starts) tracks into tmp_path, never the repo's mlruns/."""
+    """Every test (and every command it starts, unless told otherwise) tracks into tmp_path."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
@@ -68,36 +150,296 @@ def decoded_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
-def run_cli(
-    *overrides: str,
-    cwd: Path,
-    env: dict[str, str] | None = None,
-    timeout: float = 120,
-) -> subprocess.CompletedProcess[str]:
-    """`python -m cifar_exp OVERRIDES...` in `cwd` (Hydra writes outputs/ and multirun/ there).
-    The environment is this process's (so the test's MLFLOW_TRACKING_URI) updated with `env`."""
-    inherited = {  # without sweep state, with the test's cache folder
-        k: v for k, v in os.environ.items() if not k.startswith("CIFAR_EXP_") or k == "CIFAR_EXP_CACHE_DIR"
-    }
-    full_env = {
-        **inherited,
-        "OMP_NUM_THREADS": "1",  # see pytest_configure
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        **(env or {}),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "cifar_exp", *overrides],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+# ---------------------------------------------------------------- commands in a subprocess
+# Never inherited by a command: sweep state (CIFAR_EXP_*), another store or MLflow's client
+# settings (MLFLOW_*), HYDRA_FULL_ERROR. A test sets what it means to.
+STRIPPED_ENV = ("CIFAR_EXP_", "MLFLOW_", "HYDRA_")
+
+
+def cli_env(**extra: str | None) -> dict[str, str]:
+    """The environment of every command a test starts: this process's less STRIPPED_ENV, this
+    checkout first on the path, one torch thread (see pytest_configure; the commands share the
+    cores), output unbuffered (a test watches it), tracking into this test's store; then `extra`,
+    where None unsets a variable."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(STRIPPED_ENV) or k == "CIFAR_EXP_CACHE_DIR"
+    }  # the test's own decoded-dataset cache (the fixtures above) is kept
+    env.update(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        MLFLOW_TRACKING_URI=os.environ["MLFLOW_TRACKING_URI"],  # set by the fixtures above
     )
+    env.update(extra)
+    return {k: v for k, v in env.items() if v is not None}
+
+
+@dataclass
+class Command:
+    """A command running in the background. Its stdout and stderr go to files (a pipe nobody reads
+    can fill and stall it), so a test can watch them while it runs."""
+
+    proc: subprocess.Popen
+    cwd: Path  # where it runs: Hydra's outputs/ and multirun/ are in it
+    out: Path
+    err: Path
+
+    def output(self) -> str:
+        """stdout and stderr so far (Hydra's job log goes to stdout, warnings to stderr)."""
+        return self.out.read_text() + self.err.read_text()
+
+    def wait_for(self, pattern: str, timeout: float = 240) -> re.Match:
+        """Until a line of the output matches `pattern`; fails if the command ends first."""
+        regex = re.compile(pattern, re.MULTILINE)
+
+        def seen() -> re.Match | None:
+            running = self.proc.poll() is None  # before reading: what it printed is all there
+            match = regex.search(self.output())
+            assert match or running, f"exit {self.proc.returncode} before {pattern!r}:\n{self.output()}"
+            return match
+
+        return wait_until(seen, timeout, f"{pattern!r} in the output of {self.proc.args}")
+
+    def result(self, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Waits for the command (killing it after `timeout`) and returns what it did."""
+        try:
+            self.proc.wait(timeout)
+        finally:
+            self.stop()
+        return subprocess.CompletedProcess(
+            self.proc.args, self.proc.returncode, self.out.read_text(), self.err.read_text()
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start(argv: list[str], cwd: Path, env: dict[str, str | None] | None = None) -> Command:
+    """`argv` in the background in `cwd`, in cli_env() updated with `env`; its output goes to
+    hidden files in `cwd`."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    n = len(list(cwd.glob(".command-*.out")))
+    out, err = cwd / f".command-{n}.out", cwd / f".command-{n}.err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen(argv, cwd=cwd, env=cli_env(**(env or {})), stdout=stdout, stderr=stderr)
+    return Command(proc, cwd, out, err)
+
+
+def start_cli(*args: str, cwd: Path, env: dict[str, str | None] | None = None) -> Command:
+    """`python -m cifar_exp ARGS...` in the background (Hydra writes outputs/ and multirun/ in cwd)."""
+    return start([sys.executable, "-m", "cifar_exp", *args], cwd, env)
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str | None] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`python -m cifar_exp ARGS...` to its end."""
+    return start_cli(*args, cwd=cwd, env=env).result(timeout)
 
 
 @pytest.fixture(name="run_cli", scope="session")
 def run_cli_fixture() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run_cli
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    """The command exited 0; else the failure shows its output."""
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def signal_ignored(signum: int) -> bool:
+    """Inherited as ignored (e.g. pytest started with `&`): a command would ignore it too."""
+    return signal.getsignal(signum) is signal.SIG_IGN
+
+
+# ---------------------------------------------------------------- stores, read back as a user would
+@dataclass
+class Store:
+    """An MLflow store read back through MlflowClient. A temporary SQLite store also has a
+    `root` (mlflow.db, its artifacts in artifacts/) and a `cwd` to run commands from."""
+
+    uri: str
+    root: Path | None = None
+    _client: Any = field(default=None, init=False, repr=False)
+
+    @property
+    def cwd(self) -> Path:
+        assert self.root is not None, f"{self.uri} is not a temporary SQLite store"
+        return self.root / "cwd"
+
+    def client(self) -> Any:
+        """Open it only once its file exists (a client on a missing SQLite file creates the tables,
+        racing a command doing the same)."""
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(self.uri)
+        return self._client
+
+    def runs(self, experiment: str = "cifar_exp") -> list[Any]:
+        """The experiment's runs in start order (none if it does not exist)."""
+        found = self.client().get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        return self.client().search_runs(
+            [found.experiment_id], max_results=1000, order_by=["attributes.start_time ASC"]
+        )
+
+    def run(self, run_id: str) -> Any:
+        return self.client().get_run(run_id)
+
+    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every point of one metric, by step."""
+        return sorted((m.step, m.value) for m in self.client().get_metric_history(run_id, key))
+
+    def artifacts(self, run_id: str, path: str | None = None) -> set[str]:
+        """Every artifact file of the run (under `path`), as paths relative to its root."""
+        found: set[str] = set()
+        for item in self.client().list_artifacts(run_id, path):
+            found |= self.artifacts(run_id, item.path) if item.is_dir else {item.path}
+        return found
+
+    def download(self, run_id: str, artifact: str, dest: Path) -> Path:
+        return Path(self.client().download_artifacts(run_id, artifact, str(dest)))
+
+    def start_cli(
+        self, *args: str, cwd: Path | None = None, env: dict[str, str | None] | None = None
+    ) -> Command:
+        """`python -m cifar_exp ARGS...` in the background, tracking into this store (run from
+        its cwd unless told otherwise)."""
+        return start_cli(*args, cwd=cwd or self.cwd, env={"MLFLOW_TRACKING_URI": self.uri, **(env or {})})
+
+    def run_cli(
+        self, *args: str, cwd: Path | None = None, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        return self.start_cli(*args, cwd=cwd).result(timeout)
+
+
+@dataclass
+class Sweep:
+    """A sweep command, ended, and what it recorded."""
+
+    store: Store
+    cwd: Path  # where it ran: Hydra's multirun/ is in it
+    result: subprocess.CompletedProcess[str]
+    parent: Any
+    children: list[Any]  # in start order
+
+    def summary(self, dest: Path) -> list[dict[str, str]]:
+        """The rows of the parent's sweep/summary.csv."""
+        text = self.store.download(self.parent.info.run_id, "sweep/summary.csv", dest).read_text()
+        return list(csv.DictReader(io.StringIO(text)))
+
+
+def finished_sweep(store: Store, command: Command) -> Sweep:
+    result = command.result()
+    runs = store.runs()
+    parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    assert len(parents) == 1, f"{[r.info.run_name for r in runs]}\n{result.stdout}\n{result.stderr}"
+    children = [r for r in runs if r.info.run_id != parents[0].info.run_id]
+    return Sweep(store, command.cwd, result, parents[0], children)
+
+
+@pytest.fixture(scope="session")
+def empty_store_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An mlflow.db with MLflow's tables and nothing else. Creating them takes MLflow ~50 schema
+    migrations, each a disk sync (seconds on a busy disk): copied instead, once per store."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("empty_store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(scope="session")
+def new_store(tmp_path_factory: pytest.TempPathFactory, empty_store_file: Path) -> Callable[..., Store]:
+    """new_store(name): a SQLite store of its own in a new temporary folder, with a cwd/ beside it.
+    With created=False the folder is empty: the first command to track creates the store."""
+
+    def new(name: str, created: bool = True) -> Store:
+        root = tmp_path_factory.mktemp(name)
+        (root / "cwd").mkdir()
+        if created:
+            shutil.copyfile(empty_store_file, root / "mlflow.db")
+        return Store(f"sqlite:///{root / 'mlflow.db'}", root)
+
+    return new
+
+
+# ---------------------------------------------------------------- a real tracking server
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`mlflow server` on 127.0.0.1 only, on a free port that it keeps across restarts, over a
+    SQLite file in `root`. It serves artifacts itself (runs upload through it, as to a team's
+    server). In its own process group: stop() kills it and its workers at once, as a crash would."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.artifacts = root / "artifacts"  # --artifacts-destination: what runs upload lands here
+        self.log = root / "server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Server:
+        """Starts it without waiting: see wait_until_up()."""
+        argv = [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            f"--backend-store-uri=sqlite:///{self.root / 'server.db'}",
+            f"--artifacts-destination={self.artifacts}",
+            "--host=127.0.0.1",
+            f"--port={self.port}",
+            "--workers=1",
+        ]
+        # Its background job runner (for GenAI features) would start eight more processes: off.
+        env = cli_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        with self.log.open("a") as log:
+            self.proc = subprocess.Popen(
+                argv, cwd=self.root, env=env, stdout=log, stderr=log, start_new_session=True
+            )
+        return self
+
+    def answers(self) -> bool:
+        assert self.proc is not None and self.proc.poll() is None, (
+            f"mlflow server exited:\n{self.log.read_text()}"
+        )
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def wait_until_up(self, timeout: float = 180) -> Server:
+        try:
+            wait_until(self.answers, timeout, f"mlflow server on {self.uri}")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.log.read_text()}") from None
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    """A tracking server for one test, answering."""
+    root = tmp_path / "server"
+    root.mkdir()
+    server = Server(root).start()
+    try:
+        yield server.wait_until_up()
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------- Hydra's compose API

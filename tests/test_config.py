@@ -204,7 +204,10 @@ def test_optimizer_specific_keys_reach_torch(compose_config) -> None:
 # ---------------------------------------------------------------- experiments
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes(compose_config, name: str) -> None:
-    assert compose_config(f"experiment={name}", hydra_config=True).hydra.job.name
+    job = compose_config(f"experiment={name}", hydra_config=True).hydra.job
+    # Hydra's own part composes too, and no experiment renames the job (the compose API's "app":
+    # the SLURM job name, the log file's) or turns on chdir (dataset.root stays where you ran).
+    assert (job.name, job.chdir) == ("app", False)
     cfg = compose_config(f"experiment={name}")
     assert OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # nothing left unset
     build(cfg.model, num_classes=10)
@@ -282,16 +285,18 @@ RECIPES = {
         "optimizer.nesterov": True,
         "optimizer.weight_decay": 0.00133,
         "optimizer.norm_bias_lr_scale": 64,
-        "trainer.epochs": 10,
+        "trainer.epochs": 9.9,
         "trainer.batch_size": 1024,
         "trainer.test_batch_size": 2000,
         "trainer.lr_schedule": "onecycle",
         "trainer.warmup_fraction": 0.23,
         "trainer.label_smoothing": 0.2,
         "trainer.flip": True,
+        "trainer.alternate_flip": True,
         "trainer.translate": 2,
         "trainer.channels_last": True,
         "trainer.autocast": True,
+        "trainer.half": False,
         "trainer.autocast_dtype": "float16",
         "trainer.drop_last": True,
         "trainer.compile": False,
@@ -387,7 +392,6 @@ def test_build_allow_list_is_by_namespace(target: str) -> None:
 def test_validate_names_the_key_and_what_is_allowed(
     compose_config, overrides: list[str], message: str
 ) -> None:
-
     with pytest.raises(UserError) as excinfo:
         validate(compose_config(*overrides))
     assert message in str(excinfo.value) and "\n" not in str(excinfo.value)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 import torch
+from conftest import start_cli
 
 # Valid everywhere, so each case below has exactly one mistake; tiny, should one run by accident.
 TINY = ("dataset=synthetic", "dataset.train_size=20", "dataset.test_size=10", "trainer.epochs=1")
@@ -43,73 +45,91 @@ def assert_user_error(result, expected: list[str]) -> None:
     assert "Accuracy of the network" not in result.stdout
 
 
-@pytest.mark.parametrize(
-    ("overrides", "expected"),
-    COMPOSE_ERRORS + RUN_ERRORS,
-    ids=[" ".join(o) for o, _ in COMPOSE_ERRORS + RUN_ERRORS],
-)
-def test_bad_value_is_one_message(run_cli, tmp_path: Path, overrides: list[str], expected: list[str]) -> None:
-    result = run_cli(*TINY, *overrides, cwd=tmp_path, timeout=60)
+BAD_VALUES = COMPOSE_ERRORS + RUN_ERRORS
+FULL_ERROR = {"HYDRA_FULL_ERROR": "1"}
+NO_GPU = not torch.cuda.is_available()
+# Every command of this file: name -> (arguments, environment). Data roots are relative to the
+# command's folder, where nothing is.
+COMMANDS = {
+    **{" ".join(overrides): ([*TINY, *overrides], {}) for overrides, _ in BAD_VALUES},
+    "missing imagefolder": (["dataset=imagefolder", "dataset.root=nothing"], {}),
+    "missing cifar10": (
+        ["dataset=cifar10", "dataset.root=empty", "dataset.download=false", "dataset.fallback=false"],
+        {},
+    ),
+    **({"cuda without a gpu": ([*TINY, "device=cuda"], {})} if NO_GPU else {}),
+    "full error at compose time": ([*TINY, "trainer.epochs=two"], FULL_ERROR),
+    "full error in the run": ([*TINY, "trainer.batch_size=-1"], FULL_ERROR),
+    "resume of nothing": ([*TINY, "resume=abc"], {}),
+    "batch larger than the data": ([*TINY, "trainer.batch_size=1000000000", "mlflow.enabled=false"], {}),
+}
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, CompletedProcess[str]]]:
+    """Every command, each in a folder (and store) of its own, started together: (folder, result)."""
+    started = {}
+    for name, (args, env) in COMMANDS.items():
+        cwd = tmp_path_factory.mktemp("mistake")
+        env = {"MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db", **env}
+        started[name] = (cwd, start_cli(*args, cwd=cwd, env=env))
+    return {name: (cwd, command.result(120)) for name, (cwd, command) in started.items()}
+
+
+@pytest.mark.parametrize(("overrides", "expected"), BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
+def test_bad_value_is_one_message(ran, overrides: list[str], expected: list[str]) -> None:
+    cwd, result = ran[" ".join(overrides)]
     assert_user_error(result, expected)
-    assert not (tmp_path / "mlflow.db").exists()  # failed before a run was opened
+    assert not (cwd / "mlflow.db").exists()  # failed before a run was opened
     if (overrides, expected) in RUN_ERRORS:  # ours, not Hydra's compose messages: exactly one line
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len([line for line in lines if not line.startswith(HYDRA_FRAME)]) == 1, result.stderr
 
 
-def test_resume_of_nothing_is_one_line_and_records_nothing(run_cli, tmp_path: Path) -> None:
-    result = run_cli(*TINY, "resume=abc", cwd=tmp_path, timeout=60)
+def test_resume_of_nothing_is_one_line_and_records_nothing(ran) -> None:
+    cwd, result = ran["resume of nothing"]
     assert_user_error(result, ["resume=abc: neither a checkpoint file nor a run"])
-    store = tmp_path / "mlflow.db"
+    store = cwd / "mlflow.db"
     if store.exists():  # looking the run up may create the store; it holds no run
         with sqlite3.connect(store) as db:
             assert db.execute("SELECT count(*) FROM runs").fetchone() == (0,)
 
 
-def test_a_batch_larger_than_the_data_is_the_whole_set(run_cli, tmp_path: Path) -> None:
+def test_a_batch_larger_than_the_data_is_the_whole_set(ran) -> None:
     """A huge value that is not an error: the run trains and finishes, and says what it did."""
-    result = run_cli(
-        *TINY, "trainer.batch_size=1000000000", "mlflow.enabled=false", cwd=tmp_path, timeout=120
-    )
+    _, result = ran["batch larger than the data"]
     assert result.returncode == 0, result.stderr
     assert "larger than the 20 training images: every epoch is one batch of 20" in result.stdout
     assert "Accuracy of the network on the 10 test images" in result.stdout
 
 
-def test_missing_imagefolder_names_the_path(run_cli, tmp_path: Path) -> None:
-    root = tmp_path / "nothing"
-    result = run_cli("dataset=imagefolder", f"dataset.root={root}", cwd=tmp_path, timeout=60)
-    assert_user_error(result, [str(root / "train"), "train/<class>/", "test/<class>/"])
+def test_missing_imagefolder_names_the_path(ran) -> None:
+    cwd, result = ran["missing imagefolder"]
+    assert_user_error(result, [str(cwd / "nothing" / "train"), "train/<class>/", "test/<class>/"])
 
 
-def test_missing_cifar10_names_the_path_and_remedies(run_cli, tmp_path: Path) -> None:
-    root = tmp_path / "empty"
-    result = run_cli(
-        "dataset=cifar10",
-        f"dataset.root={root}",
-        "dataset.download=false",
-        "dataset.fallback=false",  # a script that must never train on the bundled sample
-        cwd=tmp_path,
-        timeout=60,
-    )
-    assert_user_error(result, [str(root), "dataset.download=true", "cifar-10-python.tar.gz"])
+def test_missing_cifar10_names_the_path_and_remedies(ran) -> None:
+    cwd, result = ran["missing cifar10"]
+    assert_user_error(result, [str(cwd / "empty"), "dataset.download=true", "cifar-10-python.tar.gz"])
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present, so device=cuda is valid")
-def test_cuda_without_a_gpu(run_cli, tmp_path: Path) -> None:
-    result = run_cli(*TINY, "device=cuda", cwd=tmp_path, timeout=60)
+@pytest.mark.skipif(not NO_GPU, reason="a GPU is present, so device=cuda is valid")
+def test_cuda_without_a_gpu(ran) -> None:
+    _, result = ran["cuda without a gpu"]
     assert_user_error(result, ["device=cuda", "device=cpu"])
 
 
-def test_full_error_shows_the_traceback(run_cli, tmp_path: Path) -> None:
-    result = run_cli(*TINY, "trainer.epochs=two", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"}, timeout=60)
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [
+        ("full error at compose time", ["trainer.epochs"]),
+        ("full error in the run", ["UserError", "trainer.batch_size=-1"]),
+    ],
+    ids=["at compose time", "in the run"],
+)
+def test_full_error_shows_the_traceback(ran, name: str, said: list[str]) -> None:
+    _, result = ran[name]
     assert result.returncode != 0
     assert "Traceback" in result.stderr
-    assert "trainer.epochs" in result.stderr
-
-
-def test_full_error_shows_the_traceback_of_a_run_error(run_cli, tmp_path: Path) -> None:
-    result = run_cli(*TINY, "trainer.batch_size=-1", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"}, timeout=60)
-    assert result.returncode != 0
-    assert "Traceback" in result.stderr
-    assert "UserError" in result.stderr and "trainer.batch_size=-1" in result.stderr
+    for text in said:
+        assert text in result.stderr, result.stderr

@@ -9,32 +9,22 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from conftest import RUN_ARTIFACTS, Store, ok, start, synthetic
 from omegaconf import OmegaConf
 
 from cifar_exp import devices, sweeps
 from cifar_exp.tracking import identity, store
 from cifar_exp.tracking.records import RecordWriter
 
-REPO = Path(__file__).resolve().parent.parent
 TRAIN_SIZE, TEST_SIZE, EPOCHS, BATCH, LOG_EVERY = 320, 100, 2, 32, 5
-SMALL = [
-    "dataset=synthetic",
-    f"dataset.train_size={TRAIN_SIZE}",
-    f"dataset.test_size={TEST_SIZE}",
-    f"trainer.epochs={EPOCHS}",
-    f"trainer.batch_size={BATCH}",
-    f"trainer.log_every_n_steps={LOG_EVERY}",
-    "device=cpu",
-]
+SMALL = synthetic(train=TRAIN_SIZE, test=TEST_SIZE, epochs=EPOCHS, batch=BATCH, log_every=LOG_EVERY)
 JOBS, N_JOBS = 8, 4
 CLASSES = 10  # the synthetic dataset's
 EPOCH_METRICS = [
@@ -45,19 +35,6 @@ EPOCH_METRICS = [
     "time/eval_s",
     "throughput/images_per_s",
 ]
-ARTIFACTS = {
-    "config/config.yaml",
-    "config/hydra/config.yaml",
-    "config/hydra/hydra.yaml",
-    "config/hydra/overrides.yaml",
-    "figures/train_samples.png",
-    "figures/test_predictions.png",
-    "figures/confusion_matrix.png",
-    "tables/per_class_accuracy.md",
-    "tables/per_class_accuracy.csv",
-    "model/state_dict.pt",
-    "model/classes.json",
-}
 
 
 STEPS_PER_EPOCH = math.ceil(TRAIN_SIZE / BATCH)
@@ -75,42 +52,22 @@ def expected_metric_steps(keys: set[str]) -> dict[str, list[int]]:
     return {key: expected.get(key, EPOCH_ENDS) for key in keys}
 
 
-def artifact_paths(client: Any, run_id: str, path: str | None = None) -> set[str]:
-    found = set()
-    for item in client.list_artifacts(run_id, path):
-        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
-    return found
-
-
 # ---------------------------------------------------------------- the joblib sweep, end to end
 @pytest.mark.slow
-def test_a_joblib_sweep_records_every_run_whole(tmp_path: Path, compose_config) -> None:
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{tmp_path}/store/mlflow.db"  # one fresh store for all jobs
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CIFAR_EXP_", "MLFLOW_", "HYDRA_"))}
-    env.update(MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+def test_a_joblib_sweep_records_every_run_whole(new_store, compose_config) -> None:
+    store = new_store("joblib", created=False)  # one fresh store for all jobs
     seeds = ",".join(str(seed) for seed in range(JOBS))
     launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={N_JOBS}"]
-    result = subprocess.run(
-        [sys.executable, "-m", "cifar_exp", *SMALL, f"seed={seeds}", *launcher, "-m"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = ok(store.run_cli(*SMALL, f"seed={seeds}", *launcher, "-m", timeout=600))
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output
     assert "locked" not in output and "Traceback" not in output, output
     assert "Joblib.Parallel(n_jobs=4" in output, output  # the jobs did run through joblib
     # The parent run (and with it the store and the experiment) existed before any worker started.
     assert output.index("MLflow parent run") < output.index("Joblib.Parallel("), output
 
-    client = MlflowClient(uri)
-    experiments = {e.name: e.experiment_id for e in client.search_experiments()}
-    assert set(experiments) == {"Default", "cifar_exp"}  # created once, whole
-    runs = client.search_runs(list(experiments.values()), max_results=1000)
+    experiments = {e.name: e.experiment_id for e in store.client().search_experiments()}
+    assert set(experiments) == {"cifar_exp"}  # created once, whole; MLflow's empty "Default" hidden
+    runs = store.client().search_runs(list(experiments.values()), max_results=1000)
     [parent] = [r for r in runs if r.data.tags.get("sweep") == "true"]
     children = [r for r in runs if r.info.run_id != parent.info.run_id]
     assert len(children) == JOBS
@@ -134,15 +91,15 @@ def test_a_joblib_sweep_records_every_run_whole(tmp_path: Path, compose_config) 
         assert child.data.params == identity.flatten(OmegaConf.to_container(cfg, resolve=True)), seed
         assert set(child.data.metrics) == set(expected_steps), seed
         for key, steps in expected_steps.items():
-            history = client.get_metric_history(child.info.run_id, key)
-            assert sorted(m.step for m in history) == steps, (seed, key)
+            history = store.history(child.info.run_id, key)
+            assert [step for step, _ in history] == steps, (seed, key)
             points += len(history)
-        found = artifact_paths(client, child.info.run_id)
-        assert ARTIFACTS <= found, (seed, ARTIFACTS - found)
+        found = store.artifacts(child.info.run_id)
+        assert RUN_ARTIFACTS <= found, (seed, RUN_ARTIFACTS - found)
     assert points == JOBS * sum(len(steps) for steps in expected_steps.values())  # 8 x 36 today
     assert len({c.data.tags["hydra_output_dir"] for c in children}) == JOBS
-    assert {"sweep/summary.csv", "sweep/summary.md"} <= artifact_paths(client, parent.info.run_id)
-    assert client.get_metric_history(parent.info.run_id, "best/test/acc")
+    assert {"sweep/summary.csv", "sweep/summary.md"} <= store.artifacts(parent.info.run_id)
+    assert store.history(parent.info.run_id, "best/test/acc")
 
 
 # ---------------------------------------------------------------- a fresh store, opened at once
@@ -160,34 +117,23 @@ print(store.ensure_experiment(TrackingConfig(tracking_uri=sys.argv[1])), flush=T
 
 def test_processes_opening_a_fresh_store_at_once_create_it_once(tmp_path: Path) -> None:
     """Left to MLflow, of four processes opening a new SQLite file at once three failed (tables
-    created twice, migrations colliding); ensure_experiment lets one create it at a time."""
-    from mlflow.tracking import MlflowClient
-
+    created twice, migrations colliding), and of two, one failed in each of three tries;
+    ensure_experiment lets one create it at a time."""
     uri, go = f"sqlite:///{tmp_path}/store/mlflow.db", tmp_path / "go"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", OPEN_STORE, uri, str(go)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(N_JOBS)
-    ]
+    commands = [start([sys.executable, "-c", OPEN_STORE, uri, str(go)], tmp_path) for _ in range(2)]
     try:
-        for proc in procs:  # every process imported everything: they now start together
-            assert proc.stdout.readline() == "ready\n", proc.communicate()[1]
+        for command in commands:  # every process imported everything: they now start together
+            command.wait_for("^ready$")
         go.touch()
-        results = [proc.communicate(timeout=120) for proc in procs]
+        results = [command.result(120) for command in commands]
     finally:
-        for proc in procs:
-            proc.kill()
-    assert [proc.returncode for proc in procs] == [0] * N_JOBS, [err for _, err in results]
-    ids = {out.strip() for out, _ in results}
+        for command in commands:
+            command.stop()
+    assert [result.returncode for result in results] == [0, 0], [r.stderr for r in results]
+    ids = {result.stdout.removeprefix("ready\n").strip() for result in results}
     assert len(ids) == 1
-    experiments = MlflowClient(uri).search_experiments()
-    assert sorted(e.name for e in experiments) == ["Default", "cifar_exp"]
+    experiments = Store(uri).client().search_experiments()
+    assert sorted(e.name for e in experiments) == ["cifar_exp"]  # MLflow's empty "Default" hidden
 
 
 # ---------------------------------------------------------------- many writers, one SQLite store

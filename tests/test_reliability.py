@@ -1,61 +1,28 @@
-"""No lost work: checkpoints, exact resume, signals, non-finite losses, resumable sweeps."""
+"""No lost work: checkpoints, exact resume, Ctrl-C and SIGTERM, resumable sweeps. (A sweep job
+whose loss goes non-finite: test_tracking.py.)"""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
-import sys
-import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from subprocess import CompletedProcess
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
+from conftest import Command, Store, ok, signal_ignored, synthetic
 
 from cifar_exp import checkpoints
 from cifar_exp.errors import UserError
 
-TRAIN = [
-    "dataset=synthetic",
-    "dataset.train_size=1600",
-    "dataset.test_size=200",
-    "trainer.batch_size=8",
-    "trainer.epochs=3",
-    "trainer.log_every_n_steps=25",
-    "optimizer.lr=0.01",
-    "device=cpu",
-]
 
-
-def _env(store: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "CIFAR_EXP_", "HYDRA_"))}
-    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{store}/mlflow.db", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return env
-
-
-def _cli(args: list[str], cwd: Path, store: Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cifar_exp", *args],
-        cwd=cwd,
-        env=_env(store),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _runs(store: Path) -> list:
-    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
-    experiment = client.get_experiment_by_name("cifar_exp")
-    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-
-
-def _history(store: Path, run_id: str, key: str) -> list[tuple[int, float]]:
-    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
-    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+def train(epochs: int = 3) -> list[str]:
+    """1600 images in batches of 8: 200 steps an epoch, the loss logged every 25."""
+    return [*synthetic(train=1600, test=200, epochs=epochs, batch=8, log_every=25), "optimizer.lr=0.01"]
 
 
 # ---------------------------------------------------------------- the checkpoint file itself
@@ -118,98 +85,121 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
+# ---------------------------------------------------------------- the commands, started together
+SWEEP = [*train(epochs=1), "model.conv1_out=4,8", "-m"]
+
+
+@dataclass
+class Scenario:
+    """A store of its own, the command that starts the scenario and, once that has ended, the
+    command that follows it (if any)."""
+
+    store: Store
+    first: Command
+    result: CompletedProcess[str] | None = None  # of `first`, once it has ended
+    runs: list[Any] = field(default_factory=list)  # the store's runs then, before `then` starts
+    then: Command | None = None
+
+
+@pytest.fixture(scope="module")
+def started(new_store) -> Iterator[dict[str, Scenario]]:
+    """The scenarios below, started together so that they share the cores. The two interrupted
+    runs get their signal here, mid-training (statuses_at_ctrl_c: the runs just before it); what
+    follows a command starts as soon as that has ended: the resumes and the sweep run again."""
+    first = {
+        "whole": [*train(), "hydra.run.dir=whole"],  # the run that "cut" is resumed to match
+        "cut": [*train(), "hydra.run.dir=cut"],
+        "ctrl_c": [*train(epochs=100), "hydra.run.dir=cut"],  # still training whenever it comes
+        "longer": train(epochs=1),
+        "sweep": SWEEP,
+    }
+    then = {
+        "cut": lambda runs: ["resume", runs[-1].info.run_id],
+        "longer": lambda runs: ["resume", runs[-1].info.run_id, "trainer.epochs=2"],
+        "sweep": lambda runs: SWEEP,
+    }
+    scenarios = {}
+    for name, args in first.items():
+        store = new_store(name)
+        scenarios[name] = Scenario(store, store.start_cli(*args))
+    try:
+        scenarios["cut"].first.wait_for(r"^\[2,\s+25\] loss")  # mid-epoch 2, 375 of 600 steps to go
+        scenarios["cut"].first.proc.send_signal(signal.SIGTERM)
+        scenarios["ctrl_c"].first.wait_for(r"^\[1,\s+50\] loss")
+        scenarios["ctrl_c"].first.wait_for(r"^MLflow run [0-9a-f]{32} ")  # opened in the background
+        scenarios["ctrl_c"].runs = scenarios["ctrl_c"].store.runs()
+        scenarios["ctrl_c"].first.proc.send_signal(signal.SIGINT)
+        for name, follow in then.items():
+            scenario = scenarios[name]
+            scenario.result = scenario.first.result()
+            scenario.runs = scenario.store.runs()
+            if scenario.runs:  # else its test fails on what `first` did
+                scenario.then = scenario.store.start_cli(*follow(scenario.runs))
+        yield scenarios
+    finally:
+        for scenario in scenarios.values():
+            for command in (scenario.first, scenario.then):
+                if command is not None:
+                    command.stop()
+
+
 # ---------------------------------------------------------------- signals and exact resume
-def _start_and_signal(args: list[str], cwd: Path, store: Path, sig: int, after: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cifar_exp", *args],
-        cwd=cwd,
-        env=_env(store),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines = []
-    deadline = time.time() + 120
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith(after):
-            proc.send_signal(sig)
-            break
-        assert time.time() < deadline, "".join(lines)
-    out, _ = proc.communicate(timeout=120)
-    proc.output = "".join(lines) + out
-    return proc
-
-
-def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    whole = _cli(TRAIN + ["hydra.run.dir=whole"], tmp_path, store)
-    assert whole.returncode == 0, whole.stderr
-
-    proc = _start_and_signal(TRAIN + ["hydra.run.dir=cut"], tmp_path, store, signal.SIGTERM, "[2,   100]")
-    assert proc.returncode == 143, proc.output
-    reference, interrupted = _runs(store)
+def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(started: dict[str, Scenario]) -> None:
+    if signal_ignored(signal.SIGTERM):
+        pytest.skip("SIGTERM is ignored here, so the command would ignore it too")
+    cut, whole = started["cut"], started["whole"]
+    assert cut.result.returncode == 143, cut.result.stdout + cut.result.stderr
+    [interrupted] = cut.runs
     assert interrupted.info.status == "KILLED"
-    assert (tmp_path / "cut" / "checkpoint.pt").is_file()
+    assert (cut.store.cwd / "cut" / "checkpoint.pt").is_file()
 
-    resumed = _cli(["resume", interrupted.info.run_id], tmp_path, store)
-    assert resumed.returncode == 0, resumed.stderr
-    runs = _runs(store)
-    assert len(runs) == 2, "resume continues the same MLflow run"
-    final = MlflowClient(f"sqlite:///{store}/mlflow.db").get_run(interrupted.info.run_id)
+    ok(cut.then.result())  # resume
+    [final] = cut.store.runs()  # resume continues the same MLflow run
+    assert final.info.run_id == interrupted.info.run_id
     assert final.info.status == "FINISHED"
 
+    ok(whole.first.result())
+    [uninterrupted] = whole.store.runs()
     for key in ("train/loss", "train/loss_epoch", "test/loss", "test/acc"):
-        assert _history(store, final.info.run_id, key) == _history(store, reference.info.run_id, key), key
-    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["model"]
+        expected = whole.store.history(uninterrupted.info.run_id, key)
+        assert cut.store.history(final.info.run_id, key) == expected, key
+    a = torch.load(whole.store.cwd / "whole" / "checkpoint.pt", weights_only=True)["model"]
     new_dir = Path(final.data.tags["checkpoint"]).parent
     b = torch.load(new_dir / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights must be bit-identical"
 
 
-def test_ctrl_c_exits_130_and_the_run_is_killed(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    proc = _start_and_signal(TRAIN + ["hydra.run.dir=cut"], tmp_path, store, signal.SIGINT, "[1,    50]")
-    assert proc.returncode == 130, proc.output
-    (run,) = _runs(store)
+def test_ctrl_c_exits_130_and_the_run_ends_killed_with_what_it_logged(started: dict[str, Scenario]) -> None:
+    if signal_ignored(signal.SIGINT):
+        pytest.skip("SIGINT is ignored here, so the command would ignore it too")
+    ctrl_c = started["ctrl_c"]
+    result = ctrl_c.first.result()
+    assert [r.info.status for r in ctrl_c.runs] == ["RUNNING"]  # one run, open while it trained
+    assert result.returncode == 130, result.stdout + result.stderr
+    [run] = ctrl_c.store.runs()
     assert run.info.status == "KILLED"
-    assert checkpoints.load(tmp_path / "cut" / "checkpoint.pt")["progress"]["step"] >= 50
+    assert run.info.end_time is not None
+    steps = [step for step, _ in ctrl_c.store.history(run.info.run_id, "train/loss")]
+    assert steps[:2] == [25, 50]  # what it logged is kept
+    assert checkpoints.load(ctrl_c.store.cwd / "cut" / "checkpoint.pt")["progress"]["step"] >= 50
 
 
-def test_resume_can_train_longer(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    short = _cli(TRAIN + ["trainer.epochs=1"], tmp_path, store)
-    assert short.returncode == 0, short.stderr
-    (run,) = _runs(store)
-    longer = _cli(["resume", run.info.run_id, "trainer.epochs=2"], tmp_path, store)
-    assert longer.returncode == 0, longer.stderr
-    steps = [s for s, _ in _history(store, run.info.run_id, "test/acc")]
+def test_resume_can_train_longer(started: dict[str, Scenario]) -> None:
+    longer = started["longer"]
+    ok(longer.result)
+    [run] = longer.runs
+    ok(longer.then.result())  # resume with trainer.epochs=2
+    steps = [step for step, _ in longer.store.history(run.info.run_id, "test/acc")]
     assert steps == [200, 400]  # epoch 2 continues the step count of epoch 1
 
 
-# ---------------------------------------------------------------- bad numbers, sweeps
-def test_nan_loss_fails_that_job_and_the_sweep_goes_on(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    result = _cli(TRAIN + ["trainer.epochs=1", "optimizer.lr=1e6,0.01", "-m"], tmp_path, store)
-    assert result.returncode != 0
-    assert "lower optimizer.lr" in result.stderr
-    statuses = {r.data.params["optimizer.lr"]: r for r in _runs(store) if "optimizer.lr" in r.data.params}
-    assert statuses["1000000.0"].info.status == "FAILED"
-    assert "step" in statuses["1000000.0"].data.tags["error"]
-    assert statuses["0.01"].info.status == "FINISHED"
-    for value in [v for _, v in _history(store, statuses["1000000.0"].info.run_id, "train/loss")]:
-        assert value == value and abs(value) != float("inf")  # nothing non-finite recorded
-
-
-def test_rerunning_a_sweep_skips_finished_jobs(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    sweep = TRAIN + ["trainer.epochs=1", "model.conv1_out=4,8", "-m"]
-    first = _cli(sweep, tmp_path, store)
-    assert first.returncode == 0, first.stderr
-    second = _cli(sweep, tmp_path, store)
-    assert second.returncode == 0, second.stderr
+# ---------------------------------------------------------------- sweeps
+def test_rerunning_a_sweep_skips_finished_jobs(started: dict[str, Scenario]) -> None:
+    sweep = started["sweep"]
+    ok(sweep.result)
+    second = ok(sweep.then.result())  # the same sweep again
     assert second.stdout.count("already finished") + second.stderr.count("already finished") == 2
-    runs = _runs(store)
+    runs = sweep.store.runs()
     children = [r for r in runs if r.data.tags.get("sweep") != "true"]
     assert len(children) == 2, "no job ran twice"
     parents = [r for r in runs if r.data.tags.get("sweep") == "true"]

@@ -3,11 +3,12 @@ matplotlib (importing it alone cost a tracked run ~0.3 s; it is for the sweep pl
 
 from __future__ import annotations
 
-import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import ok, start
 
 from cifar_exp import reports
 
@@ -49,11 +50,11 @@ def test_confusion_image_shades_cells_by_count() -> None:
     assert (pixels == reports.LIGHT_BLUE).all(-1).any()  # zero
 
 
-def test_figures_do_not_import_matplotlib() -> None:
+def test_figures_do_not_import_matplotlib(tmp_path: Path) -> None:
     code = (
         "import sys, torch; from cifar_exp import reports; "
         "reports.confusion_image(torch.eye(3, dtype=torch.int64), ['a', 'b', 'c']); "
         "reports.image_grid(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 1]), ['a', 'b']); "
         "assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    ok(start([sys.executable, "-c", code], tmp_path).result())

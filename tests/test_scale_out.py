@@ -1,6 +1,7 @@
 """Scale out, read back the way a user would: a sweep whose jobs run as submitit jobs
-(hydra/launcher=submitit_local: the path a SLURM sweep takes, on this machine), a sweep into a team's
-`mlflow server`, and an Optuna search whose parent run records the best trial.
+(hydra/launcher=submitit_local: the path a SLURM sweep takes, on this machine) and what
+experiment=slurm asks SLURM for; a sweep into a team's `mlflow server`, with its parent run,
+children and summary; and an Optuna search whose parent run records the best trial.
 
 Every command runs as a subprocess (`python -m cifar_exp ... -m`) from a temporary folder on tiny
 generated data. The submitit sweep, the search and the server start together, so their imports and
@@ -12,220 +13,69 @@ import json
 import math
 import os
 import pickle
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
+from conftest import PNG, Command, Server, Store, Sweep, finished_sweep, ok, start, synthetic
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-TINY = [  # 10 steps of 32 images, one epoch: a job trains in about a second
-    "dataset=synthetic",
-    "dataset.train_size=320",
-    "dataset.test_size=100",
-    "trainer.epochs=1",
-    "trainer.batch_size=32",
-    "device=cpu",
-]
+TINY = synthetic(train=320, test=100, epochs=1, batch=32, log_every=None)  # 10 steps: a job is ~1 s
 WIDTHS = "model.conv1_out=4,8"  # the two jobs of a sweep
 SEARCH_TRIALS = 3
-PNG = b"\x89PNG\r\n\x1a\n"
-
-
-# ---------------------------------------------------------------- commands and stores
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without MLflow, Hydra or sweep state, one torch thread each."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CIFAR_EXP_", "MLFLOW_", "HYDRA_"))}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
-
-
-@dataclass
-class Command:
-    """A command started in the background in `cwd`; stdout and stderr go to files beside it."""
-
-    proc: subprocess.Popen
-    cwd: Path
-
-    @classmethod
-    def start(cls, args: list[str], cwd: Path, env: dict[str, str]) -> Command:
-        with open(cwd.parent / "stdout", "w") as out, open(cwd.parent / "stderr", "w") as err:
-            return cls(subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=err), cwd)
-
-    def result(self, timeout: float = 300) -> subprocess.CompletedProcess:
-        try:
-            self.proc.wait(timeout)
-        finally:
-            self.stop()
-        out, err = ((self.cwd.parent / name).read_text() for name in ("stdout", "stderr"))
-        result = subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
-        assert result.returncode == 0, f"exit {result.returncode}\n{out}\n{err}"
-        return result
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def cifar_exp(*args: str, cwd: Path, env: dict[str, str]) -> Command:
-    return Command.start([sys.executable, "-m", "cifar_exp", *args], cwd, env)
-
-
-def new_folder(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
-    """<tmp>/<name>/cwd: where a command runs; its store and output go beside it."""
-    cwd = tmp_path_factory.mktemp(name) / "cwd"
-    cwd.mkdir()
-    return cwd
-
-
-@dataclass
-class Sweep:
-    """What one sweep recorded: its parent run and its children in start order."""
-
-    client: Any
-    cwd: Path  # where the command ran: Hydra's multirun/ is in it
-    result: subprocess.CompletedProcess
-    parent: Any
-    children: list[Any]
-
-
-def read_sweep(command: Command, uri: str | None = None) -> Sweep:
-    """Waits for the command, then reads its store: `uri`, else the SQLite store beside its folder.
-    (Not before: a client on a new SQLite store creates its tables, racing the command doing so.)"""
-    from mlflow.tracking import MlflowClient
-
-    result = command.result()
-    client = MlflowClient(uri or f"sqlite:///{command.cwd.parent / 'mlflow.db'}")
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, max_results=100, order_by=["attributes.start_time ASC"])
-    parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
-    assert len(parents) == 1, [r.info.run_name for r in runs]
-    children = [r for r in runs if r.info.run_id != parents[0].info.run_id]
-    return Sweep(client, command.cwd, result, parents[0], children)
 
 
 def assert_parent_and_finished_children(sweep: Sweep, count: int) -> None:
+    ok(sweep.result)
     parent_id = sweep.parent.info.run_id
     assert len(sweep.children) == count, [c.info.run_name for c in sweep.children]
     for child in sweep.children:
         assert child.info.status == "FINISHED", child.data.tags.get("error")
         assert child.data.tags["mlflow.parentRunId"] == parent_id
         assert "test/acc" in child.data.metrics
+    assert "mlflow.parentRunId" not in sweep.parent.data.tags
     assert sweep.parent.info.status == "FINISHED"
     assert sweep.parent.info.end_time is not None
     best = max(child.data.metrics["test/acc"] for child in sweep.children)
     assert sweep.parent.data.metrics["best/test/acc"] == pytest.approx(best)
 
 
-def artifact_paths(client: Any, run_id: str, path: str | None = None) -> set[str]:
-    found = set()
-    for item in client.list_artifacts(run_id, path):
-        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
-    return found
-
-
 # ---------------------------------------------------------------- the commands, started together
 @dataclass
-class Server:
-    """An `mlflow server` on 127.0.0.1 with a SQLite backend that serves artifacts itself (clients
-    upload them through it, as to a team's server), in its own process group."""
-
-    proc: subprocess.Popen
-    url: str
-    root: Path
-
-    @property
-    def artifacts(self) -> Path:  # --artifacts-destination: where it keeps what runs upload
-        return self.root / "artifacts"
-
-    @classmethod
-    def start(cls, root: Path) -> Server:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        args = [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            f"--backend-store-uri=sqlite:///{root / 'server.db'}",
-            f"--artifacts-destination={root / 'artifacts'}",
-            "--host=127.0.0.1",
-            f"--port={port}",
-            "--workers=1",
-        ]
-        # Its background job runner (for GenAI features) would start eight more processes: off.
-        env = clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-        with open(root / "server.log", "w") as log:
-            proc = subprocess.Popen(args, cwd=root, env=env, stdout=log, stderr=log, start_new_session=True)
-        return cls(proc, f"http://127.0.0.1:{port}", root)
-
-    def wait_until_up(self, timeout: float = 120) -> str | None:
-        """None once it answers /health, else why not."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return (
-                    f"mlflow server exited {self.proc.returncode}:\n{(self.root / 'server.log').read_text()}"
-                )
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return None
-            except OSError:
-                pass
-            time.sleep(0.2)
-        return f"mlflow server did not answer in {timeout:.0f} s"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the server and the uvicorn worker it started
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-
-@dataclass
 class Launched:
-    commands: dict[str, Command]
+    commands: dict[str, tuple[Store, Command]]
     server: Server
     server_problem: str | None  # why the server never answered, if it did not
+    decoy: Store  # $MLFLOW_TRACKING_URI of the sweep into the server
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
+def launched(new_store, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
     """The submitit sweep, the search and a tracking server start together; once the server
     answers, a sweep into it. Each sweep has its own folder and store."""
-    server = Server.start(tmp_path_factory.mktemp("server"))
-    started: dict[str, Command] = {}
+    server = Server(tmp_path_factory.mktemp("server")).start()
+    started: dict[str, tuple[Store, Command]] = {}
     try:
-        cwd = new_folder(tmp_path_factory, "submitit")
-        env = clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{cwd.parent / 'mlflow.db'}")
-        started["submitit"] = cifar_exp(
-            "hydra/launcher=submitit_local", *TINY, WIDTHS, "-m", cwd=cwd, env=env
-        )
-        cwd = new_folder(tmp_path_factory, "search")
-        env = clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{cwd.parent / 'mlflow.db'}")
+        store = new_store("submitit")
+        started["submitit"] = (store, store.start_cli("hydra/launcher=submitit_local", *TINY, WIDTHS, "-m"))
+        store = new_store("search")
         search = ["experiment=search", f"hydra.sweeper.n_trials={SEARCH_TRIALS}", *TINY, "-m"]
-        started["search"] = cifar_exp(*search, cwd=cwd, env=env)
-        problem = server.wait_until_up()
-        if problem is None:
-            # The server by mlflow.tracking_uri, while $MLFLOW_TRACKING_URI names a decoy store.
-            cwd = new_folder(tmp_path_factory, "server_sweep")
-            env = clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{cwd.parent / 'decoy' / 'mlflow.db'}")
-            args = [*TINY, WIDTHS, f"mlflow.tracking_uri={server.url}", "-m"]
-            started["server"] = cifar_exp(*args, cwd=cwd, env=env)
-        yield Launched(started, server, problem)
+        started["search"] = (store, store.start_cli(*search))
+        # The server by mlflow.tracking_uri, while $MLFLOW_TRACKING_URI names a decoy store.
+        decoy = new_store("decoy", created=False)
+        try:
+            server.wait_until_up()
+            problem = None
+        except AssertionError as e:
+            problem = str(e)
+        else:
+            command = decoy.start_cli(*TINY, WIDTHS, f"mlflow.tracking_uri={server.uri}", "-m")
+            started["server"] = (Store(server.uri), command)
+        yield Launched(started, server, problem, decoy)
     finally:
-        for command in started.values():
+        for _, command in started.values():
             command.stop()
         server.stop()
 
@@ -233,7 +83,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
 # ---------------------------------------------------------------- a cluster: submitit jobs
 @pytest.fixture(scope="module")
 def submitit_sweep(launched: Launched) -> Sweep:
-    return read_sweep(launched.commands["submitit"])
+    return finished_sweep(*launched.commands["submitit"])
 
 
 def test_submitit_jobs_are_children_of_the_sweeps_parent_run(submitit_sweep: Sweep) -> None:
@@ -254,22 +104,41 @@ def test_submitit_ran_each_job_in_its_own_process(submitit_sweep: Sweep) -> None
     assert "epoch 1/1" not in submitit_sweep.result.stdout + submitit_sweep.result.stderr
 
 
-def test_slurm_preset_sets_the_job_resources(compose_config) -> None:
-    from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+def test_slurm_preset_asks_slurm_for_a_gpu_a_job(
+    compose_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sbatch script that experiment=slurm submits, as the submitit launcher writes it from the
+    composed config (taken from the executor instead of submitted: there is no cluster here)."""
+    import hydra.utils
+    import submitit
+    import submitit.slurm.slurm
 
-    launcher = compose_config("experiment=slurm", hydra_config=True).hydra.launcher
-    assert launcher._target_ == SlurmQueueConf._target_
-    for key in ("partition", "timeout_min", "gpus_per_node", "mem_gb", "cpus_per_task"):
-        assert key in launcher, key
-    assert launcher.gpus_per_node == 1 and launcher.timeout_min > 0
-    preset = yaml.safe_load((PROJECT_ROOT / "experiments" / "slurm.yaml").read_text())
-    for key, value in preset["hydra"]["launcher"].items():  # every key it sets is the plugin's
-        assert launcher[key] == value, key
+    class Submitted(Exception):
+        pass
+
+    def submit(executor: submitit.AutoExecutor, *args: object) -> None:
+        raise Submitted(executor)
+
+    monkeypatch.setattr(submitit.slurm.slurm.SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # srun
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", submit)
+    cfg = compose_config("experiment=slurm", f"hydra.sweep.dir={tmp_path}", hydra_config=True)
+    launcher = hydra.utils.instantiate(cfg.hydra.launcher)
+    launcher.config = cfg
+    with pytest.raises(Submitted) as submitted:
+        launcher.launch([[f"seed={seed}"] for seed in range(20)], initial_job_idx=0)
+    executor = submitted.value.args[0]._executor
+    executor.parameters["map_count"] = 20  # what map_array adds for 20 jobs
+    sbatch = executor._make_submission_file_text("python -m job", "uid").splitlines()
+    for line in ["--gpus-per-node=1", "--time=60", "--cpus-per-task=8", "--mem=32GB", "--array=0-19%16"]:
+        assert f"#SBATCH {line}" in sbatch, "\n".join(sbatch)
+    assert not [line for line in sbatch if "--partition" in line]  # null: the cluster's default
     # The sweep itself stays as configured: one parent run per sweep, from the callback.
-    assert "mlflow_sweep" in compose_config("experiment=slurm", hydra_config=True).hydra.callbacks
+    assert "mlflow_sweep" in cfg.hydra.callbacks
 
 
-def test_a_job_started_with_a_clean_environment_still_finds_the_parent_run(compose_config) -> None:
+def test_a_job_started_with_a_clean_environment_still_finds_the_parent_run(
+    compose_config, tmp_path: Path
+) -> None:
     """A launcher that runs jobs elsewhere pickles the sweep callback; unpickled in a process whose
     environment lacks the sweep's variables (sbatch --export=NONE), it sets them before the job."""
     from cifar_exp.sweeps import SweepCallback
@@ -277,31 +146,26 @@ def test_a_job_started_with_a_clean_environment_still_finds_the_parent_run(compo
     callback = SweepCallback()
     callback.parent_id, callback.uri, callback.pid = "parent123", "sqlite:////shared/mlflow.db", os.getpid()
     config = compose_config("experiment=slurm", *TINY, hydra_config=True)  # what a SLURM job gets
-    job = (
+    job = tmp_path / "job.pkl"
+    job.write_bytes(pickle.dumps((callback, config)))
+    code = (
         "import os, pickle, sys\n"
         "from cifar_exp.tracking import identity\n"
-        "callback, config = pickle.loads(sys.stdin.buffer.read())\n"
+        "callback, config = pickle.loads(open(sys.argv[1], 'rb').read())\n"
         "callback.on_job_start(config=config)\n"
         "print(identity.sweep_parent(), os.environ.get('MLFLOW_TRACKING_URI'))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", job],
-        input=pickle.dumps((callback, config)),
-        env=clean_env(),
-        capture_output=True,
-    )
-    assert result.returncode == 0, result.stderr.decode()
-    assert result.stdout.decode().split() == ["parent123", "sqlite:////shared/mlflow.db"]
+    command = start([sys.executable, "-c", code, str(job)], tmp_path, env={"MLFLOW_TRACKING_URI": None})
+    result = ok(command.result())
+    assert result.stdout.split() == ["parent123", "sqlite:////shared/mlflow.db"]
 
 
 @pytest.mark.slow
-def test_submitit_jobs_without_the_sweeps_environment_are_still_children(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> None:
+def test_submitit_jobs_without_the_sweeps_environment_are_still_children(new_store) -> None:
     """submitit_local with its jobs started in an environment stripped of CIFAR_EXP_* and MLFLOW_*,
     as a cluster that starts jobs with a clean environment would."""
-    cwd = new_folder(tmp_path_factory, "clean_jobs")
-    wrapper = cwd.parent / "clean_jobs.py"
+    store = new_store("clean_jobs")
+    wrapper = store.root / "clean_jobs.py"
     wrapper.write_text(
         "import runpy, subprocess, sys, types\n"
         "import submitit.local.local as local\n"
@@ -312,69 +176,77 @@ def test_submitit_jobs_without_the_sweeps_environment_are_still_children(
         "sys.argv = ['cifar_exp', *sys.argv[1:]]\n"
         "runpy.run_module('cifar_exp', run_name='__main__', alter_sys=True)\n"
     )
-    uri = f"sqlite:///{cwd.parent / 'mlflow.db'}"
     # The store by name: a job that lost it would write to the project's own store, not a temp one.
-    args = ["hydra/launcher=submitit_local", *TINY, WIDTHS, f"mlflow.tracking_uri={uri}", "-m"]
-    command = Command.start([sys.executable, str(wrapper), *args], cwd, clean_env())
-    sweep = read_sweep(command)
-    assert_parent_and_finished_children(sweep, 2)
+    args = ["hydra/launcher=submitit_local", *TINY, WIDTHS, f"mlflow.tracking_uri={store.uri}", "-m"]
+    command = start([sys.executable, str(wrapper), *args], store.cwd, env={"MLFLOW_TRACKING_URI": None})
+    assert_parent_and_finished_children(finished_sweep(store, command), 2)
 
 
 # ---------------------------------------------------------------- a team's tracking server
 @pytest.fixture(scope="module")
-def mlflow_server(launched: Launched) -> Server:
+def server_sweep(launched: Launched) -> Sweep:
+    """The two-job sweep into the server, read back through the server."""
     if launched.server_problem:
         pytest.fail(launched.server_problem)
-    return launched.server
+    return finished_sweep(*launched.commands["server"])
 
 
-@pytest.fixture(scope="module")
-def server_sweep(launched: Launched, mlflow_server: Server) -> Sweep:
-    """The two-job sweep into the server, read back through the server."""
-    command = launched.commands["server"]
-    sweep = read_sweep(command, mlflow_server.url)
-    assert not (command.cwd.parent / "decoy").exists()  # $MLFLOW_TRACKING_URI's store
-    assert not (command.cwd / "mlruns").exists() and not (command.cwd / "mlartifacts").exists()
-    return sweep
-
-
-def test_sweep_into_a_tracking_server_records_parent_and_children(server_sweep: Sweep) -> None:
+def test_sweep_into_a_tracking_server_has_a_parent_and_a_child_per_job(server_sweep: Sweep) -> None:
     assert_parent_and_finished_children(server_sweep, 2)
-    client = server_sweep.client
-    by_width = {child.data.params["model.conv1_out"]: child for child in server_sweep.children}
-    assert set(by_width) == {"4", "8"}
-    for child in server_sweep.children:
+    for child, width in zip(server_sweep.children, ["4", "8"], strict=True):  # in start order
+        assert f"conv1_out={width}" in child.info.run_name
+        assert child.data.params["model.conv1_out"] == width
         assert child.data.params["dataset._target_"] == "cifar_exp.data.load_synthetic"
         assert child.data.params["trainer.batch_size"] == "32"
         for key in ("train/loss_epoch", "test/loss", "test/acc", "throughput/images_per_s"):
             assert math.isfinite(child.data.metrics[key]), key
-        [point] = client.get_metric_history(child.info.run_id, "test/acc")
-        assert point.step > 0 and point.value == child.data.metrics["test/acc"]
+        [(step, value)] = server_sweep.store.history(child.info.run_id, "test/acc")
+        assert step > 0 and value == child.data.metrics["test/acc"]
+    job_dirs = {Path(child.data.tags["hydra_output_dir"]) for child in server_sweep.children}
+    assert len(job_dirs) == 2 and all((server_sweep.cwd / d / ".hydra").is_dir() for d in job_dirs)
 
 
-def test_artifacts_go_through_the_server(server_sweep: Sweep, mlflow_server: Server, tmp_path: Path) -> None:
-    client = server_sweep.client
+def test_the_sweeps_store_is_its_override_not_the_env(server_sweep: Sweep, launched: Launched) -> None:
+    decoy = launched.decoy
+    assert [p.name for p in decoy.root.iterdir()] == ["cwd"]  # $MLFLOW_TRACKING_URI: not created
+    assert not (decoy.cwd / "mlruns").exists() and not (decoy.cwd / "mlartifacts").exists()
+    assert len(server_sweep.store.runs()) == 3  # the parent and both jobs
+
+
+def test_artifacts_go_through_the_server(server_sweep: Sweep, launched: Launched, tmp_path: Path) -> None:
+    store = server_sweep.store
     for child in server_sweep.children:
         assert child.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied, not a client path
-        found = artifact_paths(client, child.info.run_id)
+        found = store.artifacts(child.info.run_id)
         assert {"config/config.yaml", "model/state_dict.pt", "figures/train_samples.png"} <= found, found
-        assert (mlflow_server.artifacts / child.info.experiment_id / child.info.run_id).is_dir()
-    parent_id = server_sweep.parent.info.run_id
-    found = artifact_paths(client, parent_id)
+        assert (launched.server.artifacts / child.info.experiment_id / child.info.run_id).is_dir()
+    config = store.download(server_sweep.children[0].info.run_id, "config/config.yaml", tmp_path)
+    assert yaml.safe_load(config.read_text())["mlflow"]["tracking_uri"] == launched.server.uri
+
+
+def test_sweep_parent_holds_the_summary(server_sweep: Sweep, tmp_path: Path) -> None:
+    store, parent_id = server_sweep.store, server_sweep.parent.info.run_id
+    found = store.artifacts(parent_id)
     assert {"sweep/summary.csv", "sweep/summary.md", "sweep/test_acc.png"} <= found, found
-    summary = Path(client.download_artifacts(parent_id, "sweep/summary.csv", str(tmp_path))).read_text()
+    rows = server_sweep.summary(tmp_path)
+    width = next((c for c in rows[0] if c.endswith("conv1_out")), None)
+    assert width is not None, f"no column for the swept model.conv1_out in {list(rows[0])}"
+    by_width = {float(row[width]): row for row in rows}
+    assert set(by_width) == {4.0, 8.0}
     for child in server_sweep.children:
-        assert child.info.run_id in summary
-    config = client.download_artifacts(
-        server_sweep.children[0].info.run_id, "config/config.yaml", str(tmp_path)
-    )
-    assert yaml.safe_load(Path(config).read_text())["mlflow"]["tracking_uri"] == mlflow_server.url
+        row = by_width[float(child.data.params["model.conv1_out"])]
+        assert child.info.run_id in row.values()
+        assert float(row["test/acc"]) == pytest.approx(child.data.metrics["test/acc"])
+        assert float(row["test/loss"]) == pytest.approx(child.data.metrics["test/loss"])
+    markdown = store.download(parent_id, "sweep/summary.md", tmp_path).read_text()
+    assert "test/acc" in markdown and len(markdown.strip().splitlines()) >= 4  # header, rule, 2 rows
+    assert store.download(parent_id, "sweep/test_acc.png", tmp_path).read_bytes()[:8] == PNG
 
 
 # ---------------------------------------------------------------- hyperparameter search
 @pytest.fixture(scope="module")
 def search(launched: Launched) -> Sweep:
-    return read_sweep(launched.commands["search"])
+    return finished_sweep(*launched.commands["search"])
 
 
 def test_search_runs_its_trials_as_children(search: Sweep) -> None:
@@ -403,9 +275,8 @@ def test_search_parent_records_the_best_trial(search: Sweep) -> None:
 
 def test_search_parent_holds_the_history_plot(search: Sweep, tmp_path: Path) -> None:
     parent_id = search.parent.info.run_id
-    assert "search/history.png" in artifact_paths(search.client, parent_id)
-    path = search.client.download_artifacts(parent_id, "search/history.png", str(tmp_path))
-    assert Path(path).read_bytes()[:8] == PNG
+    assert "search/history.png" in search.store.artifacts(parent_id)
+    assert search.store.download(parent_id, "search/history.png", tmp_path).read_bytes()[:8] == PNG
 
 
 def test_search_history_figure_marks_failed_trials() -> None:

@@ -13,36 +13,24 @@ import json
 import logging
 import os
 import re
-import socket
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Command, Server, Store, start_cli, synthetic, wait_until
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
 from cifar_exp.errors import UserError
-from cifar_exp.tracking import records, store
+from cifar_exp.tracking import records
+from cifar_exp.tracking import store as tracking_store
 from cifar_exp.tracking.records import RecordWriter
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = [
-    "dataset=synthetic",
-    "dataset.train_size=320",
-    "dataset.test_size=100",
-    "trainer.epochs=2",
-    "trainer.batch_size=32",
-    "trainer.log_every_n_steps=5",
-    "device=cpu",
-]
+TINY = synthetic(train=320, test=100, epochs=2, batch=32, log_every=5)
 
 
 # ---------------------------------------------------------------- RecordWriter against fake stores
@@ -78,21 +66,32 @@ def _fill(writer: RecordWriter, steps: range) -> list[tuple[str, int, float]]:
     return logged
 
 
+def _training(writer: RecordWriter, steps: range) -> list[tuple[str, int, float]]:
+    """_fill as the training loop does it, which must return while the store is still down."""
+    logged: list[tuple[str, int, float]] = []
+    loop = threading.Thread(target=lambda: logged.extend(_fill(writer, steps)))
+    loop.start()
+    loop.join(60)  # generous: it takes milliseconds unless it waits for the store
+    assert not loop.is_alive(), "the training loop waited for the store"
+    return logged
+
+
 def test_a_store_that_comes_back_gets_everything_in_order(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    back_at = time.monotonic() + 1.5  # down for 1.5 s: the writer tries 0.25, 0.5, 1 s apart
-    client = FlakyClient(down=lambda: time.monotonic() < back_at)
+    """Down until the test brings it back: the training loop goes on meanwhile, and once the store
+    answers it gets everything, in order, and the user reads that nothing was lost."""
+    state = {"down": True}
+    client = FlakyClient(down=lambda: state["down"])
     spill = tmp_path / "unrecorded_metrics.jsonl"
-    writer = RecordWriter(client, "run", spill, retry_s=30)
-    started = time.monotonic()
+    writer = RecordWriter(client, "run", spill, retry_s=600)  # far longer than this outage
     writer.params({"model.conv1_out": "8", "seed": "0"})
-    logged = _fill(writer, range(1, 101))
-    assert time.monotonic() - started < 0.5  # the training loop never waited for the store
-    time.sleep(0.3)  # still down: the rest of the run's metrics pile up meanwhile
-    logged += _fill(writer, range(101, 201))
+    logged = _training(writer, range(1, 101))
+    wait_until(lambda: client.calls >= 2, what="a second try")  # it retries while down...
+    logged += _training(writer, range(101, 201))  # ...and the rest of the run piles up meanwhile
+    assert not client.batches
+    state["down"] = False
     assert writer.close() is None
-    assert client.calls > 2  # it was down, and retried
     assert client.metrics() == logged
     assert client.params() == {"model.conv1_out": "8", "seed": "0"}
     assert writer.unrecorded == 0 and not writer.health.down
@@ -110,9 +109,8 @@ def test_a_store_that_never_comes_back_leaves_everything_in_the_file(
     with caplog.at_level(logging.WARNING, logger="cifar_exp.tracking"):
         writer.params({"optimizer.lr": "0.01"})
         logged = _fill(writer, range(1, 51))
-        started = time.monotonic()
         assert re.fullmatch(r"no answer for \d+ s: Connection refused", writer.close() or "")
-    assert 0.4 < time.monotonic() - started < 5  # retried for retry_s, then gave up
+    assert client.calls > 1  # retried, then gave up
     assert writer.health.down and writer.unrecorded == len(logged) + 1
 
     lines = [json.loads(line) for line in spill.read_text().splitlines()]
@@ -133,9 +131,7 @@ def test_after_giving_up_it_records_again_when_the_store_answers(tmp_path: Path)
     spill = tmp_path / "unrecorded_metrics.jsonl"
     writer = RecordWriter(client, "run", spill, retry_s=0.3)
     early = _fill(writer, range(1, 11))
-    deadline = time.monotonic() + 10
-    while not spill.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(spill.exists, what="the writer to give up")
     assert writer.health.down
     state["down"] = False
     late = _fill(writer, range(11, 21))
@@ -152,9 +148,8 @@ def test_a_refusal_is_not_retried(tmp_path: Path) -> None:
     spill = tmp_path / "unrecorded_metrics.jsonl"
     writer = RecordWriter(client, "run", spill, retry_s=30)
     writer.params({"seed": "1"})
-    started = time.monotonic()
     assert writer.close() == "Changing param values is not allowed"
-    assert time.monotonic() - started < 5 and client.calls == 1
+    assert client.calls == 1
     assert json.loads(spill.read_text()) == {"run_id": "run", "param": "seed", "value": "1"}
 
 
@@ -174,26 +169,37 @@ def test_a_refusal_is_not_retried(tmp_path: Path) -> None:
     ids=lambda x: type(x).__name__ if isinstance(x, Exception) else str(x),
 )
 def test_which_errors_are_retried(error: Exception, passes: bool) -> None:
-    assert store.transient(error) is passes
+    assert tracking_store.transient(error) is passes
 
 
-def test_retrying_waits_out_a_busy_store_and_raises_anything_else() -> None:
+def test_retrying_waits_out_a_busy_store_and_raises_anything_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    waits: list[float] = []  # what this thread asked to sleep: the backoff, not a measurement
+    sleep = time.sleep
+
+    def recorded_sleep(seconds: float) -> None:
+        if threading.current_thread() is threading.main_thread():
+            waits.append(seconds)
+        sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", recorded_sleep)
     calls = []
 
     def locked_twice() -> str:
-        calls.append(time.monotonic())
+        calls.append("try")
         if len(calls) < 3:
             raise MlflowException("database is locked", TEMPORARILY_UNAVAILABLE)
         return "written"
 
-    assert store.retrying(locked_twice, "writing", retry_s=10) == "written"
-    assert len(calls) == 3 and calls[2] - calls[0] >= store.FIRST_RETRY_S * 3
+    assert tracking_store.retrying(locked_twice, "writing", retry_s=10) == "written"
+    assert len(calls) == 3 and waits == [tracking_store.FIRST_RETRY_S, 2 * tracking_store.FIRST_RETRY_S]
+    waits.clear()
     with pytest.raises(ValueError):
-        store.retrying(lambda: int("x"), "writing", retry_s=10)
-    started = time.monotonic()
-    with pytest.raises(ConnectionError):
-        store.retrying(lambda: (_ for _ in ()).throw(ConnectionError("down")), "writing", retry_s=0.5)
-    assert time.monotonic() - started < 2
+        tracking_store.retrying(lambda: int("x"), "writing", retry_s=10)
+    assert waits == []  # not retried
+    with pytest.raises(ConnectionError):  # still failing once retry_s has passed
+        tracking_store.retrying(
+            lambda: (_ for _ in ()).throw(ConnectionError("down")), "writing", retry_s=0.5
+        )
 
 
 # ---------------------------------------------------------------- the check before training
@@ -207,7 +213,7 @@ def test_a_store_under_a_file_cannot_be_created(tmp_path: Path) -> None:
     (tmp_path / "a_file").write_text("")  # works as root too: no folder can be made under a file
     folder = tmp_path / "a_file" / "mlruns"
     with pytest.raises(UserError) as error:
-        store.check_store(folder, f"sqlite:///{folder}/mlflow.db", 100)
+        tracking_store.check_store(folder, f"sqlite:///{folder}/mlflow.db", 100)
     assert str(folder) in _one_line(error) and "cannot be written" in str(error.value)
 
 
@@ -221,7 +227,7 @@ def test_a_read_only_store_folder_is_refused(tmp_path: Path, monkeypatch: pytest
         folder.chmod(0o555)
     try:
         with pytest.raises(UserError) as error:
-            store.check_store(folder, f"sqlite:///{folder}/mlflow.db", 100)
+            tracking_store.check_store(folder, f"sqlite:///{folder}/mlflow.db", 100)
     finally:
         folder.chmod(0o755)
     assert str(folder) in _one_line(error) and "cannot be written" in str(error.value)
@@ -242,7 +248,7 @@ def test_a_read_only_database_is_refused(tmp_path: Path, monkeypatch: pytest.Mon
     else:
         database.chmod(0o444)
     with pytest.raises(UserError) as error:
-        store.check_store(tmp_path, f"sqlite:///{database}", 100)
+        tracking_store.check_store(tmp_path, f"sqlite:///{database}", 100)
     assert str(database) in _one_line(error) and "Permission denied" in str(error.value)
 
 
@@ -252,55 +258,40 @@ def test_a_nearly_full_disk_is_refused(tmp_path: Path, monkeypatch: pytest.Monke
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=42 * 2**20))
     with pytest.raises(UserError) as error:
-        store.check_store(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", 100)
+        tracking_store.check_store(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", 100)
     assert "42 MB free" in _one_line(error) and "mlflow.min_free_mb=100" in str(error.value)
-    store.check_store(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", 10)  # enough for a lower bar
+    tracking_store.check_store(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", 10)  # enough for a lower bar
     assert [p.name for p in tmp_path.iterdir()] == []  # the probe leaves nothing behind
 
 
 def test_only_local_stores_are_checked() -> None:
-    assert store.local_store_folder("sqlite:////data/mlruns/mlflow.db") == Path("/data/mlruns")
-    assert store.local_store_folder("file:///data/mlruns") == Path("/data/mlruns")
-    assert store.local_store_folder("http://127.0.0.1:5000") is None
-    assert store.local_store_folder("postgresql://user@host/db") is None
-
-
-def _cli(args: list[str], cwd: Path, uri: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CIFAR_EXP_", "MLFLOW_", "HYDRA_"))}
-    env.update(MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.Popen(
-        [sys.executable, "-m", "cifar_exp", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    assert tracking_store.local_store_folder("sqlite:////data/mlruns/mlflow.db") == Path("/data/mlruns")
+    assert tracking_store.local_store_folder("file:///data/mlruns") == Path("/data/mlruns")
+    assert tracking_store.local_store_folder("http://127.0.0.1:5000") is None
+    assert tracking_store.local_store_folder("postgresql://user@host/db") is None
 
 
 @pytest.fixture(scope="module")
-def refused(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
-    """A run against a store under a regular file, and one that asks for more free space than any
-    disk has, started together."""
-    started = {}
+def refused(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any]]:
+    """A run against a store under a regular file, and a sweep that asks for more free space than
+    any disk has, started together. (The messages of each check: the tests above.)"""
+    started: dict[str, tuple[Path, Command]] = {}
     root = tmp_path_factory.mktemp("unwritable")
     (root / "a_file").write_text("")
-    started["unwritable"] = (root, _cli(TINY, root, f"sqlite:///{root}/a_file/mlruns/mlflow.db"))
-    root = tmp_path_factory.mktemp("full")
-    full = [*TINY, "mlflow.min_free_mb=1000000000"]  # more than any disk has free
-    started["full"] = (root, _cli(full, root, f"sqlite:///{root}/s/mlflow.db"))
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root}/a_file/mlruns/mlflow.db"}
+    started["unwritable"] = (root, start_cli(*TINY, cwd=root, env=env))
     root = tmp_path_factory.mktemp("sweep_full")
-    started["sweep_full"] = (root, _cli([*full, "seed=0,1", "-m"], root, f"sqlite:///{root}/s/mlflow.db"))
-    done = {}
-    for name, (root, proc) in started.items():
-        out, err = proc.communicate(timeout=180)
-        done[name] = (root, subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return done
+    full = [*TINY, "mlflow.min_free_mb=1000000000", "seed=0,1", "-m"]  # more than any disk has free
+    started["sweep_full"] = (
+        root,
+        start_cli(*full, cwd=root, env={"MLFLOW_TRACKING_URI": f"sqlite:///{root}/s/mlflow.db"}),
+    )
+    return {name: (root, command.result(180)) for name, (root, command) in started.items()}
 
 
 @pytest.mark.parametrize(
     ("case", "said"),
-    [("unwritable", "cannot be written"), ("full", "MB free"), ("sweep_full", "MB free")],
+    [("unwritable", "cannot be written"), ("sweep_full", "MB free")],
 )
 def test_a_bad_store_stops_the_run_before_training(refused: dict, case: str, said: str) -> None:
     root, result = refused[case]
@@ -315,108 +306,35 @@ def test_a_bad_store_stops_the_run_before_training(refused: dict, case: str, sai
 
 
 # ---------------------------------------------------------------- a real tracking server, killed
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`mlflow server` on 127.0.0.1 over a SQLite file; stop() kills it, start() brings it back."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.port = root, _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 90) -> None:
-        command = [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{self.root}/server.db",
-            "--artifacts-destination",  # artifacts go through the server too
-            str(self.root / "art"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            "1",
-        ]
-        with open(self.root / "server.log", "a") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.root / "server.log").read_text()
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.2)
-        raise AssertionError(f"mlflow server did not answer\n{(self.root / 'server.log').read_text()}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, 9)  # the server and its workers: it stops answering at once
-            self.proc.wait()
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    server = Server(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.mark.slow
 def test_a_server_killed_mid_run_does_not_stop_training(server: Server, tmp_path: Path) -> None:
-    """Killed at the first loss line and back 4 s later: the run finishes, exit 0, and every metric
-    is in the store. Killed for good: the run still finishes, exit 0, with its metrics in the file."""
-    from mlflow.tracking import MlflowClient
-
-    long = [*TINY, "dataset.train_size=6400", "trainer.epochs=3"]  # 200 steps an epoch, ~10 s
+    """Killed at the first loss line and started again once the run has said it is retrying: the run
+    finishes, exit 0, and every metric is in the store. Killed for good: the run still finishes,
+    exit 0, with its metrics in the file."""
+    long = [*TINY, "dataset.train_size=6400", "trainer.epochs=3"]  # 200 steps an epoch
     env = {
+        "MLFLOW_TRACKING_URI": server.uri,
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",  # MLflow's own retries would take minutes
         "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
     }
-
     results = {}
-    # Retried for 3 minutes, longer than the server takes to restart; or given up after 3 s.
-    for outage_s, retry_s, name in [(4.0, "180", "comes_back"), (None, "3", "gone")]:
+    # Retried for 10 minutes, far longer than the server takes to restart; or given up after 3 s.
+    for name, retry_s in [("comes_back", "600"), ("gone", "3")]:
         cwd = tmp_path / name
-        cwd.mkdir()
-        child_env = {k: v for k, v in os.environ.items() if not k.startswith(("CIFAR_EXP_", "MLFLOW_"))}
-        child_env.update(env, MLFLOW_TRACKING_URI=server.uri, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        child_env[store.RETRY_ENV] = retry_s
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cifar_exp", *long, f"hydra.run.dir={cwd}/out"],
-            cwd=cwd,
-            env=child_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+        command = start_cli(
+            *long, f"hydra.run.dir={cwd}/out", cwd=cwd, env={**env, tracking_store.RETRY_ENV: retry_s}
         )
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("[1,"):  # training, with the run open in the store
-                server.stop()
-                if outage_s is not None:
-                    restart = threading.Timer(outage_s, server.start)
-                    restart.start()
-                break
-        output = "".join(lines) + proc.communicate(timeout=300)[0]
-        if outage_s is not None:
-            restart.join()
-        results[name] = (proc.returncode, output, cwd / "out")
-        if outage_s is None:
-            server.start()
+        command.wait_for(r"^\[1,")  # training, with the run open in the store
+        server.stop()
+        if name == "comes_back":
+            command.wait_for("could not record metrics")  # the outage, noticed
+            server.start().wait_until_up()
+        result = command.result()
+        results[name] = (result.returncode, result.stdout + result.stderr, cwd / "out")
+    server.start().wait_until_up()
 
-    client = MlflowClient(server.uri)
-    runs = client.search_runs([client.get_experiment_by_name("cifar_exp").experiment_id])
-    by_dir = {Path(r.data.tags["hydra_output_dir"]).parent.name: r for r in runs}
+    store = Store(server.uri)
+    by_dir = {Path(r.data.tags["hydra_output_dir"]).parent.name: r for r in store.runs()}
     expected_losses = 3 * 200 // 5
 
     code, output, folder = results["comes_back"]
@@ -424,7 +342,7 @@ def test_a_server_killed_mid_run_does_not_stop_training(server: Server, tmp_path
     assert "unrecorded" not in output and "not recorded" not in output, output
     run = by_dir["comes_back"]
     assert run.info.status == "FINISHED", output
-    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == expected_losses
+    assert len(store.history(run.info.run_id, "train/loss")) == expected_losses
     assert not (folder / records.UNRECORDED_METRICS).exists(), output
 
     code, output, folder = results["gone"]
@@ -437,7 +355,7 @@ def test_a_server_killed_mid_run_does_not_stop_training(server: Server, tmp_path
     assert len(said) <= 6 and all(len(line) < 600 for line in said), "\n".join(said)  # one an event
     run = by_dir["gone"]
     assert run.info.status == "RUNNING"  # the store was never told otherwise
-    recorded = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    recorded = {step for step, _ in store.history(run.info.run_id, "train/loss")}
     kept = {
         x["step"] for x in map(json.loads, spill.read_text().splitlines()) if x.get("metric") == "train/loss"
     }

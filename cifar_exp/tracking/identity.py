@@ -1,12 +1,13 @@
-"""What identifies a run: its params (the flattened config), its name, the code's git state, the
-hash of what it computes; and finding earlier runs: the same config in a re-run sweep, the
-checkpoint of a run to resume, the sweep a job belongs to."""
+"""What identifies a run: its params (the flattened config), its name, the code's git state (commit,
+dirty flag and the uncommitted diff), the hash of what it computes; and finding earlier runs: the
+same config in a re-run sweep, the checkpoint of a run to resume, the sweep a job belongs to."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
+import logging
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,18 +17,24 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp.config import TrackingConfig
-from cifar_exp.errors import UserError
-from cifar_exp.tracking.store import PROJECT_ROOT, tracking_uri
+from cifar_exp.errors import UserError, first_line
+from cifar_exp.tracking.store import PROJECT_ROOT, retrying, tracking_uri
+
+log = logging.getLogger(__name__)
 
 HASH_TAG = "config_hash"
 CHECKPOINT_TAG = "checkpoint"
-_sweep: dict[str, str | None] = {"parent": None}  # this process's sweep parent run, set by the callback
+DIFF_ARTIFACT = "code/uncommitted.diff"  # `git diff HEAD` of a dirty checkout, beside the run
+NAME_CHARS = 80  # a single run's name lists its overrides up to this many characters
+# This process's sweep, set by the callback: the parent run, and the keys the sweep varies.
+_sweep: dict[str, Any] = {"parent": None, "keys": ()}
 
 
-def join_sweep(parent_run_id: str | None) -> None:
-    """Runs opened from now on in this process are children of `parent_run_id` (None: of no sweep).
-    Set by the sweep callback in the process that runs the jobs, whichever launcher started it."""
-    _sweep["parent"] = parent_run_id
+def join_sweep(parent_run_id: str | None, swept_keys: tuple[str, ...] | list[str] = ()) -> None:
+    """Runs opened from now on in this process are children of `parent_run_id` (None: of no sweep),
+    named by their values of `swept_keys`. Set by the sweep callback in the process that runs the
+    jobs, whichever launcher started it."""
+    _sweep["parent"], _sweep["keys"] = parent_run_id, tuple(swept_keys)
 
 
 def sweep_parent() -> str | None:
@@ -52,31 +59,103 @@ def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def run_name(overrides: list[str]) -> str:
-    """Readable and deterministic: 'conv1_out=32,lr=0.01' from the overrides, else 'default'."""
-    parts = []
-    for item in overrides:
-        key, _, value = item.lstrip("+~").partition("=")
-        if key.startswith(("mlflow.", "hydra.")):
-            continue
-        parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
-    return ",".join(parts) or "default"
+def split_override(item: str) -> tuple[str, str]:
+    """'+model.conv1_out=8' -> ('model.conv1_out', '8'); a deletion '~key' has the value ''."""
+    key, _, value = item.lstrip("+~").partition("=")
+    return key, value
+
+
+def short_keys(keys: list[str]) -> dict[str, str]:
+    """Each dotted key by its shortest unambiguous ending: model.conv1_out -> conv1_out, but
+    optimizer.lr and scheduler.lr stay whole when both are there."""
+    out = {}
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            ending = ".".join(parts[-n:])
+            if not any(other != key and ".".join(other.split(".")[-n:]) == ending for other in keys):
+                break
+        out[key] = ending
+    return out
+
+
+def short_value(value: str) -> str:
+    """A value as a name shows it: floats to 4 significant digits (a search's 0.012345678 ->
+    0.01235), anything else as written, cut at 24 characters."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value if len(value) <= 24 else value[:23] + "…"
+    if "." in value or "e" in value.lower():
+        return f"{number:.4g}"
+    return value
+
+
+def run_name(overrides: list[str], swept: tuple[str, ...] | list[str] | None = None) -> str:
+    """Readable and deterministic. A sweep's job is named by what the sweep varies only
+    ('conv1_out=16,lr=0.01'; `swept` defaults to this process's sweep's keys). A single run by
+    its overrides without mlflow.* and hydra.* ones, short keys; past NAME_CHARS characters the
+    first one and the last ones typed (what is being tried, usually) stay, the count of those left
+    out between them: 'dataset=synthetic,…+3…,conv1_out=8,lr=0.01'. 'default' without overrides."""
+    swept = _sweep["keys"] if swept is None else swept
+    values = dict(split_override(item) for item in overrides)
+    if swept and any(key in values for key in swept):
+        short = short_keys(list(swept))
+        return ",".join(f"{short[k]}={short_value(values[k])}" for k in swept if k in values)
+    parts = [
+        f"{key.rsplit('.', 1)[-1]}={value}"
+        for key, value in map(split_override, overrides)
+        if not key.startswith(("mlflow.", "hydra.", "hydra/"))
+    ]
+    if len(",".join(parts)) <= NAME_CHARS:
+        return ",".join(parts) or "default"
+    tail: list[str] = []
+    for part in reversed(parts[1:]):
+        if len(",".join([parts[0], "…+99…", part, *tail])) > NAME_CHARS:
+            break
+        tail.insert(0, part)
+    return ",".join([parts[0], f"…+{len(parts) - 1 - len(tail)}…", *tail])
+
+
+def _git(*args: str, strip: bool = True) -> str:
+    out = subprocess.run(
+        ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+    return out.strip() if strip else out
 
 
 @functools.lru_cache(maxsize=1)
 def git_state() -> tuple[str, bool | None]:
     """(commit, dirty) of the project's checkout, ('unknown', None) outside git. Read once per
     process: that is the code running, and the jobs of an in-process sweep all report it."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-
     try:
-        return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+        return _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         return "unknown", None
+
+
+@functools.lru_cache(maxsize=1)
+def uncommitted_diff() -> str:
+    """The checkout's uncommitted changes to tracked files (`git diff HEAD --binary`: what
+    `git apply` needs to restore them on the commit), '' when clean or outside git. Read once
+    per process, like git_state."""
+    try:
+        return _git("diff", "HEAD", "--binary", strip=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def record_code(client: Any, run_id: str) -> None:
+    """Saves the uncommitted diff with the run (DIFF_ARTIFACT) when the checkout is dirty, so
+    `git checkout <git_commit> && git apply uncommitted.diff` restores the code that ran. Called
+    from the record writer's thread as the run opens, never on the training path; a store that
+    refuses it costs one warning, not the run."""
+    if not git_state()[1] or not (diff := uncommitted_diff()):
+        return
+    try:
+        retrying(lambda: client.log_text(run_id, diff, DIFF_ARTIFACT), "recording the uncommitted diff")
+    except Exception as e:  # noqa: BLE001 - provenance, not training: say it and go on
+        log.warning(f"MLflow: could not record the uncommitted diff ({first_line(e)})")
 
 
 def config_hash(cfg: DictConfig) -> str:

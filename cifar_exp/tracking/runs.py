@@ -23,6 +23,7 @@ from cifar_exp.tracking.identity import (
     config_hash,
     flatten,
     git_state,
+    record_code,
     run_name,
     sweep_parent,
     task_overrides,
@@ -160,6 +161,7 @@ def opener(cfg: TrackingConfig, name: str, tags: dict[str, str], run_id: str | N
                 "starting the run",
             )
             log.info(f"MLflow run {run.info.run_id} ({name}) in {tracking_uri(cfg)}")
+            record_code(client, run.info.run_id)  # the uncommitted diff, when the tree is dirty
             return client, run.info.run_id
         resumed = {k: v for k, v in tags.items() if k not in ("overrides", HASH_TAG)}
         resumed["resumed_with_overrides"] = tags["overrides"]

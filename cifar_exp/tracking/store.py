@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cifar_exp.config import TrackingConfig
 from cifar_exp.errors import UserError, first_line
@@ -59,16 +59,54 @@ def ensure_experiment(cfg: TrackingConfig) -> str:
             raise UserError(f"the MLflow store {uri} does not answer: {first_line(e)}") from None
         if experiment is not None:
             return experiment.experiment_id
-        artifacts = None  # a server or other store decides for itself
-        if uri.startswith("sqlite:///"):  # artifacts beside the database, wherever it is run from
-            artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
         try:
-            return client.create_experiment(cfg.experiment_name, artifact_location=artifacts)
+            experiment_id = client.create_experiment(
+                cfg.experiment_name, artifact_location=artifact_root(uri), tags=EXPERIMENT_TAGS
+            )
         except Exception:  # another process (on a server) created it first
             experiment = client.get_experiment_by_name(cfg.experiment_name)
             if experiment is None:
                 raise
             return experiment.experiment_id
+        if folder is not None:
+            hide_default_experiment(client)
+        return experiment_id
+
+
+# MLflow 3 shows an experiment in its "Model training" view (runs, params, metrics) or its "GenAI"
+# view (traces). The experiment's kind is this tag; 3.17's UI, though, follows its own sidebar
+# switch (GenAI by default, remembered by the browser) or a workflowType in the page's URL, which
+# the links `cifar-exp ui` prints carry.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"  # the UI's query for its model-training view
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where a SQLite store keeps artifacts: <database folder>/artifacts, wherever it is run from.
+    None for other stores (a server, a file store decides for itself)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    return None
+
+
+def hide_default_experiment(client: Any) -> None:
+    """Deletes (restorably: `mlflow experiments restore --experiment-id 0`) the empty "Default"
+    experiment of a local store. MLflow's SQL store inserts it, id 0, when it creates its tables
+    (SqlAlchemyStore.__init__), with its artifacts under the working directory of whichever process
+    came first; it cannot be kept from being created, and this project never uses it. One with
+    runs in it is kept."""
+    from mlflow.entities import ViewType
+    from mlflow.exceptions import MlflowException
+
+    try:
+        default = client.get_experiment("0")
+        if default.name != "Default" or default.lifecycle_stage != "active":
+            return
+        if client.search_runs(["0"], run_view_type=ViewType.ALL, max_results=1):
+            return
+        client.delete_experiment("0")
+    except MlflowException as e:
+        log.debug(f"MLflow: kept the Default experiment ({first_line(e)})")
 
 
 @contextlib.contextmanager
