@@ -276,10 +276,13 @@ def load_synthetic(
 def normalise(
     images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype
 ) -> torch.Tensor:
-    """uint8 N x 3 x H x W -> (pixel / 255 - mean) / std, in `dtype`, on the images' device."""
+    """uint8 N x 3 x H x W -> (pixel / 255 - mean) / std, in `dtype`, on the images' device, in
+    the images' memory format. One float32 buffer, computed in place: 50,000 images are 600 MB as
+    float32, and each temporary of that size cost ~0.3 s on 2 cores."""
     mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return ((images.float() / 255 - mean_t) / std_t).to(dtype)
+    x = images.to(torch.float32)  # keeps the memory format
+    return x.div_(255).sub_(mean_t).div_(std_t).to(dtype)
 
 
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
