@@ -16,7 +16,7 @@ from cifar_exp.config import register_schemas
 from cifar_exp.tracking import store
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-COMMANDS = ("ui", "rerun", "resume", "predict")
+COMMANDS = ("ui", "rerun", "resume", "predict", "sync")
 register_schemas()
 
 

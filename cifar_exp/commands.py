@@ -1,4 +1,5 @@
-"""Subcommands that use what MLflow recorded: `ui`, `rerun RUN_ID`, `predict RUN_ID IMAGE...`."""
+"""Subcommands that use what MLflow recorded: `ui`, `rerun RUN_ID`, `resume RUN_ID`,
+`predict RUN_ID IMAGE...`; and `sync OUTPUT_DIR`, what it could not record during an outage."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ USAGE = {
     "rerun": "re-run a recorded run from its logged config snapshot into a new run",
     "resume": "continue an interrupted run from its last checkpoint, into the same run",
     "predict": "print the top classes of each image with a recorded run's weights",
+    "sync": "record what a store outage left in a run's folder (unrecorded_metrics.jsonl, "
+    "unrecorded_artifacts/) into its run; steps already recorded are skipped",
 }
 
 
@@ -34,10 +37,12 @@ def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
     parser.add_argument(
         "--tracking-uri",
         default=None,
-        help="MLflow store (default: $MLFLOW_TRACKING_URI, else mlruns/mlflow.db)",
+        help="MLflow store (default: $MLFLOW_TRACKING_URI, else mlruns/mlflow.db; for sync, the run's)",
     )
     if command == "ui":
         parser.add_argument("--port", type=int, default=5000)
+    elif command == "sync":
+        parser.add_argument("output_dir", type=Path, help="a run's Hydra output folder, or a sweep's")
     else:
         parser.add_argument("run_id", help="the MLflow run id (see the UI or the end of a run's log)")
     if command == "predict":
@@ -53,6 +58,11 @@ def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
     try:
         if command == "ui":
             return ui(uri, args.port)
+        if command == "sync":
+            from cifar_exp.tracking import sync
+
+            sync.sync(args.tracking_uri, args.output_dir)
+            return 0
         if command in ("rerun", "resume"):
             return rerun(uri, args.run_id, args.overrides, hydra_main, resume=command == "resume")
         return predict(uri, args.run_id, args.images, args.top)
