@@ -18,7 +18,7 @@ import yaml
 from cifar_exp import reports
 from cifar_exp.config import TrackingConfig
 from cifar_exp.errors import UserError, first_line
-from cifar_exp.tracking import runs, store
+from cifar_exp.tracking import resumption, runs, store
 
 HydraMain = Callable[[list[str], dict[str, str] | None], None]
 USAGE = {
@@ -119,6 +119,8 @@ def rerun(uri: str, run_id: str, overrides: list[str], hydra_main: HydraMain, re
         if snapshot["mlflow"].get("tracking_uri") or uri != store.tracking_uri(TrackingConfig()):
             snapshot["mlflow"]["tracking_uri"] = uri  # the new run goes where the original was read
         snapshot["resume"] = run_id if resume else None
+        if resume and (epochs := resumption.recorded_epochs(uri, run_id)):  # trained further since
+            snapshot["trainer"]["epochs"] = epochs
         if "norm_bias_lr_scale" in snapshot.get("trainer", {}):  # recorded before it moved (#13)
             snapshot["optimizer"]["norm_bias_lr_scale"] = snapshot["trainer"].pop("norm_bias_lr_scale")
         hydra_settings = yaml.safe_load(Path(store.PROJECT_ROOT, "conf/config.yaml").read_text())

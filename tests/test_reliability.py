@@ -206,6 +206,8 @@ def test_resume_leaves_a_finished_run_alone_unless_asked_to_train_it_further(tmp
     assert losses == list(range(25, 401, 25)), "each step once"
     assert after.data.params == before[2], "params stay as first recorded"
     assert after.data.tags[resumption.EPOCHS_TAG] == "2"
+    again = _cli(["resume", run.info.run_id], tmp_path, store)  # it ran 2 epochs now
+    assert "already FINISHED its 2 epoch(s)" in again.stderr, again.stderr
 
 
 # ---------------------------------------------------------------- what resume may do, from the store
@@ -431,3 +433,16 @@ def test_rerunning_a_sweep_skips_finished_jobs(tmp_path: Path) -> None:
     assert len(parents) == 2
     linked = [k for k in parents[-1].data.tags if k.startswith("linked/")]
     assert sorted(k.removeprefix("linked/") for k in linked) == sorted(c.info.run_id for c in children)
+
+
+@pytest.mark.slow
+def test_training_killed_at_random_moments_resumes_with_nothing_lost_or_twice(tmp_path: Path) -> None:
+    """benchmarks/kill_resume.py with a few kills (the README's figures come from 24 or more)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "kill_resume.py"
+    args = ["--kills", "4", "--per-run", "2", "--seed", "1", "--keep", str(tmp_path / "kills")]
+    result = subprocess.run(
+        [sys.executable, str(script), *args], env=_env(tmp_path), capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "metric points lost: 0, duplicated: 0, differing: 0" in result.stdout, result.stdout
+    assert "store corruptions: 0" in result.stdout, result.stdout

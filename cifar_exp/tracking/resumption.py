@@ -112,6 +112,15 @@ def recorded_after(client: Any, run: Any, step: int) -> set[tuple[str, int]]:
     return points
 
 
+def recorded_epochs(uri: str, run_id: str) -> int | None:
+    """The epochs a resume trained `run_id` to, where that differs from its recorded config (which
+    stays as first recorded, like its params)."""
+    from mlflow.tracking import MlflowClient
+
+    epochs = MlflowClient(uri).get_run(run_id).data.tags.get(EPOCHS_TAG)
+    return int(epochs) if epochs else None
+
+
 def this_process() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 

@@ -227,9 +227,9 @@ def start_run(
     writer = RecordWriter(spill_path=spill, opener=opener(cfg.mlflow, name, tags, run_id))
     tracker = Tracker(writer, folder, uri, resume.recorded if resume else None)
     try:
-        if run_id is None:
+        if run_id is None:  # a resumed run keeps the config it was first recorded with
             writer.params(flatten(OmegaConf.to_container(cfg, resolve=True)))
-        tracker.log_files(config_files(cfg), "the config")
+            tracker.log_files(config_files(cfg), "the config")
         yield tracker
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, or preempted under submitit (signals.py)
         _end(tracker, "KILLED", str(e) or "interrupted (Ctrl-C or SIGTERM)")
