@@ -6,7 +6,8 @@ a seeded random moment of one of four phases, found by watching the run's output
   step        mid-step: a random time into training, once the run has a checkpoint
   checkpoint  while checkpoint.pt is being written (its temporary file is there)
   flush       as an epoch's metrics are reported (the flush that precedes its checkpoint)
-  end         while the run ends (after the report: the figures and weights, tags, its status)
+  end         while the run ends (after the report: the figures and weights, tags, its status);
+              'after-end' when the store had recorded the run's end by then
 
 then `cifar-exp resume RUN_ID`, itself killed the same way up to --per-run times, and a last resume
 left alone. Kills land only once the run has a checkpoint: before that there is nothing to resume
@@ -121,8 +122,8 @@ def kill_at(attempt: Attempt, phase: str, rng: random.Random, resumed: bool) -> 
         time.sleep(rng.uniform(0.0, 0.02))
     else:  # end
         while attempt.alive() and not attempt.seen("^Accuracy of the network"):
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 0.25))  # the figures, weights and the run's end take ~0.1-0.5 s
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0.0, 0.06))  # the figures, the weights and the run's end: ~60 ms
     if not attempt.alive():
         return None
     attempt.proc.send_signal(signal.SIGKILL)
@@ -211,6 +212,8 @@ def main() -> None:
             hit = kill_at(attempt, phase, rng, resumed) if phase else None
             output = attempt.wait()
             run_id = run_id or (RUN_ID.search(output) or [None, None])[1]
+            if hit == "end" and client.get_run(run_id).info.status == "FINISHED":
+                hit = "after-end"  # the store had recorded the run's end: killed on the way out
             if hit:
                 tally.kills[hit] += 1
                 said.append(hit)
