@@ -1,6 +1,6 @@
 """The front door: `python -m cifar_exp [overrides]` trains; `cifar-exp ui|compare|runs|rerun|resume|
-predict` use what MLflow recorded. Bad input ends in one line on stderr and a non-zero exit
-(HYDRA_FULL_ERROR=1 shows the traceback)."""
+predict` use what MLflow recorded, `cifar-exp sync` what it could not record. Bad input ends in one
+line on stderr and a non-zero exit (HYDRA_FULL_ERROR=1 shows the traceback)."""
 
 from __future__ import annotations
 
@@ -13,17 +13,25 @@ from omegaconf import DictConfig
 
 from cifar_exp import signals
 from cifar_exp.config import register_schemas
+from cifar_exp.tracking import store
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-COMMANDS = ("ui", "compare", "runs", "rerun", "resume", "predict")
+COMMANDS = ("ui", "compare", "runs", "rerun", "resume", "predict", "sync")
 register_schemas()
 
 
 def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> float:
-    """The task function: trains one composed config; returns what a sweeper maximises."""
+    """The task function: trains one composed config; returns what a sweeper maximises. Preempted
+    under submitit, the run checkpoints and ends KILLED, then submitit requeues the job, which
+    resumes into the same run."""
     from cifar_exp.run import run
 
-    return run(cfg, tags)["test/acc"]
+    signals.hold_preemption()
+    try:
+        return run(cfg, tags)["test/acc"]
+    except signals.Preempted as stop:
+        stop.requeue()  # exits
+        raise
 
 
 def hydra_main(argv: list[str], tags: dict[str, str] | None = None) -> None:
@@ -42,6 +50,7 @@ def hydra_main(argv: list[str], tags: dict[str, str] | None = None) -> None:
 
 def main() -> None:
     signals.install()
+    store.limit_http_retries()
     try:
         if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
             from cifar_exp import commands

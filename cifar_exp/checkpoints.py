@@ -37,17 +37,26 @@ def file_path(enabled: bool) -> Path | None:
     return Path(HydraConfig.get().runtime.output_dir) / FILENAME
 
 
-def writer(path: Path | None, run_id: Callable[[], str | None]) -> Callable[[dict[str, Any]], None] | None:
+def writer(
+    path: Path | None,
+    run_id: Callable[[], str | None],
+    before: Callable[[], None] = lambda: None,
+    after: Callable[[Path], None] = lambda path: None,
+) -> Callable[[dict[str, Any]], None] | None:
     """What the training loop calls with its state to checkpoint it into `path` (None: no
     checkpoints): the state, the random-number states of this moment and the run id (asked for
-    at each write: the run may still be opening when training starts), saved."""
+    at each write: the run may still be opening when training starts), saved. `before()` runs
+    first (the tracker records the metrics of the steps this checkpoint holds: a kill then loses
+    none), `after(path)` once the file is in place (the tracker names it)."""
     if path is None:
         return None
 
     def write(loop_state: dict[str, Any]) -> None:
         if set(loop_state) != set(LOOP_KEYS):
             raise ValueError(f"loop state has {sorted(loop_state)}, the format {sorted(LOOP_KEYS)}")
+        before()
         save({"format": FORMAT, **loop_state, "rng": rng_states(), "mlflow_run_id": run_id()}, path)
+        after(path)
 
     return write
 

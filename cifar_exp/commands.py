@@ -1,5 +1,6 @@
 """Subcommands that use what MLflow recorded: `ui`, `compare [SWEEP]`, `runs`, `rerun RUN_ID`,
-`resume RUN_ID`, `predict RUN_ID IMAGE...`."""
+`resume RUN_ID`, `predict RUN_ID IMAGE...`; and `sync OUTPUT_DIR`, what it could not record during
+an outage."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import yaml
 from cifar_exp import reports, sweeps
 from cifar_exp.config import TrackingConfig
 from cifar_exp.errors import UserError, first_line
-from cifar_exp.tracking import identity, runs, store
+from cifar_exp.tracking import identity, resumption, runs, store
 
 HydraMain = Callable[[list[str], dict[str, str] | None], None]
 USAGE = {
@@ -32,6 +33,8 @@ USAGE = {
     "rerun": "re-run a recorded run from its logged config snapshot into a new run",
     "resume": "continue an interrupted run from its last checkpoint, into the same run",
     "predict": "print the top classes of each image with a recorded run's weights",
+    "sync": "record what a store outage left in a run's folder (unrecorded_metrics.jsonl, "
+    "unrecorded_artifacts/) into its run; steps already recorded are skipped",
 }
 
 
@@ -41,7 +44,7 @@ def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
     parser.add_argument(
         "--tracking-uri",
         default=None,
-        help="MLflow store (default: $MLFLOW_TRACKING_URI, else mlruns/mlflow.db)",
+        help="MLflow store (default: $MLFLOW_TRACKING_URI, else mlruns/mlflow.db; for sync, the run's)",
     )
     if command == "ui":
         parser.add_argument("--port", type=int, default=5000)
@@ -52,6 +55,8 @@ def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
         parser.add_argument("--csv", action="store_true", help="CSV with full keys and values, for scripts")
     elif command == "runs":
         parser.add_argument("--limit", type=int, default=20, help="how many runs, newest first")
+    elif command == "sync":
+        parser.add_argument("output_dir", type=Path, help="a run's Hydra output folder, or a sweep's")
     else:
         parser.add_argument("run_id", help="the MLflow run id (see the UI or the end of a run's log)")
     if command == "predict":
@@ -74,6 +79,11 @@ def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
             return compare(uri, args.sweep, args.csv)
         if command == "runs":
             return list_runs(uri, args.limit)
+        if command == "sync":
+            from cifar_exp.tracking import sync
+
+            sync.sync(args.tracking_uri, args.output_dir)
+            return 0
         if command in ("rerun", "resume"):
             return rerun(uri, args.run_id, args.overrides, hydra_main, resume=command == "resume")
         return predict(uri, args.run_id, args.images, args.top)
@@ -284,6 +294,8 @@ def rerun(uri: str, run_id: str, overrides: list[str], hydra_main: HydraMain, re
         if snapshot["mlflow"].get("tracking_uri") or uri != store.tracking_uri(TrackingConfig()):
             snapshot["mlflow"]["tracking_uri"] = uri  # the new run goes where the original was read
         snapshot["resume"] = run_id if resume else None
+        if resume and (epochs := resumption.recorded_epochs(uri, run_id)):  # trained further since
+            snapshot["trainer"]["epochs"] = epochs
         if "norm_bias_lr_scale" in snapshot.get("trainer", {}):  # recorded before it moved (#13)
             snapshot["optimizer"]["norm_bias_lr_scale"] = snapshot["trainer"].pop("norm_bias_lr_scale")
         hydra_settings = yaml.safe_load(Path(store.PROJECT_ROOT, "conf/config.yaml").read_text())

@@ -15,7 +15,7 @@ from cifar_exp.config import build
 from cifar_exp.data import ImageData
 from cifar_exp.devices import cudnn_autotune, distributed, select_device, wrap_model
 from cifar_exp.precision import to_half
-from cifar_exp.tracking import identity, runs
+from cifar_exp.tracking import identity, resumption, runs
 from cifar_exp.train import Loop, Tensors, predict_logits, prepare
 from cifar_exp.validation import check_batch_size, validate
 
@@ -52,6 +52,9 @@ def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]
         return previous.metrics
     resume_from = cfg.resume or (previous.run_id if previous and previous.checkpoint else None)
     state = checkpoints.load(identity.checkpoint_path(resume_from, cfg.mlflow)) if resume_from else None
+    resume = None  # may it continue that run? Checked before anything is written (one line if not)
+    if state:
+        resume = resumption.check(cfg, resume_from, checkpoints.run_id(state), state["progress"])
     seed_everything(cfg.seed)
     device = select_device(cfg.device, cfg.trainer.batch_size)
     rank = distributed()[0]
@@ -76,10 +79,10 @@ def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]
     optimizer = build(cfg.optimizer)(param_groups(net, cfg.optimizer))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    run_id = checkpoints.run_id(state) if state else None
-    with runs.start_run(cfg, device.type, gpus, run_id, {"data": data.source, **(tags or {})}) as tracker:
+    with runs.start_run(cfg, device.type, gpus, resume, {"data": data.source, **(tags or {})}) as tracker:
         path = checkpoints.file_path(cfg.trainer.checkpoint)
-        save = checkpoints.writer(path, lambda: tracker.run_id)  # the run id once the run is open
+        # the run id once the run is open; metrics flushed before each checkpoint, tagged after
+        save = checkpoints.writer(path, lambda: tracker.run_id, tracker.flush, tracker.set_checkpoint)
         loop = Loop(
             model, optimizer, tensors, data.classes, cfg.trainer, generator, tracker.log_metrics, save
         )
@@ -90,7 +93,6 @@ def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]
             tracker.log_params({"data": data.name})  # what trained it: the fallback may stand in
             samples = reports.sample_files(data.train_images, data.train_labels, data.classes)
             tracker.log_files(samples, "the sample images")
-        tracker.set_checkpoint(path)
         with signals.deferred():  # Ctrl-C/SIGTERM: finish the step, checkpoint, then stop
             metrics, confusion = loop.fit()
         if rank == 0:

@@ -249,22 +249,16 @@ class Loop:
 
     def fit(self) -> tuple[dict[str, float], torch.Tensor]:
         """Trains to cfg.epochs, evaluating after each epoch; returns the last epoch's metrics
-        and the confusion matrix."""
+        and the confusion matrix. Resumed with no epoch left (stopped after its last checkpoint,
+        while ending), it only evaluates: those metrics were reported already."""
+        if self.progress.epoch > self.cfg.epochs:
+            return self.evaluate()
         metrics, confusion = {}, torch.zeros(0)
         while self.progress.epoch <= self.epochs:
             epoch = self.progress.epoch
             metrics = self.train_epoch()
             started = time.perf_counter()
-            test_metrics, confusion = evaluate(
-                unwrap_model(self.model) if self.world > 1 else self.model,  # no collectives
-                self.data.test_images,
-                self.data.test_labels,
-                self.classes,
-                self.cfg.test_batch_size,
-                self.cfg.tta,
-                self.cfg.autocast,
-                self.cfg.autocast_dtype,
-            )
+            test_metrics, confusion = self.evaluate()
             metrics.update(test_metrics, **{"time/eval_s": time.perf_counter() - started})
             log.info(
                 f"epoch {epoch}/{self.epochs}: train loss {metrics['train/loss_epoch']:.3f}, "
@@ -276,6 +270,19 @@ class Loop:
             if self.checkpoint:
                 self.checkpoint(self.state_dict())
         return metrics, confusion
+
+    def evaluate(self) -> tuple[dict[str, float], torch.Tensor]:
+        """Test metrics and the confusion matrix of the model as it is."""
+        return evaluate(
+            unwrap_model(self.model) if self.world > 1 else self.model,  # no collectives
+            self.data.test_images,
+            self.data.test_labels,
+            self.classes,
+            self.cfg.test_batch_size,
+            self.cfg.tta,
+            self.cfg.autocast,
+            self.cfg.autocast_dtype,
+        )
 
     def train_epoch(self) -> dict[str, float]:
         """The rest of the current epoch (all of it unless resuming mid-epoch; the last one stops

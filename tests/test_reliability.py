@@ -1,10 +1,17 @@
-"""No lost work: checkpoints, exact resume, Ctrl-C and SIGTERM, resumable sweeps. (A sweep job
-whose loss goes non-finite: test_tracking.py.)"""
+"""No lost work: checkpoints, exact resume, Ctrl-C and SIGTERM, resumable sweeps; resume never harms
+the run it resumes (refusals change nothing in the store); preemption under submitit; random kills.
+(A sweep job whose loss goes non-finite: test_tracking.py.)"""
 
 from __future__ import annotations
 
+import os
 import random
+import re
 import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +21,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import Command, Store, ok, signal_ignored, synthetic
+from conftest import Command, Store, cli_env, ok, signal_ignored, synthetic
+from mlflow.tracking import MlflowClient
 
-from cifar_exp import checkpoints
+from cifar_exp import checkpoints, signals
 from cifar_exp.errors import UserError
+from cifar_exp.tracking import identity, resumption
+from cifar_exp.tracking.records import RecordWriter
+from cifar_exp.tracking.runs import Tracker
 
 
 def train(epochs: int = 3) -> list[str]:
@@ -110,12 +121,10 @@ def started(new_store) -> Iterator[dict[str, Scenario]]:
         "whole": [*train(), "hydra.run.dir=whole"],  # the run that "cut" is resumed to match
         "cut": [*train(), "hydra.run.dir=cut"],
         "ctrl_c": [*train(epochs=100), "hydra.run.dir=cut"],  # still training whenever it comes
-        "longer": train(epochs=1),
         "sweep": SWEEP,
     }
     then = {
         "cut": lambda runs: ["resume", runs[-1].info.run_id],
-        "longer": lambda runs: ["resume", runs[-1].info.run_id, "trainer.epochs=2"],
         "sweep": lambda runs: SWEEP,
     }
     scenarios = {}
@@ -184,16 +193,6 @@ def test_ctrl_c_exits_130_and_the_run_ends_killed_with_what_it_logged(started: d
     assert checkpoints.load(ctrl_c.store.cwd / "cut" / "checkpoint.pt")["progress"]["step"] >= 50
 
 
-def test_resume_can_train_longer(started: dict[str, Scenario]) -> None:
-    longer = started["longer"]
-    ok(longer.result)
-    [run] = longer.runs
-    ok(longer.then.result())  # resume with trainer.epochs=2
-    steps = [step for step, _ in longer.store.history(run.info.run_id, "test/acc")]
-    assert steps == [200, 400]  # epoch 2 continues the step count of epoch 1
-
-
-# ---------------------------------------------------------------- sweeps
 def test_rerunning_a_sweep_skips_finished_jobs(started: dict[str, Scenario]) -> None:
     sweep = started["sweep"]
     ok(sweep.result)
@@ -206,3 +205,280 @@ def test_rerunning_a_sweep_skips_finished_jobs(started: dict[str, Scenario]) -> 
     assert len(parents) == 2
     linked = [k for k in parents[-1].data.tags if k.startswith("linked/")]
     assert sorted(k.removeprefix("linked/") for k in linked) == sorted(c.info.run_id for c in children)
+
+
+# ---------------------------------------------------------------- resume never harms (#12)
+TRAIN = [
+    "dataset=synthetic",
+    "dataset.train_size=1600",
+    "dataset.test_size=200",
+    "trainer.batch_size=8",
+    "trainer.epochs=3",
+    "trainer.log_every_n_steps=25",
+    "optimizer.lr=0.01",
+    "device=cpu",
+]
+
+
+def _env(store: Path) -> dict[str, str]:
+    return cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{store}/mlflow.db")
+
+
+def _cli(args: list[str], cwd: Path, store: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cifar_exp", *args],
+        cwd=cwd,
+        env=_env(store),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _runs(store: Path) -> list:
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    experiment = client.get_experiment_by_name("cifar_exp")
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def _history(store: Path, run_id: str, key: str) -> list[tuple[int, float]]:
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def test_resume_leaves_a_finished_run_alone_unless_asked_to_train_it_further(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    short = _cli(TRAIN + ["trainer.epochs=1"], tmp_path, store)
+    assert short.returncode == 0, short.stderr
+    (run,) = _runs(store)
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    before = _snapshot(client, run.info.run_id)
+
+    again = _cli(["resume", run.info.run_id], tmp_path, store)  # the typo of issue 12
+    assert again.returncode != 0
+    said = [line for line in again.stderr.splitlines() if "already FINISHED" in line]
+    assert len(said) == 1 and "trainer.epochs=2" in said[0], again.stderr
+    assert "Traceback" not in again.stderr
+    assert _snapshot(client, run.info.run_id) == before, "a refused resume changes nothing"
+
+    longer = _cli(["resume", run.info.run_id, "trainer.epochs=2"], tmp_path, store)
+    assert longer.returncode == 0, longer.stderr
+    after = client.get_run(run.info.run_id)
+    assert after.info.status == "FINISHED"
+    assert [s for s, _ in _history(store, run.info.run_id, "test/acc")] == [200, 400]  # appended
+    losses = [s for s, _ in _history(store, run.info.run_id, "train/loss")]
+    assert losses == list(range(25, 401, 25)), "each step once"
+    assert after.data.params == before[2], "params stay as first recorded"
+    assert after.data.tags[resumption.EPOCHS_TAG] == "2"
+    again = _cli(["resume", run.info.run_id], tmp_path, store)  # it ran 2 epochs now
+    assert "already FINISHED its 2 epoch(s)" in again.stderr, again.stderr
+
+
+# ---------------------------------------------------------------- what resume may do, from the store
+def _snapshot(client: MlflowClient, run_id: str) -> tuple:
+    """Everything a user sees of a run: status, end, params, tags, every metric point."""
+    run = client.get_run(run_id)
+    points = {
+        key: [(m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key)]
+        for key in run.data.metrics
+    }
+    return run.info.status, run.info.end_time, run.data.params, run.data.tags, points
+
+
+@pytest.fixture(scope="module")
+def recorded(compose_config, tmp_path_factory: pytest.TempPathFactory):
+    """make(status, tags) records a run as training 2 epochs of 10 steps leaves it (its params,
+    train/loss every 5 steps, test/acc per epoch); returns (config, client, make). One store for
+    the module: creating one takes seconds."""
+    from mlflow.entities import Metric, Param
+    from omegaconf import OmegaConf
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('resume')}/mlflow.db"
+    cfg = compose_config("dataset=synthetic", "trainer.epochs=2", "device=cpu", f"mlflow.tracking_uri={uri}")
+    params = identity.flatten(OmegaConf.to_container(cfg, resolve=True))
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("cifar_exp")
+
+    def make(status: str, tags: dict[str, str] | None = None) -> str:
+        run_id = client.create_run(experiment, tags=tags or {}).info.run_id
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            client.log_batch(run_id, params=items[i : i + 100])
+        points = [Metric("train/loss", 1 / s, 0, s) for s in (5, 10, 15, 20)]
+        client.log_batch(run_id, [*points, Metric("test/acc", 0.5, 0, 10), Metric("test/acc", 0.6, 0, 20)])
+        if status != "RUNNING":
+            client.set_terminated(run_id, status)
+        return run_id
+
+    return cfg, client, make
+
+
+DONE = {"epoch": 3, "epoch_step": 0, "step": 20}  # a checkpoint after both epochs
+
+
+@pytest.mark.parametrize(
+    "status, overrides, progress, said",
+    [
+        ("FAILED", {}, DONE, "FAILED"),
+        ("FINISHED", {}, DONE, "already FINISHED its 2 epoch(s)"),
+        ("FINISHED", {"trainer": {"epochs": 1}}, DONE, "already FINISHED"),
+        ("KILLED", {"optimizer": {"lr": 0.5}}, DONE, "optimizer.lr=0.001 -> 0.5"),
+        ("KILLED", {"trainer": {"epochs": 1}}, {"epoch": 2, "epoch_step": 3, "step": 13}, "fewer than"),
+        ("RUNNING", {}, DONE, "still running"),
+    ],
+)
+def test_a_resume_that_cannot_proceed_says_why_and_changes_nothing(
+    recorded, status: str, overrides: dict, progress: dict, said: str
+) -> None:
+    from omegaconf import OmegaConf
+
+    cfg, client, make = recorded
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)  # cifar_exp"])
+    try:
+        run_id = make(status, {resumption.PROCESS_TAG: f"{socket.gethostname()}:{alive.pid}"})
+        before = _snapshot(client, run_id)
+        with pytest.raises(UserError, match=re.escape(said)) as error:
+            resumption.check(OmegaConf.merge(cfg, overrides), run_id, run_id, progress)
+    finally:
+        alive.kill()
+        alive.wait()
+    assert "\n" not in str(error.value) and "nothing was changed" in str(error.value)
+    assert _snapshot(client, run_id) == before
+
+
+def test_a_checkpoint_of_another_run_is_refused(recorded) -> None:
+    cfg, _, make = recorded
+    with pytest.raises(UserError, match="belongs to run"):
+        resumption.check(cfg, make("KILLED"), make("KILLED"), DONE)
+
+
+def test_resume_continues_a_killed_process_and_trains_a_finished_run_further(recorded) -> None:
+    from omegaconf import OmegaConf
+
+    cfg, client, make = recorded
+    gone = subprocess.Popen([sys.executable, "-c", "pass  # cifar_exp"])
+    gone.wait()
+    # SIGKILLed after its checkpoint at step 10, with train/loss 15, 20 and test/acc 20 recorded
+    run_id = make("RUNNING", {resumption.PROCESS_TAG: f"{socket.gethostname()}:{gone.pid}"})
+    plan = resumption.check(cfg, run_id, run_id, {"epoch": 2, "epoch_step": 0, "step": 10})
+    assert plan.run_id == run_id and plan.tags == {}
+    assert plan.recorded == {("train/loss", 15), ("train/loss", 20), ("test/acc", 20)}
+
+    finished = make("FINISHED")
+    plan = resumption.check(OmegaConf.merge(cfg, {"trainer": {"epochs": 3}}), finished, finished, DONE)
+    assert plan.tags == {resumption.EPOCHS_TAG: "3"} and plan.recorded == set()
+
+
+def test_a_resumed_run_records_only_the_points_the_store_lacks() -> None:
+    class Client:
+        points: list = []
+
+        def log_batch(self, run_id: str, metrics: list, params: list) -> None:
+            self.points += [(m.key, m.step) for m in metrics]
+
+    writer = RecordWriter(Client(), "run")
+    tracker = Tracker(writer, recorded={("train/loss", 15), ("test/acc", 20)})
+    tracker.log_metrics({"train/loss": 1.0}, 15)
+    tracker.log_metrics({"train/loss": 1.0, "test/acc": 0.5, "test/loss": 2.0}, 20)
+    writer.close()
+    assert Client.points == [("train/loss", 20), ("test/loss", 20)]
+
+
+def test_metrics_are_flushed_before_a_checkpoint_and_it_is_named_after(tmp_path: Path) -> None:
+    path, events = tmp_path / "checkpoint.pt", []
+    write = checkpoints.writer(
+        path,
+        run_id=lambda: "abc123",
+        before=lambda: events.append(("flush", path.exists())),
+        after=lambda written: events.append(("tag", written.exists())),
+    )
+    write(dict.fromkeys(checkpoints.LOOP_KEYS))
+    assert events == [("flush", False), ("tag", True)]
+
+
+# ---------------------------------------------------------------- preemption under submitit
+def test_a_preemption_signal_checkpoints_first_then_hands_the_job_to_submitit() -> None:
+    """submitit's handler of SIGUSR2 would requeue at once, mid-step; held, the signal is a
+    deferred stop (the loop finishes its step and checkpoints), raised as Preempted, whose
+    requeue() then calls submitit's handler."""
+    requeued = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(signum))
+    try:
+        signals.hold_preemption()
+        signals.hold_preemption()  # once only
+        with pytest.raises(signals.Preempted) as stop:
+            with signals.deferred():
+                os.kill(os.getpid(), signal.SIGUSR2)
+                assert requeued == []  # not yet: the step finishes
+                taken = signals.take()
+                assert isinstance(taken, signals.Preempted) and isinstance(taken, KeyboardInterrupt)
+                raise taken  # what the loop does after its checkpoint
+        stop.value.requeue()
+        assert requeued == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_without_submitit_the_preemption_signal_is_left_alone() -> None:
+    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+    signals.hold_preemption()
+    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+
+
+@pytest.mark.slow
+def test_a_preempted_submitit_job_ends_killed_and_its_requeued_job_finishes_the_same_run(
+    tmp_path: Path,
+) -> None:
+    """hydra/launcher=submitit_local: SIGUSR2 (what SLURM sends before preempting or at the time
+    limit) to the job process mid-epoch; submitit_local requeues by itself (exit code 144)."""
+    store = tmp_path / "store"
+    args = [*TRAIN, "trainer.epochs=2", "hydra/launcher=submitit_local", "hydra.sweep.dir=sweep", "-m"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cifar_exp", *args],
+        cwd=tmp_path,
+        env=_env(store),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    jobs, deadline, statuses = tmp_path / "sweep" / ".submitit", time.monotonic() + 300, []
+    while proc.poll() is None and not statuses:
+        for log in jobs.glob("*/*_0_log.out"):  # <job id>/<job id>_0_log.out; the job id: its controller
+            text = log.read_text()
+            if "[1,    50]" in text and "MLflow run " in text:  # training, with the run open
+                controller = log.parent.name
+                (task,) = Path(f"/proc/{controller}/task/{controller}/children").read_text().split()
+                os.kill(int(task), signal.SIGUSR2)
+                run_id = re.search(r"MLflow run ([0-9a-f]{32})", text)[1]
+                client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+                while client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                statuses.append(client.get_run(run_id).info.status)
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output
+    log = next(jobs.glob("*/*_0_log.out")).read_text()
+    assert statuses == ["KILLED"], log  # read between the job's end and its requeued start
+    assert "Requeued job" in log and f"resumed from {run_id}" in log, log
+    runs = [r for r in _runs(store) if r.data.tags.get("sweep") != "true"]
+    assert [r.info.run_id for r in runs] == [run_id], "the requeued job resumed the same run"
+    assert runs[0].info.status == "FINISHED"
+    losses = [s for s, _ in _history(store, run_id, "train/loss")]
+    assert losses == list(range(25, 401, 25)), "each step once, none lost"
+
+
+# ---------------------------------------------------------------- bad numbers, sweeps
+
+
+@pytest.mark.slow
+def test_training_killed_at_random_moments_resumes_with_nothing_lost_or_twice(tmp_path: Path) -> None:
+    """benchmarks/kill_resume.py with a few kills (the README's figures come from 24 or more)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "kill_resume.py"
+    args = ["--kills", "4", "--per-run", "2", "--seed", "1", "--keep", str(tmp_path / "kills")]
+    result = subprocess.run(
+        [sys.executable, str(script), *args], env=_env(tmp_path), capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "metric points lost: 0, duplicated: 0, differing: 0" in result.stdout, result.stdout
+    assert "store corruptions: 0" in result.stdout, result.stdout

@@ -1,7 +1,8 @@
 """The store itself: one that cannot be written or is nearly full stops a run before training, in one
 line; one that is busy or stops answering mid-run never stops training. RecordWriter retries with
 backoff and writes what piled up once the store answers again; what the store still does not take
-goes to <run folder>/unrecorded_metrics.jsonl with a line naming it, and the run still ends.
+goes to <run folder>/unrecorded_metrics.jsonl with a line naming it, and the run still ends;
+`cifar-exp sync` records it afterwards, each step once. MLflow's own HTTP retries are bounded.
 
 The writer is tested in-process against fake clients (cheap); the check before training in two
 subprocesses started together; a real `mlflow server` killed mid-run is the one slow test."""
@@ -13,10 +14,12 @@ import json
 import logging
 import os
 import re
+import socket
 import sqlite3
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +28,9 @@ from conftest import Command, Server, Store, start_cli, synthetic, wait_until
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
+from cifar_exp import commands
 from cifar_exp.errors import UserError
-from cifar_exp.tracking import records
+from cifar_exp.tracking import records, runs, sync
 from cifar_exp.tracking import store as tracking_store
 from cifar_exp.tracking.records import RecordWriter
 
@@ -303,6 +307,161 @@ def test_a_bad_store_stops_the_run_before_training(refused: dict, case: str, sai
     assert not list(root.rglob("checkpoint.pt"))
     if case == "sweep_full":  # stopped before launching any job
         assert "Launching" not in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- after an outage: cifar-exp sync
+class DeadClient:
+    """A store client to a server that is gone: every call is refused."""
+
+    def __getattr__(self, name: str) -> Any:
+        def refused(*args: Any, **kwargs: Any) -> None:
+            raise ConnectionError("Connection refused")
+
+        return refused
+
+
+def _outage(folder: Path, run_id: str | None, status: str = "FINISHED") -> None:
+    """A run's end as the store saw none of it: train/loss at steps 5-20 and a param, the weights,
+    the `unrecorded` tag and the run's end; all of it in `folder` (run_id None: never opened)."""
+    opener = None
+    if run_id is None:
+
+        def opener() -> tuple[Any, str]:
+            raise ConnectionError("Connection refused")
+
+    writer = RecordWriter(DeadClient(), run_id, folder / records.UNRECORDED_METRICS, 0.2, opener=opener)
+    tracker = runs.Tracker(writer, folder, "http://127.0.0.1:9")
+    tracker.log_params({"data": "synthetic"})
+    if run_id is not None:
+        for step in (5, 10, 15, 20):
+            tracker.log_metrics({"train/loss": 1 / step}, step)
+    tracker.log_files({"model/state_dict.pt": b"weights"}, "the weights")
+    runs._end(tracker, status, None if status == "FINISHED" else "interrupted")
+
+
+def test_sync_records_what_an_outage_left_into_its_run_once(tmp_path: Path, mlflow_store: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_store)
+    experiment = client.create_experiment("cifar_exp", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    client.log_metric(run_id, "train/loss", 1 / 5, step=5)  # recorded before the store went away
+    folder = tmp_path / "outputs" / "run"
+    _outage(folder, run_id)
+    client.set_tag(run_id, "unrecorded", "5 metrics and params; they are in ...")  # as a sweep's end sets
+
+    assert commands.dispatch("sync", [str(tmp_path / "outputs")], hydra_main=None) == 0
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.end_time
+    points = [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")]
+    assert sorted(points) == [(s, 1 / s) for s in (5, 10, 15, 20)], "each step once"
+    assert run.data.params == {"data": "synthetic"}
+    assert "unrecorded" not in run.data.tags and "synced" in run.data.tags
+    assert [f.path for f in client.list_artifacts(run_id, "model")] == ["model/state_dict.pt"]
+    assert not (folder / records.UNRECORDED_METRICS).exists()
+    assert (folder / (records.UNRECORDED_METRICS + sync.SYNCED)).is_file()
+    assert (folder / (records.UNRECORDED_ARTIFACTS + sync.SYNCED) / "model" / "state_dict.pt").is_file()
+
+    before = client.get_run(run_id).data, client.get_metric_history(run_id, "train/loss")
+    assert sync.sync(None, folder) == []  # nothing left to sync
+    spilled = folder / (records.UNRECORDED_METRICS + sync.SYNCED)
+    spilled.rename(folder / records.UNRECORDED_METRICS)  # as if a sync was cut short before marking
+    (again,) = sync.sync(None, folder)
+    assert again.metrics == again.params == 0 and again.skipped == 4
+    after = client.get_run(run_id).data, client.get_metric_history(run_id, "train/loss")
+    assert after[1] == before[1] and after[0].params == before[0].params
+
+
+def test_sync_creates_a_run_that_was_never_opened(tmp_path: Path, mlflow_store: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path / "run"
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text("seed: 3\nmlflow:\n  experiment_name: outage\n")
+    (folder / ".hydra" / "overrides.yaml").write_text("- seed=3\n")
+    _outage(folder, None, status="KILLED")
+    lines = (folder / records.UNRECORDED_METRICS).read_text()
+    (created,) = sync.sync(None, folder)
+    assert created.created and created.status == "KILLED" and created.params == 1
+    (folder / records.UNRECORDED_METRICS).write_text(lines)  # synced again: found, not created twice
+    sync.sync(None, folder)
+
+    client = MlflowClient(mlflow_store)
+    (run,) = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
+    assert run.info.run_id == created.run_id and run.info.run_name == "seed=3"
+    assert run.info.status == "KILLED" and run.data.tags["error"] == "interrupted"
+    assert run.data.params == {"data": "synthetic"}
+    files = {f.path for f in client.list_artifacts(run.info.run_id, "config/hydra")}
+    assert files == {"config/hydra/config.yaml", "config/hydra/overrides.yaml"}
+    assert [f.path for f in client.list_artifacts(run.info.run_id, "model")] == ["model/state_dict.pt"]
+
+
+# ---------------------------------------------------------------- MLflow's own HTTP retries
+@pytest.fixture
+def silent_server() -> Iterator[tuple[str, list[int]]]:
+    """A port that accepts connections and closes them unanswered, counting them: a tracking
+    server that is gone (behind a proxy that still answers TCP)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[int] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            connection.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}", accepted
+    listener.close()
+
+
+def test_mlflow_retries_each_request_a_bounded_number_of_times(
+    silent_server: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    for name in tracking_store.HTTP_RETRY_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")  # a user's value wins
+    tracking_store.limit_http_retries()
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+
+    uri, accepted = silent_server
+    started = time.monotonic()
+    with pytest.raises(MlflowException) as error:
+        MlflowClient(uri).get_experiment_by_name("cifar_exp")
+    assert tracking_store.transient(error.value)  # our own retrying takes over from here
+    assert len(accepted) == 3, "one try and MLflow's 2 retries (its default: 8 tries, ~4 minutes)"
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.slow
+def test_a_dead_server_costs_about_a_minute_at_the_end_of_a_run(tmp_path: Path, monkeypatch) -> None:
+    """The store dies just before a run ends: the writer waits retry_s (60 s by default) for it,
+    then each remaining call (the weights, the tags, the run's end) is tried once, each bounded by
+    MLflow's retries; everything goes to the run's folder for `cifar-exp sync`."""
+    from mlflow.tracking import MlflowClient
+
+    for name in [*tracking_store.HTTP_RETRY_DEFAULTS, tracking_store.RETRY_ENV]:
+        monkeypatch.delenv(name, raising=False)
+    tracking_store.limit_http_retries()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
+    writer = RecordWriter(MlflowClient(dead), "0" * 32, tmp_path / records.UNRECORDED_METRICS)
+    tracker = runs.Tracker(writer, tmp_path, dead)
+    started = time.monotonic()
+    tracker.log_metrics({"test/acc": 0.5}, 100)
+    tracker.log_files({"model/state_dict.pt": b"weights"}, "the weights")
+    runs._end(tracker, "FINISHED", None)
+    assert time.monotonic() - started < 90
+    lines = [json.loads(line) for line in (tmp_path / records.UNRECORDED_METRICS).read_text().splitlines()]
+    assert [x["status"] for x in lines if "status" in x] == ["FINISHED"]
+    assert [x["metric"] for x in lines if "metric" in x] == ["test/acc"]
 
 
 # ---------------------------------------------------------------- a real tracking server, killed

@@ -71,8 +71,20 @@ class RecordWriter:
         self.queue.put(("params", list(params.items())))
 
     def call(self, call: Call) -> None:
-        """call(client, run_id) in the writer thread, after the records queued before it."""
+        """call(client, run_id) in the writer thread, after the records queued before it; with
+        run_id None when the run could not be opened."""
         self.queue.put(("calls", [call]))
+
+    def flush(self) -> bool:
+        """Waits until everything queued so far is written (or kept in spill_path), so that what
+        follows (a checkpoint) never gets ahead of the store. Returns False at once, without
+        waiting, while the store is failing: training never waits out an outage."""
+        done = threading.Event()
+        self.call(lambda client, run_id: done.set())
+        while not done.wait(0.05):
+            if self.health.failing or not self.thread.is_alive():
+                return False
+        return True
 
     def wait_open(self) -> str | None:
         """The run id once the run is open (None if it could not be opened)."""
@@ -114,11 +126,9 @@ class RecordWriter:
                 next_try, delay = None, FIRST_RETRY_S
             calls, pending["calls"] = pending["calls"], []
             for call in calls:
-                if self.run_id is not None:
-                    call(self.client, self.run_id)
-        for call in pending["calls"]:  # closing while the store was silent
-            if self.run_id is not None:
                 call(self.client, self.run_id)
+        for call in pending["calls"]:  # closing while the store was silent
+            call(self.client, self.run_id)
 
     def _failed(self, pending: dict[str, list], error: str, delay: float) -> tuple[float | None, float]:
         """A write failed with a transient error: retry later, or spill once silent for retry_s.
@@ -197,21 +207,30 @@ class RecordWriter:
             if first:
                 log.error(f"MLflow: could not record metrics or params ({error}); they are lost")
             return
-        run = {"run_id": self.run_id}
-        lines = [{**run, "param": key, "value": value} for key, value in params]
+        lines = [{"param": key, "value": value} for key, value in params]
         lines += [
-            {**run, "metric": key, "value": value, "step": step, "timestamp": timestamp}
+            {"metric": key, "value": value, "step": step, "timestamp": timestamp}
             for key, value, timestamp, step in metrics
         ]
-        try:
-            self.spill_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.spill_path.open("a") as f:
-                f.writelines(json.dumps(line) + "\n" for line in lines)
-        except OSError as e:
-            log.error(f"MLflow: could not keep unrecorded metrics in {self.spill_path}: {e.strerror}")
+        if not self.keep(lines):
             return
         if first:
             log.warning(
                 f"MLflow: could not record metrics or params ({error}); they go to {self.spill_path}, "
                 "training goes on"
             )
+
+    def keep(self, lines: list[dict[str, Any]]) -> bool:
+        """Appends `lines` (each tagged with the run id) to spill_path, for `cifar-exp sync`:
+        metrics, params, tags, the run's end ({"status": ...}), files kept ({"artifacts": ...}).
+        Returns whether they are there."""
+        if self.spill_path is None:
+            return False
+        try:
+            self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.spill_path.open("a") as f:
+                f.writelines(json.dumps({"run_id": self.run_id, **line}) + "\n" for line in lines)
+        except OSError as e:
+            log.error(f"MLflow: could not keep unrecorded metrics in {self.spill_path}: {e.strerror}")
+            return False
+        return True

@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from cifar_exp.tracking.identity import (
     task_overrides,
 )
 from cifar_exp.tracking.records import UNRECORDED_ARTIFACTS, UNRECORDED_METRICS, Opener, RecordWriter
+from cifar_exp.tracking.resumption import PROCESS_TAG, Resume, this_process
 from cifar_exp.tracking.store import (
     check_store,
     ensure_experiment,
@@ -49,10 +51,18 @@ class Tracker:
     A store that fails a call even after retries never stops training: it is said in one line, and
     files it did not take are kept in the run's folder, under unrecorded_artifacts/."""
 
-    def __init__(self, writer: RecordWriter | None = None, folder: Path | None = None, uri: str = "") -> None:
+    def __init__(
+        self,
+        writer: RecordWriter | None = None,
+        folder: Path | None = None,
+        uri: str = "",
+        recorded: set[tuple[str, int]] | None = None,
+    ) -> None:
         self.writer = writer
         self.folder = folder  # the run's Hydra output folder; None outside Hydra
         self.uri = uri
+        self.recorded = recorded or set()  # (metric, step) points a resumed run holds already
+        self.checkpoint_tagged: Path | None = None
 
     @property
     def enabled(self) -> bool:
@@ -74,7 +84,16 @@ class Tracker:
             return
         if self.writer.open_error is not None:
             raise UserError(f"the MLflow store {self.uri} does not answer: {self.writer.open_error}")
+        if self.recorded:  # trained again after a kill: what the store holds is not recorded twice
+            metrics = {k: v for k, v in metrics.items() if (k, step) not in self.recorded}
         self.writer.metrics(metrics, step)
+
+    def flush(self) -> None:
+        """Waits until the metrics and params queued so far are written (not while the store is
+        failing): called before each checkpoint, so the store holds every step a checkpoint has
+        trained, and a kill loses none."""
+        if self.writer is not None:
+            self.writer.flush()
 
     def log_params(self, params: dict[str, str]) -> None:
         """Params beside the config's (each key once per run: MLflow refuses a changed value)."""
@@ -93,13 +112,15 @@ class Tracker:
             path.write_bytes(content if isinstance(content, bytes) else content.encode())
         self.writer.call(lambda client, run_id: self._log_folder(client, run_id, folder, what))
 
-    def _log_folder(self, client: Any, run_id: str, folder: Path, what: str) -> None:
+    def _log_folder(self, client: Any, run_id: str | None, folder: Path, what: str) -> None:
         """Logs the files under `folder`, then removes it; those the store does not take are
-        copied to <run folder>/unrecorded_artifacts/, said in one line."""
+        copied to <run folder>/unrecorded_artifacts/ (for `cifar-exp sync`), said in one line."""
         try:
-            _, error = self.writer.health.call(
-                lambda: client.log_artifacts(run_id, str(folder)), f"recording {what}"
-            )
+            error = self.writer.open_error
+            if run_id is not None:
+                _, error = self.writer.health.call(
+                    lambda: client.log_artifacts(run_id, str(folder)), f"recording {what}"
+                )
             if error is None:
                 return
             if self.folder is None:
@@ -107,17 +128,23 @@ class Tracker:
                 return
             kept = self.folder / UNRECORDED_ARTIFACTS
             shutil.copytree(folder, kept, dirs_exist_ok=True)
+            self.writer.keep([{"artifacts": UNRECORDED_ARTIFACTS}])
             log.warning(f"MLflow: could not record {what} ({error}); they are kept in {kept}")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def set_checkpoint(self, path: Path | None) -> None:
-        """Where this run's checkpoints go, for `cifar-exp resume RUN_ID`."""
-        if self.writer is None or path is None:
+    def set_checkpoint(self, path: Path) -> None:
+        """Tags where this run's checkpoints go, for `cifar-exp resume RUN_ID`: called once the
+        first one is written, so the tag never names a file that is not there (a resumed run's
+        tag names its earlier checkpoint until then)."""
+        if self.writer is None or self.checkpoint_tagged == path:
             return
+        self.checkpoint_tagged = path
         where = str(path.resolve())
 
-        def tag(client: Any, run_id: str) -> None:
+        def tag(client: Any, run_id: str | None) -> None:
+            if run_id is None:
+                return
             _, error = self.writer.health.call(
                 lambda: client.set_tag(run_id, CHECKPOINT_TAG, where), "tagging the checkpoint"
             )
@@ -146,7 +173,7 @@ def run_tags(cfg: DictConfig, device: str, gpus: int, folder: Path | None) -> di
 def opener(cfg: TrackingConfig, name: str, tags: dict[str, str], run_id: str | None) -> Opener:
     """What the record writer's thread calls first: creates the store and experiment if needed,
     then starts a new run, or reopens `run_id` (its params stay as first recorded: MLflow refuses
-    changed values, so only tags are added)."""
+    changed values, so only tags are added). `run_id` was checked first (resumption.check)."""
 
     def open_run() -> tuple[Any, str]:
         from mlflow.tracking import MlflowClient
@@ -154,7 +181,7 @@ def opener(cfg: TrackingConfig, name: str, tags: dict[str, str], run_id: str | N
         experiment_id = ensure_experiment(cfg)
         client = MlflowClient(tracking_uri(cfg))
         commit, dirty = git_state()
-        code = {"git_commit": commit, "git_dirty": str(dirty)}
+        code = {"git_commit": commit, "git_dirty": str(dirty), PROCESS_TAG: this_process()}
         if run_id is None:
             run = retrying(
                 lambda: client.create_run(experiment_id, run_name=name, tags={**tags, **code}),
@@ -179,10 +206,10 @@ def start_run(
     cfg: DictConfig,
     device: str,
     gpus: int,
-    run_id: str | None = None,
+    resume: Resume | None = None,
     extra_tags: dict[str, str] | None = None,
 ) -> Iterator[Tracker]:
-    """Opens the MLflow run for one job (or reopens `run_id` to continue it) from a background
+    """Opens the MLflow run for one job (or reopens `resume.run_id` to continue it) from a background
     thread, so training starts at once; ends it FINISHED, FAILED (error as a tag) or KILLED, also
     when that happens before the run was even open (it is opened first, with its params).
     `extra_tags` may name the run (`mlflow.runName`). A local store that cannot take the run stops
@@ -195,18 +222,19 @@ def start_run(
     if (local := local_store_folder(uri)) is not None:
         check_store(local, uri, cfg.mlflow.min_free_mb)  # cheap: no MLflow import
     folder = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
-    tags = {**run_tags(cfg, device, gpus, folder), **(extra_tags or {})}
+    tags = {**run_tags(cfg, device, gpus, folder), **(extra_tags or {}), **(resume.tags if resume else {})}
     name = tags.pop("mlflow.runName", run_name(task_overrides()))
     spill = folder / UNRECORDED_METRICS if folder is not None else None
+    run_id = resume.run_id if resume else None
     writer = RecordWriter(spill_path=spill, opener=opener(cfg.mlflow, name, tags, run_id))
-    tracker = Tracker(writer, folder, uri)
+    tracker = Tracker(writer, folder, uri, resume.recorded if resume else None)
     try:
-        if run_id is None:
+        if run_id is None:  # a resumed run keeps the config it was first recorded with
             writer.params(flatten(OmegaConf.to_container(cfg, resolve=True)))
-        tracker.log_files(config_files(cfg), "the config")
+            tracker.log_files(config_files(cfg), "the config")
         yield tracker
-    except KeyboardInterrupt:
-        _end(tracker, "KILLED", "interrupted (Ctrl-C or SIGTERM)")
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, or preempted under submitit (signals.py)
+        _end(tracker, "KILLED", str(e) or "interrupted (Ctrl-C or SIGTERM)")
         raise
     except BaseException as e:
         _end(tracker, "FAILED", first_line(e, most=5000))
@@ -233,8 +261,11 @@ def _end(tracker: Tracker, status: str, error: str | None) -> None:
     writer = tracker.writer
     writer.close()
     run_id, client = writer.run_id, writer.client
+    ended = {"status": status, "end_time": int(time.time() * 1000)}
     if run_id is None:
-        where = f"they are in {writer.spill_path}" if writer.spill_path else "they are lost"
+        lines = [{"tag": "error", "value": error[:5000]}] if error else []
+        kept = writer.keep([*lines, ended])  # for `cifar-exp sync`, which opens the run
+        where = f"they are in {writer.spill_path}" if kept else "they are lost"
         log.error(f"MLflow: the run could not be opened ({writer.open_error}); {where}")
         return
     tags = {"error": error[:5000]} if error else {}
@@ -250,9 +281,16 @@ def _end(tracker: Tracker, status: str, error: str | None) -> None:
         _, problem = writer.health.call(lambda: client.log_batch(run_id, tags=batch), "tagging the run")
         if problem:
             log.debug(f"MLflow: could not tag run {run_id} ({problem})")  # the store is down: said below
-    _, problem = writer.health.call(lambda: client.set_terminated(run_id, status), "ending the run")
+            writer.keep([{"tag": key, "value": value} for key, value in tags.items()])
+    _, problem = writer.health.call(
+        lambda: client.set_terminated(run_id, status, ended["end_time"]), "ending the run"
+    )
     if problem:
+        kept = writer.keep([ended])
         log.error(
             f"MLflow: could not end run {run_id} as {status} ({problem}); the store shows it "
             "RUNNING, the training result stands"
+            + (f" (`cifar-exp sync {writer.spill_path.parent}` records it)" if kept else "")
         )
+    else:
+        log.info(f"MLflow run {run_id} ended {status}")

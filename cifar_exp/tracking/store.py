@@ -23,12 +23,30 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 STORE_DIR = PROJECT_ROOT / "mlruns"
 RETRY_ENV = "CIFAR_EXP_MLFLOW_RETRY_S"  # seconds a busy or silent store is retried (default 60)
 FIRST_RETRY_S, LONGEST_RETRY_S = 0.25, 8.0  # the backoff between tries doubles from 0.25 s up to 8 s
+# MLflow's own retries of each HTTP request (a tracking server): its defaults, 7 retries with a
+# backoff factor of 2 and a 120 s timeout, spend ~4 minutes on every request to a dead server,
+# several minutes at the end of a run. These spend at most ~3 s on a refused connection (3 tries,
+# sleeping 0 s, then 2-3 s) and 3 x 20 s on a server that accepts but never answers; our
+# own retrying (RETRY_ENV) decides how long an outage is waited out. Set in the environment, a
+# user's own values win.
+HTTP_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # seconds; urllib3 sleeps factor * 2**(n-1), n >= 2
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",  # seconds to connect, and to wait for each answer
+}
 T = TypeVar("T")
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
     """mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else the project's SQLite store."""
     return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store_uri()
+
+
+def limit_http_retries() -> None:
+    """MLflow's HTTP retries bounded (HTTP_RETRY_DEFAULTS) for this process and the ones it
+    starts, unless the environment already sets them. Read by MLflow at each request."""
+    for name, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 def default_store_uri() -> str:
@@ -46,6 +64,7 @@ def ensure_experiment(cfg: TrackingConfig) -> str:
     folder = local_store_folder(uri)
     if folder is not None:
         check_store(folder, uri, cfg.min_free_mb)
+    limit_http_retries()  # also in processes that did not start at cifar-exp's front door (submitit jobs)
     mlflow.set_tracking_uri(uri)
     with creation_lock(uri):
         client = MlflowClient(uri)  # opening a new SQLite store creates its tables
