@@ -88,7 +88,7 @@ def check(cfg: DictConfig, asked: str, run_id: str | None, progress: dict[str, A
         )
     added = {}
     if str(epochs) != params.get("trainer.epochs") or EPOCHS_TAG in tags:
-        added[EPOCHS_TAG] = str(epochs)
+        added[EPOCHS_TAG] = f"{epochs:g}"  # 2, 9.9: as a user types it
     return Resume(run_id, added, recorded_after(client, run, progress["step"]))
 
 
@@ -112,13 +112,13 @@ def recorded_after(client: Any, run: Any, step: int) -> set[tuple[str, int]]:
     return points
 
 
-def recorded_epochs(uri: str, run_id: str) -> int | None:
+def recorded_epochs(uri: str, run_id: str) -> float | None:
     """The epochs a resume trained `run_id` to, where that differs from its recorded config (which
     stays as first recorded, like its params)."""
     from mlflow.tracking import MlflowClient
 
     epochs = MlflowClient(uri).get_run(run_id).data.tags.get(EPOCHS_TAG)
-    return int(epochs) if epochs else None
+    return float(epochs) if epochs else None
 
 
 def this_process() -> str:
