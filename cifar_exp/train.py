@@ -251,7 +251,7 @@ class Loop:
         """Trains to cfg.epochs, evaluating after each epoch; returns the last epoch's metrics
         and the confusion matrix. Resumed with no epoch left (stopped after its last checkpoint,
         while ending), it only evaluates: those metrics were reported already."""
-        if self.progress.epoch > self.cfg.epochs:
+        if self.progress.epoch > self.epochs:  # whole epochs: a cut-short last one counts
             return self.evaluate()
         metrics, confusion = {}, torch.zeros(0)
         while self.progress.epoch <= self.epochs:
