@@ -6,8 +6,10 @@ a seeded random moment of one of four phases, found by watching the run's output
   step        mid-step: a random time into training, once the run has a checkpoint
   checkpoint  while checkpoint.pt is being written (its temporary file is there)
   flush       as an epoch's metrics are reported (the flush that precedes its checkpoint)
-  end         while the run ends (after the report: the figures and weights, tags, its status);
-              'after-end' when the store had recorded the run's end by then
+  end         while the run ends (after the report: the figures and weights, tags, its status)
+
+A kill that lands after the store recorded the run's end (a resumed run with little left may end
+before a 'step' kill) is counted as 'after-end'.
 
 then `cifar-exp resume RUN_ID`, itself killed the same way up to --per-run times, and a last resume
 left alone. Kills land only once the run has a checkpoint: before that there is nothing to resume
@@ -212,8 +214,8 @@ def main() -> None:
             hit = kill_at(attempt, phase, rng, resumed) if phase else None
             output = attempt.wait()
             run_id = run_id or (RUN_ID.search(output) or [None, None])[1]
-            if hit == "end" and client.get_run(run_id).info.status == "FINISHED":
-                hit = "after-end"  # the store had recorded the run's end: killed on the way out
+            if hit and client.get_run(run_id).info.status == "FINISHED":
+                hit = "after-end"  # whatever was aimed at, the store had recorded the run's end
             if hit:
                 tally.kills[hit] += 1
                 said.append(hit)
