@@ -273,7 +273,7 @@ def main() -> None:
         root, warmup, extra = args.data.resolve(), WARMUP_SEED, ["device=cuda"]
         seeds = [WARMUP_SEED, *range(args.seeds)]
         gpu = torch.cuda.get_device_name(0)
-    data = load_imagefolder(root=str(root), mean=CIFAR_MEAN, std=CIFAR_STD)
+    data = load_imagefolder(root=str(root), mean=CIFAR_MEAN, std=CIFAR_STD, cache=True, cache_dir=None)
     print(
         f"GPU: {gpu}; torch {torch.__version__}; data {root}: {len(data.train_images)} training "
         f"and {len(data.test_images)} test images, {len(data.classes)} classes"
