@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from cifar_exp import reports
 from cifar_exp.errors import UserError
-from cifar_exp.tracking import identity, store
+from cifar_exp.tracking import identity, runs, store
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +186,7 @@ def summarise(client: Any, parent_id: str, search: bool = False) -> str:
             tags += [RunTag(f"best/{k}", v) for k, v in searched_values(parent, chosen).items()]
     client.log_batch(parent_id, metrics=metrics, tags=tags)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, content in files.items():
-            path = Path(tmp, name)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        runs.write_files(files, Path(tmp))
         client.log_artifacts(parent_id, tmp)
     statuses = {r["status"] for r in rows}
     if not rows or "FAILED" in statuses:

@@ -45,6 +45,14 @@ CONFIG_ARTIFACT = "config/config.yaml"
 Files = dict[str, str | bytes]  # artifact path -> content
 
 
+def write_files(files: Files, folder: Path) -> None:
+    """Each artifact path's text or bytes, as a file under `folder` (to be logged in one call)."""
+    for name, content in files.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+
+
 class Tracker:
     """The run's handle for the runner: numbers and files go to the record writer's queue, in
     order, and are written from its thread. With tracking off (no writer) every call does nothing.
@@ -106,10 +114,7 @@ class Tracker:
         if self.writer is None:
             return
         folder = Path(tempfile.mkdtemp(prefix="cifar_exp-artifacts-"))
-        for name, content in files.items():
-            path = folder / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        write_files(files, folder)
         self.writer.call(lambda client, run_id: self._log_folder(client, run_id, folder, what))
 
     def _log_folder(self, client: Any, run_id: str | None, folder: Path, what: str) -> None:
