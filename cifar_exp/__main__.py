@@ -25,10 +25,11 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> float:
     under submitit, the run checkpoints and ends KILLED, then submitit requeues the job, which
     resumes into the same run."""
     from cifar_exp.run import run
+    from cifar_exp.search import trial
 
     signals.hold_preemption()
     try:
-        return run(cfg, tags)["test/acc"]
+        return trial.objective(run(cfg, tags))  # test/acc, or the metric a search optimises
     except signals.Preempted as stop:
         stop.requeue()  # exits
         raise

@@ -212,13 +212,15 @@ def find_sweep(client: Any, experiment_id: str, ref: str) -> Any:
 
 
 def compare(uri: str, ref: str, as_csv: bool) -> int:
-    """A sweep's table: what varies, final test/acc and test/loss, training time; best first."""
+    """A sweep's table: what varies, final test/acc and test/loss (and a search's metric), training
+    time, and status when not all finished (PRUNED: stopped by a search's pruner); best first."""
     client = open_store(uri)
     parent = find_sweep(client, find_experiment(client).experiment_id, ref)
     children = _asking(client, lambda: sweeps.sweep_children(client, parent))
     keys = sweeps.varying_keys(parent, children)
+    epochs = _asking(client, lambda: sweeps.epoch_seconds(client, children))
     rows = sweeps.summary_rows(
-        children, keys, _asking(client, lambda: sweeps.training_seconds(client, children))
+        children, keys, {k: sum(v) for k, v in epochs.items()}, *sweeps.objective(parent)
     )
     if as_csv:
         sys.stdout.write(reports.csv_table(rows))

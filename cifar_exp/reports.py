@@ -291,23 +291,35 @@ def _heatmap(
     return fig
 
 
-def search_history_figure(values: list[float | None], metric: str = "test/acc") -> Any:
-    """A search's `metric` per trial in the order the trials ran, with the best so far as a step
-    line; None marks a trial that returned nothing (failed), drawn as a cross on the x axis."""
+def search_history_figure(
+    values: list[float | None],
+    metric: str = "test/acc",
+    pruned: list[bool] | None = None,
+    maximize: bool = True,
+) -> Any:
+    """A search's `metric` per trial in the order the trials ran, with the best so far (of the
+    finished trials) as a step line; a pruned trial is drawn at its last reported value as a grey
+    mark, None (a failed trial) as a red cross on the x axis."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    pruned = pruned or [False] * len(values)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    trials = range(1, len(values) + 1)
-    done = [(t, v) for t, v in zip(trials, values, strict=True) if v is not None]
+    trials = list(zip(range(1, len(values) + 1), values, pruned, strict=True))
+    done = [(t, v) for t, v, p in trials if v is not None and not p]
     if done:
         xs, ys = zip(*done, strict=True)
-        ax.plot(xs, ys, "o", label="trial")
-        ax.step(xs, np.maximum.accumulate(ys), where="post", label="best so far")
-    failed = [t for t, v in zip(trials, values, strict=True) if v is None]
+        ax.plot(xs, ys, "o", label="finished")
+        best = np.maximum.accumulate(ys) if maximize else np.minimum.accumulate(ys)
+        ax.step(xs, best, where="post", label="best so far")
+    stopped = [(t, v) for t, v, p in trials if v is not None and p]
+    if stopped:
+        xs, ys = zip(*stopped, strict=True)
+        ax.plot(xs, ys, "v", color="grey", alpha=0.7, label="pruned (last value)")
+    failed = [t for t, v, _ in trials if v is None]
     if failed:
         ax.plot(failed, [ax.get_ylim()[0]] * len(failed), "x", color="red", label="failed", clip_on=False)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers only

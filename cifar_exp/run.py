@@ -15,6 +15,7 @@ from cifar_exp.config import build
 from cifar_exp.data import ImageData
 from cifar_exp.devices import cudnn_autotune, distributed, select_device, wrap_model
 from cifar_exp.precision import to_half
+from cifar_exp.search import trial
 from cifar_exp.tracking import identity, resumption, runs
 from cifar_exp.train import Loop, Tensors, predict_logits, prepare
 from cifar_exp.validation import check_batch_size, validate
@@ -63,28 +64,19 @@ def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]
         logging.getLogger("cifar_exp").setLevel(logging.WARNING)
     data = load_data(OmegaConf.to_yaml(cfg.dataset))
     check_batch_size(cfg, len(data.train_images))
-    net = build(cfg.model, num_classes=len(data.classes))
-    dataset_yaml, trainer = OmegaConf.to_yaml(cfg.dataset), cfg.trainer
-    tensors = prepare_data(dataset_yaml, str(device), trainer.channels_last, trainer.half)
-    net.fit_to_data(tensors.train_images)  # airbench: its first layer whitens patches of the data
-    if trainer.half:  # after the whitening is set in float32, as airbench
-        net = to_half(net)
-    torch.backends.cudnn.benchmark = cudnn_autotune(device, trainer.drop_last)
-    if cfg.trainer.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    model, gpus = wrap_model(net, device, cfg.device.data_parallel)
-    log.info(f"device: {device.type}" + (f", {gpus} GPU(s)" if gpus else ""))
-    if cfg.trainer.compile:
-        model = torch.compile(model)
+    trainer = cfg.trainer
+    tensors = prepare_data(OmegaConf.to_yaml(cfg.dataset), str(device), trainer.channels_last, trainer.half)
+    net, model, gpus = build_network(cfg, len(data.classes), tensors, device)
     optimizer = build(cfg.optimizer)(param_groups(net, cfg.optimizer))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    on_epoch = trial.reporter()  # in a search: reports each epoch, stops a pruned trial
 
     with runs.start_run(cfg, device.type, gpus, resume, {"data": data.source, **(tags or {})}) as tracker:
         path = checkpoints.file_path(cfg.trainer.checkpoint)
         # the run id once the run is open; metrics flushed before each checkpoint, tagged after
         save = checkpoints.writer(path, lambda: tracker.run_id, tracker.flush, tracker.set_checkpoint)
         loop = Loop(
-            model, optimizer, tensors, data.classes, cfg.trainer, generator, tracker.log_metrics, save
+            model, optimizer, tensors, data.classes, trainer, generator, tracker.log_metrics, save, on_epoch
         )
         if state:
             checkpoints.resume(loop, state)
@@ -100,6 +92,26 @@ def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]
         if tracker.enabled:
             tracker.log_files(result_files(net, data, tensors, confusion), "the figures, tables and weights")
     return metrics
+
+
+def build_network(
+    cfg: DictConfig, num_classes: int, tensors: Tensors, device: torch.device
+) -> tuple[torch.nn.Module, torch.nn.Module, int]:
+    """(net, model, gpus): the network fitted to the data, in the run's precision and memory
+    format, and the model that trains it (wrapped for several GPUs, compiled); the GPUs it uses."""
+    trainer = cfg.trainer
+    net = build(cfg.model, num_classes=num_classes)
+    net.fit_to_data(tensors.train_images)  # airbench: its first layer whitens patches of the data
+    if trainer.half:  # after the whitening is set in float32, as airbench
+        net = to_half(net)
+    torch.backends.cudnn.benchmark = cudnn_autotune(device, trainer.drop_last)
+    if trainer.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model, gpus = wrap_model(net, device, cfg.device.data_parallel)
+    log.info(f"device: {device.type}" + (f", {gpus} GPU(s)" if gpus else ""))
+    if trainer.compile:
+        model = torch.compile(model)
+    return net, model, gpus
 
 
 def result_files(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -18,12 +19,16 @@ from omegaconf import DictConfig
 
 from cifar_exp import reports
 from cifar_exp.errors import UserError
+from cifar_exp.search import study as search_study
+from cifar_exp.search import trial as search_trial
 from cifar_exp.tracking import identity, runs, store
 
 log = logging.getLogger(__name__)
 
 METRICS = ("test/acc", "test/loss")  # the summary's columns, besides the swept values and time
+PRUNED = "PRUNED"  # the summary's status of a run a search's pruner stopped (MLflow: KILLED)
 TRAIN_TIME = "time/epoch_s"  # a child's training time is the sum of this metric's history, s
+STUDY_TAG = "search/study"  # a search's parent: the Optuna study it runs (a re-run reopens it)
 NOTE_TAG = "mlflow.note.content"  # the run's description in the UI, markdown
 PARAM_KEY = re.compile(r"^[\w\-. /:]+$")  # the characters MLflow accepts in a param's name
 PARAM_CHARS = 6000  # MLflow's longest param value
@@ -43,51 +48,48 @@ class SweepCallback(Callback):
         self.pid = 0  # the process that owns the parent run
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not config.mlflow.enabled:
-            return
-        from mlflow.entities import Param
-        from mlflow.tracking import MlflowClient
-
         try:
+            claim = search_study.claim(config) if search_study.is_search(config) else None
+            if not config.mlflow.enabled:
+                return
             experiment_id = store.ensure_experiment(config.mlflow)
-        except UserError as e:  # a bad store stops the sweep before any job (Hydra would only warn)
+        except UserError as e:  # a bad store or a busy study stops the sweep before any job
             print(e, file=sys.stderr)
             sys.exit(1)
+        from mlflow.tracking import MlflowClient
+
         self.uri = store.tracking_uri(config.mlflow)
         self.search = not str(config.hydra.sweeper._target_).endswith(".BasicSweeper")
         swept, fixed = sweep_overrides(config)
         self.swept = list(swept)
-        commit, dirty = identity.git_state()
         client = MlflowClient(self.uri)
-        run = client.create_run(
-            experiment_id,
-            run_name=sweep_name(swept, self.search, time.time()),
-            tags={
-                "sweep": "true",
-                "overrides": json.dumps(list(config.hydra.overrides.task)),
-                "sweep_params": json.dumps(swept),
-                "git_commit": commit,
-                "git_dirty": str(dirty),
-                "hydra_sweep_dir": str(config.hydra.sweep.dir),
-            },
-        )
-        self.parent_id = run.info.run_id
-        # What the sweep holds fixed, and what it varies (as typed: "8,16,32"), as the parent's params.
-        params = [
-            Param(key, str(value)[:PARAM_CHARS])
-            for key, value in {**fixed, **swept}.items()
-            if PARAM_KEY.match(key)
-        ]
-        client.log_batch(self.parent_id, params=params)
+        tags = {
+            "sweep": "true",
+            "overrides": json.dumps(list(config.hydra.overrides.task)),
+            "sweep_params": json.dumps(swept),
+            "hydra_sweep_dir": str(config.hydra.sweep.dir),
+        }
+        if claim is not None:  # the parent of an earlier, stopped search of this study continues
+            tags.update({STUDY_TAG: claim.name, "search/storage": claim.storage})
+            tags.update(
+                {
+                    "search/metric": config.hydra.sweeper.metric,
+                    "search/direction": str(config.hydra.sweeper.direction),
+                }
+            )
+            self.parent_id = search_parent(client, experiment_id, claim.name)
+        name = sweep_name(swept, self.search, time.time())
+        self.parent_id = open_parent(client, experiment_id, name, tags, {**fixed, **swept}, self.parent_id)
         self.pid = os.getpid()
         identity.join_sweep(self.parent_id, self.swept)
         atexit.register(self.close)
-        log.info(f"MLflow parent run {self.parent_id} for this sweep ({run.info.run_name})")
+        log.info(f"MLflow parent run {self.parent_id} for this sweep ({name})")
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         """In a job that runs in another process (submitit, joblib), this callback is the sweep's,
         unpickled: its parent id and store go to the job whatever environment the job inherited
         (a cluster may start jobs with a clean one, as sbatch --export=NONE does)."""
+        search_trial.join(config)  # a search's trial: it reports each epoch to the study
         if self.parent_id and os.getpid() != self.pid:
             identity.join_sweep(self.parent_id, self.swept)
             os.environ["MLFLOW_TRACKING_URI"] = self.uri  # unless mlflow.tracking_uri names it
@@ -97,6 +99,9 @@ class SweepCallback(Callback):
             from cifar_exp.devices import claim_gpu
 
             claim_gpu(config.hydra.job.num, Path(config.hydra.sweep.dir) / ".gpu_locks")
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        search_trial.leave()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self.close()
@@ -115,6 +120,44 @@ class SweepCallback(Callback):
             status = summarise(client, parent_id, self.search)
         finally:
             client.set_terminated(parent_id, status)
+
+
+def search_parent(client: Any, experiment_id: str, study_name: str) -> str | None:
+    """The parent run of an earlier search of this study (stopped, or run with fewer trials)."""
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study_name}'", max_results=1
+    )
+    return found[0].info.run_id if found else None
+
+
+def open_parent(
+    client: Any,
+    experiment_id: str,
+    name: str,
+    tags: dict[str, str],
+    params: dict[str, str],
+    run_id: str | None,
+) -> str:
+    """Creates the sweep's parent run, or reopens `run_id`; tags it with the code's state and
+    records what the sweep holds fixed and what it varies (as typed: "8,16,32") as its params."""
+    from mlflow.entities import Param
+
+    commit, dirty = identity.git_state()
+    tags = {**tags, "git_commit": commit, "git_dirty": str(dirty)}
+    if run_id is None:
+        run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    else:
+        client.update_run(run_id, status="RUNNING")
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+    recorded = client.get_run(run_id).data.params
+    batch = [
+        Param(key, str(value)[:PARAM_CHARS])
+        for key, value in params.items()
+        if PARAM_KEY.match(key) and key not in recorded  # MLflow refuses a changed value
+    ]
+    client.log_batch(run_id, params=batch)
+    return run_id
 
 
 # ---------------------------------------------------------------- what a sweep varies
@@ -158,13 +201,17 @@ def summarise(client: Any, parent_id: str, search: bool = False) -> str:
     test/acc, test/loss and training time; CSV for scripts, markdown for people), a plot of
     test/acc against each varying key, best/test/acc, best_run_id, and a description that links
     the best child; for a search also the best child's value of every searched key (`best/<key>`
-    tags) and search/history.png. Returns the parent's status, which follows the children's."""
+    tags), the trials finished, pruned and failed, the epochs trained against the epochs the same
+    trials would have trained unpruned (`search/*` metrics), and search/history.png. Returns the
+    parent's status, which follows the children's."""
     from mlflow.entities import Metric, RunTag
 
     parent = client.get_run(parent_id)
     children = sweep_children(client, parent)
     keys = varying_keys(parent, children)
-    rows = summary_rows(children, keys, training_seconds(client, children))
+    metric, maximize = objective(parent)
+    epochs = epoch_seconds(client, children)
+    rows = summary_rows(children, keys, {k: sum(v) for k, v in epochs.items()}, metric, maximize)
     files: dict[str, str | bytes] = {
         "sweep/summary.csv": reports.csv_table(rows),
         "sweep/summary.md": reports.markdown_table(display_rows(rows, keys)),
@@ -172,15 +219,23 @@ def summarise(client: Any, parent_id: str, search: bool = False) -> str:
     if any(r["test/acc"] != "" for r in rows) and keys:
         names = identity.short_keys(keys)
         files["sweep/test_acc.png"] = reports.figure_png(reports.sweep_figure(rows, keys, names))
+    now = int(time.time() * 1000)
     tags, metrics = [], []
     best = next((r for r in rows if r["best"]), None)
     if best is not None:
-        metrics.append(Metric("best/test/acc", best["test/acc"], int(time.time() * 1000), 0))
+        metrics.append(Metric(f"best/{metric}", best[metric], now, 0))
         tags.append(RunTag("best_run_id", best["run_id"]))
-    tags.append(RunTag(NOTE_TAG, sweep_note(parent, rows, keys, search)))
+    story = search_story(children, rows, epochs) if search else {}
+    metrics += [Metric(f"search/{key}", value, now, 0) for key, value in story.items()]
+    tags.append(RunTag(NOTE_TAG, sweep_note(parent, rows, keys, search, story)))
     if search:
-        values = [c.data.metrics.get("test/acc") if c.info.status == "FINISHED" else None for c in children]
-        files["search/history.png"] = reports.figure_png(reports.search_history_figure(values))
+        order = sorted(rows, key=lambda r: r["started"])
+        values = [
+            r[metric] if r["status"] in ("FINISHED", PRUNED) and r[metric] != "" else None for r in order
+        ]
+        pruned = [r["status"] == PRUNED for r in order]
+        figure = reports.search_history_figure(values, metric, pruned, maximize)
+        files["search/history.png"] = reports.figure_png(figure)
         if best is not None:
             chosen = next(c for c in children if c.info.run_id == best["run_id"])
             tags += [RunTag(f"best/{k}", v) for k, v in searched_values(parent, chosen).items()]
@@ -188,10 +243,44 @@ def summarise(client: Any, parent_id: str, search: bool = False) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         runs.write_files(files, Path(tmp))
         client.log_artifacts(parent_id, tmp)
-    statuses = {r["status"] for r in rows}
-    if not rows or "FAILED" in statuses:
+    return parent_status([r["status"] for r in rows], search)
+
+
+def parent_status(statuses: list[str], search: bool) -> str:
+    """FINISHED when every child finished (or, in a search, was pruned or diverged: outcomes of a
+    search); FAILED when one failed (in a search: when none finished); else KILLED (stopped)."""
+    if not statuses:
         return "FAILED"
-    return "FINISHED" if statuses == {"FINISHED"} else "KILLED"
+    if search:
+        if "FINISHED" not in statuses:
+            return "FAILED"
+        return "FINISHED" if set(statuses) <= {"FINISHED", PRUNED, "FAILED"} else "KILLED"
+    if "FAILED" in statuses:
+        return "FAILED"
+    return "FINISHED" if set(statuses) == {"FINISHED"} else "KILLED"
+
+
+def objective(parent: Any) -> tuple[str, bool]:
+    """(metric, maximize): what a search optimised (its parent's tags); test/acc, higher is better,
+    for a sweep."""
+    tags = parent.data.tags
+    return tags.get("search/metric", "test/acc"), tags.get("search/direction", "maximize") == "maximize"
+
+
+def search_story(
+    children: list[Any], rows: list[dict[str, Any]], epochs: dict[str, list[float]]
+) -> dict[str, float]:
+    """Trials finished, pruned and failed; epochs trained, and what the same trials would have
+    trained without pruning (each child's trainer.epochs, rounded up as the loop counts them)."""
+    statuses = [r["status"] for r in rows]
+    planned = sum(math.ceil(float(c.data.params.get("trainer.epochs", 0) or 0)) for c in children)
+    return {
+        "trials_finished": statuses.count("FINISHED"),
+        "trials_pruned": statuses.count(PRUNED),
+        "trials_failed": statuses.count("FAILED"),
+        "epochs_trained": sum(len(v) for v in epochs.values()),
+        "epochs_unpruned": planned,
+    }
 
 
 def sweep_children(client: Any, parent: Any) -> list[Any]:
@@ -230,35 +319,46 @@ def varying_keys(parent: Any, children: list[Any]) -> list[str]:
     return varying or swept
 
 
-def training_seconds(client: Any, children: list[Any]) -> dict[str, float]:
-    """Each child's training time: the sum of its per-epoch time/epoch_s (evaluation excluded)."""
+def epoch_seconds(client: Any, children: list[Any]) -> dict[str, list[float]]:
+    """Each child's training time per epoch (time/epoch_s; evaluation excluded): its sum is the
+    child's training time, its length the epochs it trained."""
     return {
-        c.info.run_id: sum(m.value for m in client.get_metric_history(c.info.run_id, TRAIN_TIME))
+        c.info.run_id: [m.value for m in client.get_metric_history(c.info.run_id, TRAIN_TIME)]
         for c in children
     }
 
 
-def summary_rows(children: list[Any], keys: list[str], seconds: dict[str, float]) -> list[dict[str, Any]]:
-    """One row per child, best test/acc first (children without one last, in start order):
-    `keys`' values, test/acc, test/loss, train_s, status, best (the highest test/acc of a finished
-    child), run_id and the run's name."""
+def summary_rows(
+    children: list[Any],
+    keys: list[str],
+    seconds: dict[str, float],
+    metric: str = "test/acc",
+    maximize: bool = True,
+) -> list[dict[str, Any]]:
+    """One row per child, best first (by `metric`, then the lowest test/loss; children without
+    it last, in start order): `keys`' values, test/acc, test/loss (and `metric`), train_s,
+    status (PRUNED for a trial a search's pruner stopped), best (the best finished child), run_id,
+    the run's name and when it started."""
     rows = []
     for child in children:
         values = child_values(child)
         row: dict[str, Any] = {key: values.get(key, "") for key in keys}
-        for metric in METRICS:
-            row[metric] = child.data.metrics.get(metric, "")
+        for name in dict.fromkeys([*METRICS, metric]):
+            row[name] = child.data.metrics.get(name, "")
         seconds_ = seconds.get(child.info.run_id)
         row["train_s"] = round(seconds_, 3) if seconds_ else ""
-        row.update(status=child.info.status, best=False, run_id=child.info.run_id, run=child.info.run_name)
+        status = PRUNED if identity.PRUNED_TAG in child.data.tags else child.info.status
+        row.update(status=status, best=False, run_id=child.info.run_id, run=child.info.run_name)
+        row["started"] = child.info.start_time
         rows.append(row)
+    sign = -1 if maximize else 1
 
-    def rank(row: dict[str, Any]) -> tuple[float, float]:  # best test/acc first, then lowest test/loss
-        acc, loss = row["test/acc"], row["test/loss"]
-        return (-acc if acc != "" else float("inf"), loss if loss != "" else float("inf"))
+    def rank(row: dict[str, Any]) -> tuple[float, float]:
+        value, loss = row[metric], row["test/loss"]
+        return (sign * value if value != "" else float("inf"), loss if loss != "" else float("inf"))
 
     rows.sort(key=rank)
-    finished = [r for r in rows if r["status"] == "FINISHED" and r["test/acc"] != ""]
+    finished = [r for r in rows if r["status"] == "FINISHED" and r[metric] != ""]
     if finished:
         finished[0]["best"] = True
     return rows
@@ -284,22 +384,38 @@ def display_rows(rows: list[dict[str, Any]], keys: list[str], mark: str = "★")
     return out
 
 
-def sweep_note(parent: Any, rows: list[dict[str, Any]], keys: list[str], search: bool) -> str:
+def sweep_note(
+    parent: Any,
+    rows: list[dict[str, Any]],
+    keys: list[str],
+    search: bool,
+    story: dict[str, float] | None = None,
+) -> str:
     """The parent's description (markdown, shown on its run page): what it varied, the best child
-    as a link, and the table (as `cifar-exp compare` prints it)."""
+    as a link, for a search the trials and epochs pruning saved, and the table (as `cifar-exp
+    compare` prints it)."""
     link = f"#/experiments/{parent.info.experiment_id}/runs/{{}}?{store.MODEL_TRAINING_VIEW}"
+    metric, _ = objective(parent)
     short = identity.short_keys(keys)
     statuses = [r["status"] for r in rows]
     done = "all finished" if set(statuses) == {"FINISHED"} else f"{statuses.count('FINISHED')} finished"
+    if statuses.count(PRUNED):
+        done += f", {statuses.count(PRUNED)} pruned"
     what = ", ".join(short.values()) or "nothing"
     lines = [f"**{'Search' if search else 'Sweep'} over {what}**: {len(rows)} runs, {done}."]
     best = next((r for r in rows if r["best"]), None)
     if best is not None:
         values = ",".join(f"{short[k]}={identity.short_value(str(best[k]))}" for k in keys)
         lines.append(
-            f"Best: [{values or best['run']}]({link.format(best['run_id'])}), test/acc "
-            f"{ACC_FORMAT.format(best['test/acc'])}. The table is `sweep/summary.md`, the plot "
+            f"Best: [{values or best['run']}]({link.format(best['run_id'])}), {metric} "
+            f"{ACC_FORMAT.format(best[metric])}. The table is `sweep/summary.md`, the plot "
             "`sweep/test_acc.png` (Artifacts)."
+        )
+    if story and story["epochs_unpruned"]:
+        trained, unpruned = int(story["epochs_trained"]), int(story["epochs_unpruned"])
+        lines.append(
+            f"Epochs trained: {trained} of the {unpruned} these trials would have trained unpruned "
+            f"({100 * trained / unpruned:.0f}%). History: `search/history.png`."
         )
     table = reports.text_table(display_rows(rows, keys, mark="*"))  # the UI squeezes markdown tables
     return "\n\n".join([*lines, f"```\n{table}```"])

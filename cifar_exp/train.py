@@ -25,6 +25,16 @@ from cifar_exp.precision import sum_loss_hyperparameters
 
 log = logging.getLogger(__name__)
 MetricsCallback = Callable[[dict[str, float], int], None]
+EpochCallback = Callable[[int, dict[str, float]], None]
+# What every epoch logs (fit's metrics), besides test/acc/<class> for each class
+EPOCH_METRICS = (
+    "test/acc",
+    "test/loss",
+    "train/loss_epoch",
+    "time/epoch_s",
+    "time/eval_s",
+    "throughput/images_per_s",
+)
 
 
 class NonFiniteLossError(UserError):
@@ -180,7 +190,8 @@ def _progress_bar(progress: Progress, steps: int) -> tqdm:
 class Loop:
     """fit() and its state. `checkpoint(state)` receives the loop's state (see state_dict) after
     every epoch and when a signal stops training; `on_metrics(metrics, step)` receives what to
-    record."""
+    record; `on_epoch(epoch, metrics)`, last at the end of each epoch, may stop training by
+    raising (a search's pruner does)."""
 
     def __init__(
         self,
@@ -192,9 +203,11 @@ class Loop:
         generator: torch.Generator,
         on_metrics: MetricsCallback,
         checkpoint: Callable[[dict], None] | None = None,
+        on_epoch: EpochCallback | None = None,
     ) -> None:
         self.model, self.optimizer, self.data, self.classes = model, optimizer, data, classes
         self.cfg, self.generator, self.on_metrics, self.checkpoint = cfg, generator, on_metrics, checkpoint
+        self.on_epoch = on_epoch
         self.rank, self.world = distributed()  # under DDP each process trains on its shard
         if cfg.batch_size % self.world:
             raise UserError(
@@ -269,6 +282,8 @@ class Loop:
             self.progress = Progress(epoch=epoch + 1, step=self.progress.step)
             if self.checkpoint:
                 self.checkpoint(self.state_dict())
+            if self.on_epoch:
+                self.on_epoch(epoch, metrics)
         return metrics, confusion
 
     def evaluate(self) -> tuple[dict[str, float], torch.Tensor]:

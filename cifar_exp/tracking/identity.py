@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 HASH_TAG = "config_hash"
 CHECKPOINT_TAG = "checkpoint"
+PRUNED_TAG = "pruned"  # a search's pruner stopped the run early (its status: KILLED); says when
 DIFF_ARTIFACT = "code/uncommitted.diff"  # `git diff HEAD` of a dirty checkout, beside the run
 NAME_CHARS = 80  # a single run's name lists its overrides up to this many characters
 # This process's sweep, set by the callback: the parent run, and the keys the sweep varies.
@@ -199,7 +200,8 @@ def previous_run(cfg: DictConfig) -> PreviousRun | None:
             return PreviousRun(run.info.run_id, "FINISHED", dict(run.data.metrics), None)
     for run in runs:
         path = run.data.tags.get(CHECKPOINT_TAG)
-        if run.info.status in ("KILLED", "RUNNING") and path and Path(path).is_file():
+        resumable = run.info.status in ("KILLED", "RUNNING") and PRUNED_TAG not in run.data.tags
+        if resumable and path and Path(path).is_file():
             client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
             return PreviousRun(run.info.run_id, run.info.status, dict(run.data.metrics), path)
     return None

@@ -17,10 +17,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp.config import TrackingConfig
-from cifar_exp.errors import UserError, first_line
+from cifar_exp.errors import TrialPruned, UserError, first_line
 from cifar_exp.tracking.identity import (
     CHECKPOINT_TAG,
     HASH_TAG,
+    PRUNED_TAG,
     config_hash,
     flatten,
     git_state,
@@ -238,6 +239,9 @@ def start_run(
             writer.params(flatten(OmegaConf.to_container(cfg, resolve=True)))
             tracker.log_files(config_files(cfg), "the config")
         yield tracker
+    except TrialPruned as e:  # a search stopped this trial early: not a failure
+        _end(tracker, "KILLED", None, {PRUNED_TAG: str(e)})
+        raise
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, or preempted under submitit (signals.py)
         _end(tracker, "KILLED", str(e) or "interrupted (Ctrl-C or SIGTERM)")
         raise
@@ -259,7 +263,7 @@ def config_files(cfg: DictConfig) -> Files:
     return files
 
 
-def _end(tracker: Tracker, status: str, error: str | None) -> None:
+def _end(tracker: Tracker, status: str, error: str | None, extra_tags: dict[str, str] | None = None) -> None:
     """Waits for queued records, then ends the run with `status`, FINISHED also when the store did
     not take them all (those are in the run's folder, and the run is tagged `unrecorded`). A store
     that cannot even be told the run ended gets one line; nothing raises."""
@@ -268,12 +272,14 @@ def _end(tracker: Tracker, status: str, error: str | None) -> None:
     run_id, client = writer.run_id, writer.client
     ended = {"status": status, "end_time": int(time.time() * 1000)}
     if run_id is None:
-        lines = [{"tag": "error", "value": error[:5000]}] if error else []
+        tags = {"error": error[:5000]} if error else {}
+        lines = [{"tag": key, "value": value} for key, value in {**tags, **(extra_tags or {})}.items()]
         kept = writer.keep([*lines, ended])  # for `cifar-exp sync`, which opens the run
         where = f"they are in {writer.spill_path}" if kept else "they are lost"
         log.error(f"MLflow: the run could not be opened ({writer.open_error}); {where}")
         return
     tags = {"error": error[:5000]} if error else {}
+    tags.update(extra_tags or {})
     if writer.unrecorded:
         count = f"{writer.unrecorded} metrics and params"
         where = f"they are in {writer.spill_path}" if writer.spill_path else "they are lost"

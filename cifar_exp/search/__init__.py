@@ -1,0 +1,3 @@
+"""Hyperparameter search on Optuna: the Hydra sweeper (`hydra/sweeper=optuna`) that asks the study
+for trials and launches them as they free up, the job's side that reports each epoch and stops a
+trial the pruner gives up on, and the study itself (storage, name, lock, sampler, pruner)."""
