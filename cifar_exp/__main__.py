@@ -7,17 +7,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import hydra._internal.utils
 from hydra import version
 from hydra._internal.utils import _run_hydra, get_args_parser
 from omegaconf import DictConfig
 
 from cifar_exp import signals
 from cifar_exp.config import register_schemas
+from cifar_exp.errors import report_in_one_line
 from cifar_exp.tracking import store
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 COMMANDS = ("ui", "compare", "runs", "rerun", "resume", "predict", "sync")
 register_schemas()
+# _run_hydra reports errors through this module-level function: ours prints user errors in one line
+hydra._internal.utils.run_and_report = report_in_one_line(hydra._internal.utils.run_and_report)
 
 
 def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> float:

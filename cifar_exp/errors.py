@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
 from hydra.errors import CompactHydraException
 
 
@@ -18,3 +23,37 @@ def first_line(error: BaseException, most: int = 200) -> str:
 class TrialPruned(Exception):
     """A search's pruner stopped this trial early: its run ends KILLED, tagged `pruned`, and the
     sweeper records the trial as pruned."""
+
+
+def compact_message(error: CompactHydraException) -> str:
+    """Hydra's compose error and its cause as one line: "Error merging override
+    hydra.sweeper.pruner.name=x: Invalid value 'x', expected one of [hyperband, ...]" (the cause's
+    full_key/object_type lines left out; a list of available options joined onto the line)."""
+    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    message = message.split(" Config search path:")[0]  # where Hydra looked: not the user's mistake
+    cause = error.__cause__
+    if cause is not None and type(cause).__module__.startswith("omegaconf"):
+        message = f"{message}: {first_line(cause)}"
+    return message
+
+
+def report_in_one_line(
+    run_and_report: Callable[[Callable[[], Any]], Any],
+) -> Callable[[Callable[[], Any]], Any]:
+    """Hydra's run_and_report, with its user errors (compose-time mistakes, UserError) printed as
+    one line on stderr and exit status 1, instead of several lines and a HYDRA_FULL_ERROR hint.
+    HYDRA_FULL_ERROR=1 still shows the traceback; other errors go to Hydra as before."""
+
+    def report(func: Callable[[], Any]) -> Any:
+        def one_line() -> Any:
+            try:
+                return func()
+            except CompactHydraException as e:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(compact_message(e), file=sys.stderr)
+                sys.exit(1)
+
+        return run_and_report(one_line)
+
+    return report

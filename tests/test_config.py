@@ -233,15 +233,19 @@ def lookup(cfg: Any, path: tuple[str, ...]) -> Any:
 def test_experiment_sets_only_what_differs_from_the_defaults(compose_config, name: str) -> None:
     """Each group an experiment overrides and each key it sets changes the composed config."""
     body = yaml.safe_load((REPO / "experiments" / f"{name}.yaml").read_text()) or {}
-    groups = {}
+    groups, included = {}, []
     for entry in body.pop("defaults", []):
+        if isinstance(entry, str):  # another experiment it builds on (or _self_)
+            included += [] if entry == "_self_" else [entry]
+            continue
         for key, option in entry.items():
             groups[key.removeprefix("override ").strip("/")] = option
     choices = compose_config(hydra_config=True).hydra.runtime.choices
     for group, option in groups.items():
         assert choices[group] != option, f"{name}: {group}={option} is already the default"
-    # The defaults with the experiment's groups, but none of its keys.
-    base = compose_config(*(f"{g}={o}" for g, o in groups.items()), hydra_config=True)
+    # The defaults with the experiment's groups and the experiments it builds on, but none of its keys.
+    built_on = [f"experiment=[{','.join(included)}]"] if included else []
+    base = compose_config(*(f"{g}={o}" for g, o in groups.items()), *built_on, hydra_config=True)
     for path, value in leaves(body).items():
         assert lookup(base, path) != value, f"{name}: {'.'.join(path)}={value} is already the default"
 

@@ -76,6 +76,14 @@ def claim(config: DictConfig) -> Claim:
     return _claimed
 
 
+def release() -> None:
+    """Lets the study go (the search ended); another process may search it now."""
+    global _claimed
+    if _claimed is not None:
+        _claimed.lock.close()
+        _claimed = None
+
+
 def study_name(config: DictConfig) -> str:
     """hydra.sweeper.study_name, else 'search-' and a digest of what decides the trials: the base
     config, the search space, the command line, the sampler, pruner, direction and metric (not

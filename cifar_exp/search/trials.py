@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
@@ -35,8 +36,11 @@ def search(config: DictConfig, launcher: Any, arguments: list[str]) -> list[Any]
     check_metric(sweeper.metric)
     params = OmegaConf.to_container(sweeper.params, resolve=True) if sweeper.params else {}
     distributions, fixed = space.parse([f"{key}={value}" for key, value in params.items()] + list(arguments))
-    trials = Trials(config, study.claim(config), distributions, fixed)
-    return trials.run(launcher, sweeper.n_jobs)
+    try:
+        trials = Trials(config, study.claim(config), distributions, fixed)
+        return trials.run(launcher, sweeper.n_jobs)
+    finally:
+        study.release()
 
 
 def check_metric(metric: str) -> None:
@@ -77,6 +81,7 @@ class Trials:
         # trials a stopped search left running: they run again first, under their own numbers
         self.resumed = [(t.number, t.params) for t in everything if t.state == states.RUNNING]
         self.to_ask = max(0, sweeper.n_trials - len(done) - len(self.resumed))
+        self.sweep_dir = Path(config.hydra.sweep.dir)
         self.stopping: Exception | None = None
         self.returns: list[Any] = []
         what = f"{len(done)} of {sweeper.n_trials} trials done" + (
@@ -175,13 +180,24 @@ class Trials:
                 )
 
     def _log_best(self) -> None:
+        """The best trial, logged and written beside the sweep (optimization_results.yaml, as
+        hydra-optuna-sweeper wrote it)."""
         import optuna
 
         complete = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if complete:
-            best = self.study.best_trial
-            values = " ".join(space.overrides(best.params))
-            log.info(f"best trial {best.number}: {self.sweeper.metric} {best.value:.4f} ({values})")
+        if not complete:
+            return
+        best = self.study.best_trial
+        values = " ".join(space.overrides(best.params))
+        log.info(f"best trial {best.number}: {self.sweeper.metric} {best.value:.4f} ({values})")
+        results = {
+            "name": "optuna",
+            "study": self.claim.name,
+            "best_params": best.params,
+            "best_value": best.value,
+        }
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        (self.sweep_dir / "optimization_results.yaml").write_text(OmegaConf.to_yaml(results))
 
 
 def _quoted(value: str) -> str:
