@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import logging
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp.config import TrackingConfig
-from cifar_exp.errors import UserError, first_line
-from cifar_exp.tracking.store import PROJECT_ROOT, retrying, tracking_uri
-
-log = logging.getLogger(__name__)
+from cifar_exp.errors import UserError
+from cifar_exp.tracking.store import PROJECT_ROOT, tracking_uri
 
 HASH_TAG = "config_hash"
 CHECKPOINT_TAG = "checkpoint"
@@ -146,17 +143,13 @@ def uncommitted_diff() -> str:
         return ""
 
 
-def record_code(client: Any, run_id: str) -> None:
-    """Saves the uncommitted diff with the run (DIFF_ARTIFACT) when the checkout is dirty, so
-    `git checkout <git_commit> && git apply uncommitted.diff` restores the code that ran. Called
-    from the record writer's thread as the run opens, never on the training path; a store that
-    refuses it costs one warning, not the run."""
+def code_files() -> dict[str, str]:
+    """The uncommitted diff (DIFF_ARTIFACT) when the checkout is dirty, so `git checkout
+    <git_commit> && git apply uncommitted.diff` restores the code that ran; else nothing. Asked
+    for from the record writer's thread as the run opens, never on the training path."""
     if not git_state()[1] or not (diff := uncommitted_diff()):
-        return
-    try:
-        retrying(lambda: client.log_text(run_id, diff, DIFF_ARTIFACT), "recording the uncommitted diff")
-    except Exception as e:  # noqa: BLE001 - provenance, not training: say it and go on
-        log.warning(f"MLflow: could not record the uncommitted diff ({first_line(e)})")
+        return {}
+    return {DIFF_ARTIFACT: diff}
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -133,13 +133,8 @@ class RecordWriter:
     def _failed(self, pending: dict[str, list], error: str, delay: float) -> tuple[float | None, float]:
         """A write failed with a transient error: retry later, or spill once silent for retry_s.
         Returns when to try again (None: nothing pending) and the next backoff."""
-        if not self.health.failing:
-            log.warning(
-                f"MLflow: could not record metrics ({error}); retrying for up to "
-                f"{self.health.retry_s:.0f} s, training goes on"
-            )
         was_down = self.health.down
-        if self.health.failed():  # silent for retry_s: keep them in the file
+        if self.health.failed("record metrics", error):  # silent for retry_s: keep them in the file
             if not was_down:
                 silent = time.monotonic() - (self.health.failing_since or time.monotonic())
                 error = f"no answer for {silent:.0f} s: {error}"

@@ -22,10 +22,10 @@ from cifar_exp.tracking.identity import (
     CHECKPOINT_TAG,
     HASH_TAG,
     PRUNED_TAG,
+    code_files,
     config_hash,
     flatten,
     git_state,
-    record_code,
     run_name,
     sweep_parent,
     task_overrides,
@@ -72,6 +72,7 @@ class Tracker:
         self.uri = uri
         self.recorded = recorded or set()  # (metric, step) points a resumed run holds already
         self.checkpoint_tagged: Path | None = None
+        self.kept_files = False  # whether files the store did not take were kept (and said)
 
     @property
     def enabled(self) -> bool:
@@ -114,18 +115,30 @@ class Tracker:
         from the writer's thread."""
         if self.writer is None:
             return
-        folder = Path(tempfile.mkdtemp(prefix="cifar_exp-artifacts-"))
-        write_files(files, folder)
+        folder = _folder_of(files)
         self.writer.call(lambda client, run_id: self._log_folder(client, run_id, folder, what))
+
+    def log_code(self) -> None:
+        """The checkout's uncommitted diff, when it is dirty (identity.code_files): git is asked
+        from the writer's thread, off the training path, and the diff is logged like any file."""
+        if self.writer is None:
+            return
+
+        def log_diff(client: Any, run_id: str | None) -> None:
+            if files := code_files():
+                self._log_folder(client, run_id, _folder_of(files), "the uncommitted diff")
+
+        self.writer.call(log_diff)
 
     def _log_folder(self, client: Any, run_id: str | None, folder: Path, what: str) -> None:
         """Logs the files under `folder`, then removes it; those the store does not take are
-        copied to <run folder>/unrecorded_artifacts/ (for `cifar-exp sync`), said in one line."""
+        copied to <run folder>/unrecorded_artifacts/ (for `cifar-exp sync`), said in one line the
+        first time: an outage that also misses later files is not said again for each."""
         try:
             error = self.writer.open_error
             if run_id is not None:
                 _, error = self.writer.health.call(
-                    lambda: client.log_artifacts(run_id, str(folder)), f"recording {what}"
+                    lambda: client.log_artifacts(run_id, str(folder)), f"record {what}"
                 )
             if error is None:
                 return
@@ -135,7 +148,14 @@ class Tracker:
             kept = self.folder / UNRECORDED_ARTIFACTS
             shutil.copytree(folder, kept, dirs_exist_ok=True)
             self.writer.keep([{"artifacts": UNRECORDED_ARTIFACTS}])
-            log.warning(f"MLflow: could not record {what} ({error}); they are kept in {kept}")
+            if self.kept_files:
+                log.debug(f"MLflow: could not record {what} either; kept in {kept}")
+                return
+            self.kept_files = True
+            log.warning(
+                f"MLflow: could not record {what} ({error}); they are kept in {kept}, "
+                "with any later files the store does not take"
+            )
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -152,12 +172,19 @@ class Tracker:
             if run_id is None:
                 return
             _, error = self.writer.health.call(
-                lambda: client.set_tag(run_id, CHECKPOINT_TAG, where), "tagging the checkpoint"
+                lambda: client.set_tag(run_id, CHECKPOINT_TAG, where), "tag the run's checkpoint"
             )
             if error:
                 log.warning(f"MLflow: could not tag the run's checkpoint ({error}); resume from {where}")
 
         self.writer.call(tag)
+
+
+def _folder_of(files: Files) -> Path:
+    """A new temporary folder holding `files`, to be logged in one call (and then removed)."""
+    folder = Path(tempfile.mkdtemp(prefix="cifar_exp-artifacts-"))
+    write_files(files, folder)
+    return folder
 
 
 def run_tags(cfg: DictConfig, device: str, gpus: int, folder: Path | None) -> dict[str, str]:
@@ -194,7 +221,6 @@ def opener(cfg: TrackingConfig, name: str, tags: dict[str, str], run_id: str | N
                 "starting the run",
             )
             log.info(f"MLflow run {run.info.run_id} ({name}) in {tracking_uri(cfg)}")
-            record_code(client, run.info.run_id)  # the uncommitted diff, when the tree is dirty
             return client, run.info.run_id
         resumed = {k: v for k, v in tags.items() if k not in ("overrides", HASH_TAG)}
         resumed["resumed_with_overrides"] = tags["overrides"]
@@ -236,6 +262,7 @@ def start_run(
     tracker = Tracker(writer, folder, uri, resume.recorded if resume else None)
     try:
         if run_id is None:  # a resumed run keeps the config it was first recorded with
+            tracker.log_code()
             writer.params(flatten(OmegaConf.to_container(cfg, resolve=True)))
             tracker.log_files(config_files(cfg), "the config")
         yield tracker
@@ -289,12 +316,12 @@ def _end(tracker: Tracker, status: str, error: str | None, extra_tags: dict[str,
         from mlflow.entities import RunTag
 
         batch = [RunTag(k, v) for k, v in tags.items()]
-        _, problem = writer.health.call(lambda: client.log_batch(run_id, tags=batch), "tagging the run")
+        _, problem = writer.health.call(lambda: client.log_batch(run_id, tags=batch), "tag the run")
         if problem:
             log.debug(f"MLflow: could not tag run {run_id} ({problem})")  # the store is down: said below
             writer.keep([{"tag": key, "value": value} for key, value in tags.items()])
     _, problem = writer.health.call(
-        lambda: client.set_terminated(run_id, status, ended["end_time"]), "ending the run"
+        lambda: client.set_terminated(run_id, status, ended["end_time"]), "end the run"
     )
     if problem:
         kept = writer.keep([ended])

@@ -213,10 +213,10 @@ def transient(error: BaseException) -> bool:
     return type(error).__name__ == "OperationalError"  # sqlite3/SQLAlchemy: locked, busy
 
 
-def retrying(call: Callable[[], T], what: str, retry_s: float | None = None, quiet: bool = False) -> T:
+def retrying(call: Callable[[], T], what: str, retry_s: float | None = None) -> T:
     """call(), retried with backoff for up to `retry_s` (default: retry_seconds()) while it fails
     with a transient error; then (or at once for any other error) that error is raised. Says so
-    in one line when it starts retrying, unless `quiet`."""
+    in one line when it starts retrying."""
     deadline = time.monotonic() + (retry_seconds() if retry_s is None else retry_s)
     delay = FIRST_RETRY_S
     while True:
@@ -225,7 +225,7 @@ def retrying(call: Callable[[], T], what: str, retry_s: float | None = None, qui
         except Exception as e:
             if not transient(e) or time.monotonic() + delay > deadline:
                 raise
-            if delay == FIRST_RETRY_S and not quiet:
+            if delay == FIRST_RETRY_S:
                 log.warning(f"MLflow: {what} failed ({first_line(e)}); retrying")
             time.sleep(delay)
             delay = min(2 * delay, LONGEST_RETRY_S)
@@ -235,9 +235,12 @@ class StoreHealth:
     """Whether one run's store answers, shared by everything that writes the run's records (the
     record writer's thread, artifact and tag calls), so an outage is found, said and waited out once.
 
-    up --a call fails--> failing (calls retried with backoff) --retry_s of silence, or a call that
-    failed after all its retries--> down (each call tried once; records go to the spill file)
-    --any call succeeds--> up."""
+    up --a call fails--> failing (said in one line; calls retried with backoff) --retry_s since the
+    first failure, or a call that failed after all its retries--> down (each call tried once;
+    records go to the spill file) --any call succeeds--> up.
+
+    Every failed try is told here at once, not only once a call has given up: `failing` is what
+    lets the training loop go on (flush before a checkpoint) while some call is still retrying."""
 
     def __init__(self, retry_s: float | None = None) -> None:
         self.retry_s = retry_seconds() if retry_s is None else retry_s
@@ -249,20 +252,32 @@ class StoreHealth:
     def failing(self) -> bool:
         return self.failing_since is not None
 
-    def budget(self) -> float:
-        """Seconds a call may retry: none while the store is down."""
-        return 0.0 if self.down else self.retry_s
+    def left(self) -> float:
+        """Seconds until a failing store counts as down (retry_s while it answers, 0 once down)."""
+        if self.down:
+            return 0.0
+        if self.failing_since is None:
+            return self.retry_s
+        return max(0.0, self.failing_since + self.retry_s - time.monotonic())
 
-    def failed(self, given_up: bool = False) -> bool:
-        """A call failed with a transient error (`given_up`: after all its retries). Returns
-        whether the store now counts as down."""
+    def failed(self, what: str = "", error: str = "", given_up: bool = False) -> bool:
+        """A try to `what` ("record metrics") failed with a transient `error` (`given_up`: after
+        all its retries); the first failure of an outage is said in one line, whichever call meets
+        it. Returns whether the store now counts as down."""
         with self._lock:
             now = time.monotonic()
-            if self.failing_since is None:
+            starts = self.failing_since is None
+            if starts:
                 self.failing_since = now
             if given_up or now - self.failing_since >= self.retry_s:
                 self.down = True
-            return self.down
+            down = self.down
+        if starts and not down and what:
+            log.warning(
+                f"MLflow: could not {what} ({error}); retrying for up to {self.retry_s:.0f} s, "
+                "training does not wait"
+            )
+        return down
 
     def answered(self) -> str | None:
         """A call succeeded; returns what to say if that ends an outage."""
@@ -274,14 +289,20 @@ class StoreHealth:
             return f"MLflow answers again: {said}"
 
     def call(self, call: Callable[[], T], what: str) -> tuple[T | None, str | None]:
-        """call(), retried while the store is failing but not down; returns (result, None), or
-        (None, the error's first line) when it still failed."""
-        try:
-            result = retrying(call, what, self.budget(), quiet=self.failing)
-        except Exception as e:
-            if transient(e):
-                self.failed(given_up=True)
-            return None, first_line(e)
-        if message := self.answered():
-            log.warning(message)
-        return result, None
+        """call(), retried with backoff while the store is failing but not down (tried once while
+        down); returns (result, None), or (None, the error's first line) when it still failed.
+        `what` completes "could not ..." ("record the config")."""
+        delay = FIRST_RETRY_S
+        while True:
+            try:
+                result = call()
+            except Exception as e:
+                error = first_line(e)
+                if not transient(e) or self.failed(what, error):
+                    return None, error
+                time.sleep(min(delay, self.left()))
+                delay = min(2 * delay, LONGEST_RETRY_S)
+                continue
+            if message := self.answered():
+                log.warning(message)
+            return result, None
