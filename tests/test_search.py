@@ -376,11 +376,10 @@ def test_ctrl_c_then_the_same_command_continues_the_search(new_store) -> None:
     ]
     args += ["hydra.sweeper.pruner.name=none", "-m"]
     first = store.start_cli(*args)
-    first.wait_for(r"trial 2: ")
-    first.wait_for(r"epoch 2/3")  # trial 2 has a checkpoint
+    first.wait_for(r"(?s)trial 2: .*epoch 2/3")  # trial 2 has a checkpoint
     first.proc.send_signal(signal.SIGINT)
     assert first.result().returncode == 130
-    interrupted = [r for r in store.runs() if r.info.status == "KILLED"]
+    interrupted = [r for r in store.runs() if r.info.status == "KILLED" and "sweep" not in r.data.tags]
     assert len(interrupted) == 1
     second = ok(store.run_cli(*args))
     assert "2 of 4 trials done, 1 to resume" in second.stderr + second.stdout
@@ -401,12 +400,9 @@ def test_ctrl_c_then_the_same_command_continues_the_search(new_store) -> None:
 def test_parallel_trials_in_joblib_workers_report_and_prune(new_store) -> None:
     store = new_store("parallel")
     args = [a for a in PRUNING if a != "-m"]
-    result = ok(
-        store.run_cli(
-            *args, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2", "-m"
-        )
-    )
-    sweep = finished_sweep(store, type("Done", (), {"result": lambda self, timeout=0: result})())
+    parallel = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2", "-m"]
+    sweep = finished_sweep(store, store.start_cli(*args, *parallel))
+    ok(sweep.result)
     assert len(sweep.children) == 6
     assert any("pruned" in c.data.tags for c in sweep.children)  # workers reported to the study
     assert sweep.parent.info.status == "FINISHED"

@@ -474,19 +474,18 @@ def test_mlflow_retries_each_request_a_bounded_number_of_times(
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
 
     uri, accepted = silent_server
-    started = time.monotonic()
     with pytest.raises(MlflowException) as error:
         MlflowClient(uri).get_experiment_by_name("cifar_exp")
     assert tracking_store.transient(error.value)  # our own retrying takes over from here
     assert len(accepted) == 3, "one try and MLflow's 2 retries (its default: 8 tries, ~4 minutes)"
-    assert time.monotonic() - started < 30
 
 
 @pytest.mark.slow
-def test_a_dead_server_costs_about_a_minute_at_the_end_of_a_run(tmp_path: Path, monkeypatch) -> None:
+def test_a_dead_server_at_the_end_of_a_run_leaves_everything_for_sync(tmp_path: Path, monkeypatch) -> None:
     """The store dies just before a run ends: the writer waits retry_s (60 s by default) for it,
     then each remaining call (the weights, the tags, the run's end) is tried once, each bounded by
-    MLflow's retries; everything goes to the run's folder for `cifar-exp sync`."""
+    MLflow's retries (no wall-clock assert: the retry counts are tested above); everything goes to
+    the run's folder for `cifar-exp sync`."""
     from mlflow.tracking import MlflowClient
 
     for name in [*tracking_store.HTTP_RETRY_DEFAULTS, tracking_store.RETRY_ENV]:
@@ -497,11 +496,9 @@ def test_a_dead_server_costs_about_a_minute_at_the_end_of_a_run(tmp_path: Path, 
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
     writer = RecordWriter(MlflowClient(dead), "0" * 32, tmp_path / records.UNRECORDED_METRICS)
     tracker = runs.Tracker(writer, tmp_path, dead)
-    started = time.monotonic()
     tracker.log_metrics({"test/acc": 0.5}, 100)
     tracker.log_files({"model/state_dict.pt": b"weights"}, "the weights")
     runs._end(tracker, "FINISHED", None)
-    assert time.monotonic() - started < 90
     lines = [json.loads(line) for line in (tmp_path / records.UNRECORDED_METRICS).read_text().splitlines()]
     assert [x["status"] for x in lines if "status" in x] == ["FINISHED"]
     assert [x["metric"] for x in lines if "metric" in x] == ["test/acc"]
