@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from machine import cpu_name  # benchmarks/machine.py: a script's folder is on sys.path
+
 REPO = Path(__file__).resolve().parent.parent
 
 # One load in a fresh interpreter; times only the loader, not Python's and torch's start-up.
@@ -48,13 +50,6 @@ def load_in_fresh_process(root: str, cache_dir: str) -> dict:
         [sys.executable, "-c", CHILD, root, cache_dir], env=env, capture_output=True, text=True, check=True
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def main() -> None:

@@ -16,21 +16,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name  # benchmarks/machine.py: a script's folder is on sys.path
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def timed_run(repo: Path, root: str, store: str, cache: str, cwd: Path) -> dict[str, float]:

@@ -1,38 +1,35 @@
-"""Does pruning pay? The same search twice on real CIFAR-10 (40,000 train / 10,000 held out, from
-../shared/data/unpack.sh): `experiment=search_fast` (tutorial_fast's recipe, 5 epochs a trial,
-16 trials of TPE with sampler seed 0 over lr (log scale), momentum, weight decay (log scale) and
-both conv widths), first with Hyperband pruning, then with pruning off, each in a fresh process
-and a fresh MLflow store, sharing the decode cache. Prints each search's best test/acc, trials
-finished and pruned, epochs trained and wall time, and the pruned search's ratios to the
-unpruned one (the baseline, measured in the same invocation). Target (issue 11): pruned best >=
-unpruned best - 1 point, with <= 40% of the epochs. --pruners adds other pruners to compare
-(e.g. hyperband,successive_halving,none).
+"""Does pruning pay? The same search on real CIFAR-10 (40,000 train / 10,000 held out, from
+../shared/data/unpack.sh): `experiment=search_fast` (tutorial_fast's recipe, 5 epochs a trial, 16
+trials, TPE with sampler seed 0 over lr (log scale), momentum, weight decay (log scale) and both
+conv widths), first with Hyperband pruning, then with pruning off, each in a fresh process and a
+fresh MLflow store, sharing the decode cache (filled before the first search starts). Prints
+each search's best test/acc, trials finished and pruned, epochs trained and wall time, and the
+pruned search's ratios to the unpruned one (the baseline, measured in the same invocation).
+Target (issue 11): pruned best >= unpruned best - 1 point, with <= 40% of the epochs. --pruners
+adds other pruners to compare (e.g. hyperband,successive_halving,none).
 
 usage: python benchmarks/search.py [--root /tmp/cifar10-jpeg] [--trials 16] [--epochs 5] [--pruners ...]
+       [OVERRIDE ...]    (e.g. trainer.lr_schedule=constant, for every search)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name  # benchmarks/machine.py: a script's folder is on sys.path
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
-def search(root: str, pruner: str, trials: int, epochs: int, cache: str, folder: Path) -> dict[str, float]:
+def search(
+    root: str, pruner: str, trials: int, epochs: int, cache: str, folder: Path, extra: list[str]
+) -> dict[str, float]:
     """One search in a fresh process and store; what its MLflow parent run recorded, and wall time."""
     from mlflow.tracking import MlflowClient
 
@@ -46,6 +43,7 @@ def search(root: str, pruner: str, trials: int, epochs: int, cache: str, folder:
         f"hydra.sweeper.n_trials={trials}",
         f"hydra.sweeper.pruner.name={pruner}",
         f"hydra.sweep.dir={folder / 'out'}",
+        *extra,
         "-m",
     ]
     started = time.time()
@@ -70,6 +68,13 @@ def search(root: str, pruner: str, trials: int, epochs: int, cache: str, folder:
     }
 
 
+def warm_cache(root: str, cache: str) -> None:
+    """Decodes the images into the cache first, so that no search pays for it."""
+    load = f"load_imagefolder(root={root!r}, mean=[0.5] * 3, std=[0.5] * 3, cache=True, cache_dir={cache!r})"
+    code = f"from cifar_exp.data import load_imagefolder; {load}"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="/tmp/cifar10-jpeg", help="train/ and test/ image folders")
@@ -78,20 +83,25 @@ def main() -> None:
     parser.add_argument(
         "--pruners", default="hyperband,none", help="searches to run, in order; `none` is the baseline"
     )
+    parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every search")
     args = parser.parse_args()
     pruners = args.pruners.split(",")
     if "none" not in pruners:
         parser.error("--pruners must include none: the unpruned baseline")
     print(
-        f"{cpu_name()}, {os.cpu_count()} CPUs; {args.trials} trials x {args.epochs} epochs; data {args.root}"
+        f"{cpu_name()}, {os.cpu_count()} CPUs; {args.trials} trials x {args.epochs} epochs; "
+        f"data {args.root}; overrides: {' '.join(args.overrides) or 'none'}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         cache = str(Path(tmp) / "cache")
+        warm_cache(args.root, cache)
         results = {}
         for pruner in pruners:
             folder = Path(tmp) / pruner
             folder.mkdir()
-            results[pruner] = r = search(args.root, pruner, args.trials, args.epochs, cache, folder)
+            results[pruner] = r = search(
+                args.root, pruner, args.trials, args.epochs, cache, folder, args.overrides
+            )
             print(
                 f"{pruner:>9}: best test/acc {r['best']:.4f}, {r['finished']:.0f} finished, "
                 f"{r['pruned']:.0f} "

@@ -69,17 +69,14 @@ class SweepCallback(Callback):
             "sweep_params": json.dumps(swept),
             "hydra_sweep_dir": str(config.hydra.sweep.dir),
         }
+        earlier = None
         if claim is not None:  # the parent of an earlier, stopped search of this study continues
-            tags.update({STUDY_TAG: claim.name, "search/storage": claim.storage})
-            tags.update(
-                {
-                    "search/metric": config.hydra.sweeper.metric,
-                    "search/direction": str(config.hydra.sweeper.direction),
-                }
-            )
-            self.parent_id = search_parent(client, experiment_id, claim.name)
+            sweeper = config.hydra.sweeper
+            tags[STUDY_TAG], tags["search/storage"] = claim.name, claim.storage
+            tags["search/metric"], tags["search/direction"] = sweeper.metric, str(sweeper.direction)
+            earlier = search_parent(client, experiment_id, claim.name)
         name = sweep_name(swept, self.search, time.time())
-        self.parent_id = open_parent(client, experiment_id, name, tags, {**fixed, **swept}, self.parent_id)
+        self.parent_id = open_parent(client, experiment_id, name, tags, {**fixed, **swept}, earlier)
         self.pid = os.getpid()
         identity.join_sweep(self.parent_id, self.swept)
         atexit.register(self.close)
