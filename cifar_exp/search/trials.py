@@ -166,6 +166,7 @@ class Trials:
                 error = ret._return_value  # the exception the job raised
         if isinstance(error, TrialPruned):
             self.study.tell(number, state=states.PRUNED)
+            log.info(f"trial {number} pruned {error}")  # "after epoch 1 of 5: test/acc 0.2762"
         elif isinstance(error, NonFiniteLossError):  # a diverged loss is an outcome, not a stop
             self.study.tell(number, state=states.FAIL)
             log.warning(f"trial {number} failed: {first_line(error)}")
