@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from cifar_exp import reports, sweeps
+from cifar_exp import reports, sweep_summary
 from cifar_exp.config import TrackingConfig
 from cifar_exp.errors import UserError, first_line
 from cifar_exp.tracking import identity, resumption, runs, store
@@ -127,7 +127,7 @@ def ui_links(client: Any, base: str, experiment_name: str | None = None) -> dict
         parent = find_sweep(client, eid, "latest")
     except UserError:
         return links
-    children = sweeps.sweep_children(client, parent)
+    children = sweep_summary.sweep_children(client, parent)
     # Written as the UI writes it: JSON lists, with only their quotes escaped.
     ids = json.dumps([c.info.run_id for c in children], separators=(",", ":"))
     experiments = json.dumps(sorted({c.info.experiment_id for c in children} or {eid}), separators=(",", ":"))
@@ -216,17 +216,17 @@ def compare(uri: str, ref: str, as_csv: bool) -> int:
     time, and status when not all finished (PRUNED: stopped by a search's pruner); best first."""
     client = open_store(uri)
     parent = find_sweep(client, find_experiment(client).experiment_id, ref)
-    children = _asking(client, lambda: sweeps.sweep_children(client, parent))
-    keys = sweeps.varying_keys(parent, children)
-    epochs = _asking(client, lambda: sweeps.epoch_seconds(client, children))
-    rows = sweeps.summary_rows(
-        children, keys, {k: sum(v) for k, v in epochs.items()}, *sweeps.objective(parent)
+    children = _asking(client, lambda: sweep_summary.sweep_children(client, parent))
+    keys = sweep_summary.varying_keys(parent, children)
+    epochs = _asking(client, lambda: sweep_summary.epoch_seconds(client, children))
+    rows = sweep_summary.summary_rows(
+        children, keys, {k: sum(v) for k, v in epochs.items()}, *sweep_summary.objective(parent)
     )
     if as_csv:
         sys.stdout.write(reports.csv_table(rows))
         return 0
     print(f"{parent.info.run_name}  ({parent.info.run_id}, {parent.info.status.lower()}, {len(rows)} runs)")
-    sys.stdout.write(reports.text_table(sweeps.display_rows(rows, keys, mark="*")) or "(no runs)\n")
+    sys.stdout.write(reports.text_table(sweep_summary.display_rows(rows, keys, mark="*")) or "(no runs)\n")
     return 0
 
 
@@ -251,7 +251,7 @@ def list_runs(uri: str, limit: int) -> int:
                 "run id": run.info.run_id,
                 "name": name if len(name) <= 48 else f"{name[:16]}…{name[-31:]}",  # keep the end: what varied
                 "status": run.info.status,
-                "test/acc": "" if acc is None else sweeps.ACC_FORMAT.format(acc),
+                "test/acc": "" if acc is None else sweep_summary.ACC_FORMAT.format(acc),
                 "duration": _duration((end - run.info.start_time) / 1000),
             }
         )

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from cifar_exp import commands, reports, sweeps
+from cifar_exp import commands, reports, sweep_summary, sweeps
 from cifar_exp.errors import UserError
 from cifar_exp.tracking import identity
 
@@ -140,12 +140,12 @@ def grid() -> tuple[Any, list[Any]]:
 
 def test_summary_shows_only_what_varies_rounded_best_first(grid: tuple[Any, list[Any]]) -> None:
     parent, children = grid
-    keys = sweeps.varying_keys(parent, children)
+    keys = sweep_summary.varying_keys(parent, children)
     assert keys == ["model.conv1_out", "optimizer.lr"]  # not seed, not the fixed overrides
-    rows = sweeps.summary_rows(children, keys, {c.info.run_id: 12.345 for c in children})
+    rows = sweep_summary.summary_rows(children, keys, {c.info.run_id: 12.345 for c in children})
     assert [r["test/acc"] for r in rows] == [0.52, 0.47, 0.41, 0.3, 0.10000000149011612, ""]
     assert [r["best"] for r in rows] == [True] + [False] * 5
-    markdown = reports.markdown_table(sweeps.display_rows(rows, keys))
+    markdown = reports.markdown_table(sweep_summary.display_rows(rows, keys))
     lines = markdown.splitlines()
     assert lines[0] == "| best | conv1_out | lr | test/acc | test/loss | train s | status | run |"
     assert (
@@ -154,20 +154,24 @@ def test_summary_shows_only_what_varies_rounded_best_first(grid: tuple[Any, list
     assert "| 0.1000 |" in markdown and "0.10000000149" not in markdown
     assert max(len(line) for line in lines) < 80  # one short line a row, no run names
     finished = [c for c in children if c.info.status == "FINISHED"]
-    table = reports.markdown_table(sweeps.display_rows(sweeps.summary_rows(finished, keys, {}), keys))
+    table = reports.markdown_table(
+        sweep_summary.display_rows(sweep_summary.summary_rows(finished, keys, {}), keys)
+    )
     assert "status" not in table  # said only when a job did not finish
 
 
 def test_summary_of_an_old_parent_uses_the_overrides_that_differ(grid: tuple[Any, list[Any]]) -> None:
     _, children = grid
     old_parent = fake_run(0, [], None)  # recorded before sweep_params held command-line sweeps
-    assert sweeps.varying_keys(old_parent, children) == ["model.conv1_out", "optimizer.lr"]
+    assert sweep_summary.varying_keys(old_parent, children) == ["model.conv1_out", "optimizer.lr"]
 
 
 def test_parent_description_links_the_best_child(grid: tuple[Any, list[Any]]) -> None:
     parent, children = grid
-    keys = sweeps.varying_keys(parent, children)
-    note = sweeps.sweep_note(parent, sweeps.summary_rows(children, keys, {}), keys, search=False)
+    keys = sweep_summary.varying_keys(parent, children)
+    note = sweep_summary.sweep_note(
+        parent, sweep_summary.summary_rows(children, keys, {}), keys, search=False
+    )
     best = children[1].info.run_id
     assert note.startswith("**Sweep over conv1_out, lr**: 6 runs, 5 finished.")
     assert f"Best: [conv1_out=8,lr=0.01](#/experiments/7/runs/{best}?workflowType=machine_learning)" in note
@@ -180,8 +184,8 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 def test_sweep_plot_one_panel_per_varying_key_or_a_heatmap(grid: tuple[Any, list[Any]]) -> None:
     parent, children = grid
-    two = sweeps.varying_keys(parent, children)
-    rows = sweeps.summary_rows(children, [*two, "seed"], {})
+    two = sweep_summary.varying_keys(parent, children)
+    rows = sweep_summary.summary_rows(children, [*two, "seed"], {})
     heatmap = reports.sweep_figure(rows, two, identity.short_keys(two))
     assert len(heatmap.axes) == 2 and heatmap.axes[0].images  # the grid and its colour bar
     assert [t.get_text() for t in heatmap.axes[0].get_xticklabels()] == ["4", "8", "16"]
