@@ -27,7 +27,8 @@ from cifar_exp.errors import UserError
 from cifar_exp.models import Airbench94, Network
 from cifar_exp.precision import to_half
 from cifar_exp.run import param_groups
-from cifar_exp.train import Lookahead, Loop, Tensors, predict_logits
+from cifar_exp.schedules import Lookahead
+from cifar_exp.train import Loop, Tensors, predict_logits
 from cifar_exp.validation import validate
 
 
