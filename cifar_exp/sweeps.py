@@ -17,6 +17,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from cifar_exp.errors import UserError
+from cifar_exp.search import space
 from cifar_exp.search import study as search_study
 from cifar_exp.search import trial as search_trial
 from cifar_exp.sweep_summary import summarise
@@ -157,16 +158,11 @@ def sweep_overrides(config: DictConfig) -> tuple[dict[str, str], dict[str, str]]
     '8,16,32'}, an Optuna search's 'tag(log, interval(0.001, 0.3))'), and the overrides it holds
     fixed ({'dataset': 'synthetic'}), from hydra.sweeper.params and the command line, in that
     order: a later override of a key wins, as in Hydra."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    params = config.hydra.sweeper.get("params") or {}
-    items = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
+    items = space.items(config.hydra.sweeper.get("params"), list(config.hydra.overrides.task))
     swept: dict[str, str] = {}
     fixed: dict[str, str] = {}
-    for item, override in zip(items, OverridesParser.create().parse_overrides(items), strict=True):
+    for item, override in space.last_overrides(items):
         key, value = override.key_or_group, item.partition("=")[2]
-        swept.pop(key, None)
-        fixed.pop(key, None)
         if override.is_sweep_override():
             swept[key] = value
         else:

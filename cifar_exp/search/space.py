@@ -15,30 +15,43 @@ from hydra.errors import HydraException
 from cifar_exp.errors import UserError, first_line
 
 
-def parse(items: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """(space, fixed): Optuna distributions by key, and the overrides that are not sweeps (as
-    written, for every trial's command line). A later item for a key replaces an earlier one."""
+def items(params: Any, overrides: list[str]) -> list[str]:
+    """What a sweep is made of, as `key=value` items: hydra.sweeper.params, then the command line's
+    overrides (a later item for a key wins, as in Hydra)."""
+    return [f"{key}={value}" for key, value in (params or {}).items()] + list(overrides)
+
+
+def last_overrides(items: list[str]) -> list[tuple[str, Override]]:
+    """Each key's last item and its parse, in the order of those last items; one line naming an
+    item Hydra cannot read."""
     parser = OverridesParser.create()
-    space: dict[str, Any] = {}
-    fixed: dict[str, str] = {}
+    last: dict[str, tuple[str, Override]] = {}
     for item in items:
         try:
             (override,) = parser.parse_overrides([item])
         except HydraException as e:
             raise UserError(f"search space: cannot read {item!r}: {first_line(e)}") from None
-        key = override.get_key_element()
-        space.pop(key, None)
-        fixed.pop(key, None)
+        last.pop(override.key_or_group, None)
+        last[override.key_or_group] = (item, override)
+    return list(last.values())
+
+
+def parse(items: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """(space, fixed): Optuna distributions by key, and the overrides that are not sweeps (as
+    written, for every trial's command line). A later item for a key replaces an earlier one."""
+    space: dict[str, Any] = {}
+    fixed: list[str] = []
+    for item, override in last_overrides(items):
         if override.is_sweep_override():
-            space[key] = distribution(override, item)
+            space[override.get_key_element()] = distribution(override, item)
         else:
-            fixed[key] = item
+            fixed.append(item)
     if not space:
         raise UserError(
             "the search space is empty: set hydra.sweeper.params (e.g. optimizer.lr: "
             "tag(log, interval(0.001, 0.3))) or sweep a key on the command line (key=a,b,c)"
         )
-    return space, list(fixed.values())
+    return space, fixed
 
 
 def distribution(override: Override, item: str) -> Any:

@@ -92,18 +92,13 @@ def study_name(config: DictConfig) -> str:
     if sweeper.study_name:
         return str(sweeper.study_name)
     base = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
-    settings = {
-        key: OmegaConf.to_container(sweeper[key], resolve=True)
-        if isinstance(sweeper[key], DictConfig)
-        else sweeper[key]
-        for key in ("params", "sampler", "pruner", "direction", "metric")
-    }
+    settings = OmegaConf.to_container(sweeper, resolve=True, enum_to_str=True)
     what = {
         "config": config_hash(base),
         "overrides": list(config.hydra.overrides.task),
-        **{k: str(v) if not isinstance(v, dict) else v for k, v in settings.items()},
+        **{key: settings[key] for key in ("params", "sampler", "pruner", "direction", "metric")},
     }
-    return "search-" + hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return "search-" + hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def storage_of(config: DictConfig) -> str:

@@ -52,11 +52,6 @@ def leave() -> None:
     _joined = None
 
 
-def metric() -> str:
-    """The metric the task returns: the search's, test/acc outside a search."""
-    return _joined.metric if _joined else "test/acc"
-
-
 class Reporter:
     """Reports a trial's metric after each epoch; raises TrialPruned when the pruner stops it."""
 
@@ -74,12 +69,7 @@ class Reporter:
 
     def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
         name = self.link.metric
-        if name not in metrics:
-            logged = ", ".join(sorted(k for k in metrics if not k.startswith("test/acc/")))
-            raise UserError(
-                f"hydra.sweeper.metric={name}: no run logs it; each epoch logs {logged}, test/acc/<class>"
-            )
-        value = metrics[name]
+        value = metric_value(metrics, name)
         self.trial.report(value, epoch)
         last = epoch >= self.link.epochs  # nothing left to save: the trial finishes
         if not last and self.trial.should_prune():
@@ -94,9 +84,14 @@ def reporter() -> Reporter | None:
 
 def objective(metrics: dict[str, Any]) -> float:
     """What the task returns to the sweeper: the search's metric (test/acc outside a search)."""
-    name = metric()
+    return metric_value(metrics, _joined.metric if _joined else "test/acc")
+
+
+def metric_value(metrics: dict[str, Any], name: str) -> float:
+    """`name`'s value in a run's metrics; one line listing what the run logs if it has none."""
     if name not in metrics:
+        logged = ", ".join(sorted(k for k in metrics if not k.startswith("test/acc/")))
         raise UserError(
-            f"hydra.sweeper.metric={name}: no run logs it; the run logged {', '.join(sorted(metrics))}"
+            f"hydra.sweeper.metric={name}: no run logs it; the run logs {logged}, test/acc/<class>"
         )
     return float(metrics[name])

@@ -34,8 +34,7 @@ def search(config: DictConfig, launcher: Any, arguments: list[str]) -> list[Any]
             "(or submitit_local, submitit_slurm)"
         )
     check_metric(sweeper.metric)
-    params = OmegaConf.to_container(sweeper.params, resolve=True) if sweeper.params else {}
-    distributions, fixed = space.parse([f"{key}={value}" for key, value in params.items()] + list(arguments))
+    distributions, fixed = space.parse(space.items(sweeper.params, arguments))
     try:
         trials = Trials(config, study.claim(config), distributions, fixed)
         return trials.run(launcher, sweeper.n_jobs)
