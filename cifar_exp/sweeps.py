@@ -47,15 +47,15 @@ class SweepCallback(Callback):
             claim = search_study.claim(config) if search_study.is_search(config) else None
             if not config.mlflow.enabled:
                 return
+            swept, fixed = sweep_overrides(config)
             experiment_id = store.ensure_experiment(config.mlflow)
-        except UserError as e:  # a bad store or a busy study stops the sweep before any job
+        except UserError as e:  # a bad store, a busy study, an unreadable search space: before any job
             print(e, file=sys.stderr)
             sys.exit(1)
         from mlflow.tracking import MlflowClient
 
         self.uri = store.tracking_uri(config.mlflow)
         self.search = not str(config.hydra.sweeper._target_).endswith(".BasicSweeper")
-        swept, fixed = sweep_overrides(config)
         self.swept = list(swept)
         client = MlflowClient(self.uri)
         tags = {

@@ -352,6 +352,7 @@ def test_the_search_history_marks_pruned_trials() -> None:
         (["hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials=0 must be at least 1"),
         (["hydra.sweeper.params=null"], "the search space is empty"),
         (["optimizer.lr=interval(0.3, 0.001)"], "`low <= high` must hold"),
+        (['hydra.sweeper.params={optimizer.lr:"choice(0.1,"}'], "cannot read 'optimizer.lr=choice(0.1,'"),
     ],
 )
 def test_bad_search_input_is_one_line_before_any_trial(new_store, overrides: list[str], says: str) -> None:
