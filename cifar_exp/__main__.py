@@ -33,7 +33,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> float:
 
     signals.hold_preemption()
     try:
-        return trial.objective(run(cfg, tags))  # test/acc, or the metric a search optimises
+        return trial.objective(run(cfg, tags))  # val/acc, or the metric a search optimises
     except signals.Preempted as stop:
         stop.requeue()  # exits
         raise

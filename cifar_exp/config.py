@@ -57,6 +57,12 @@ class DatasetConfig:
     # Per channel, pixels in [0, 1]; 0.5 and 0.5 map pixels to [-1, 1] (the tutorial's normalisation).
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    # Training images held out as the validation split, which every epoch is evaluated on and
+    # everything that chooses (a sweep's best, a search) reads; the test split is evaluated once, at
+    # the end. Below 1 a fraction (0.1: 5,000 of CIFAR-10's 50,000), 1 or more a number of images,
+    # 0 none (each epoch is then evaluated on the test split, as the tutorial does). Stratified by class.
+    val_size: float = 0.1
+    split_seed: int = 0  # draws the validation images; not `seed`, so every run of a sweep holds out the same
 
 
 @dataclass
@@ -230,7 +236,8 @@ TARGETS = {"dataset": "cifar_exp.data.", "model": "cifar_exp.models.", "optimize
 # Targets may only come from these namespaces: a config is data, not a way to run any callable.
 ALLOWED_TARGETS = tuple(TARGETS.values())
 # Keys this project reads itself, never arguments of the `_target_`: build() leaves them out.
-OWN_KEYS = ("norm_bias_lr_scale",)  # optimizer: run.param_groups uses it
+# optimizer: run.param_groups uses norm_bias_lr_scale; dataset: data.hold_out the split's keys
+OWN_KEYS = ("norm_bias_lr_scale", "val_size", "split_seed")
 
 
 def build(node: Any, **kwargs: Any) -> Any:

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp import checkpoints, reports, signals
 from cifar_exp.config import build
-from cifar_exp.data import ImageData
+from cifar_exp.data import ImageData, hold_out
 from cifar_exp.devices import cudnn_autotune, distributed, select_device, wrap_model
 from cifar_exp.precision import to_half
 from cifar_exp.search import trial
@@ -31,8 +31,10 @@ def seed_everything(seed: int) -> None:
 
 @functools.lru_cache(maxsize=2)
 def load_data(dataset_yaml: str) -> ImageData:
-    """Loads a dataset once per process: the jobs of an in-process sweep share it."""
-    return build(OmegaConf.create(dataset_yaml), _convert_="all")
+    """Loads a dataset once per process (the jobs of an in-process sweep share it), with its
+    validation split held out of the training images."""
+    node = OmegaConf.create(dataset_yaml)
+    return hold_out(build(node, _convert_="all"), node.val_size, node.split_seed)
 
 
 @functools.lru_cache(maxsize=1)
@@ -69,20 +71,25 @@ def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]
     net, model, gpus = build_network(cfg, len(data.classes), tensors, device)
     optimizer = build(cfg.optimizer)(param_groups(net, cfg.optimizer))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    on_epoch = trial.reporter()  # in a search: reports each epoch, stops a pruned trial
+    reporter = trial.reporter()  # in a search: reports val/acc each epoch, stops a pruned trial
 
     with runs.start_run(cfg, device.type, gpus, resume, {"data": data.source, **(tags or {})}) as tracker:
         path = checkpoints.file_path(cfg.trainer.checkpoint)
         # the run id once the run is open; metrics flushed before each checkpoint, tagged after
         save = checkpoints.writer(path, lambda: tracker.run_id, tracker.flush, tracker.set_checkpoint)
         loop = Loop(
-            model, optimizer, tensors, data.classes, trainer, generator, tracker.log_metrics, save, on_epoch
+            *(model, optimizer, tensors, data.classes, trainer, generator, tracker.log_metrics, save),
+            on_report=reporter,
+            reports_per_epoch=reporter.link.reports_per_epoch if reporter else 1,
+            test_each_epoch=bool(reporter and reporter.link.metric.startswith("test/")),  # asked for by name
         )
         if state:
             checkpoints.resume(loop, state)
             log.info(f"resumed from {resume_from}: epoch {loop.progress.epoch}, step {loop.progress.step}")
         elif tracker.enabled:
-            tracker.log_params({"data": data.name})  # what trained it: the fallback may stand in
+            # what trained it (the fallback may stand in), and which images it held out to choose on
+            split = {f"split/{k}": v for k, v in (data.split or {"val_images": "0"}).items()}
+            tracker.log_params({"data": data.name, **split})
             samples = reports.sample_files(data.train_images, data.train_labels, data.classes)
             tracker.log_files(samples, "the sample images")
         with signals.deferred():  # Ctrl-C/SIGTERM: finish the step, checkpoint, then stop

@@ -26,16 +26,21 @@ from cifar_exp.schedules import Lookahead, lr_factor
 
 log = logging.getLogger(__name__)
 MetricsCallback = Callable[[dict[str, float], int], None]
-EpochCallback = Callable[[int, dict[str, float]], None]
-# What every epoch logs (fit's metrics), besides test/acc/<class> for each class
+# (report, metrics, last): a search's pruner reads the validation metrics `reports_per_epoch` times
+# an epoch; report r of epoch e is number (e - 1) * reports_per_epoch + r, the epoch's end the last
+ReportCallback = Callable[[int, dict[str, float], bool], None]
+# What every epoch logs (fit's metrics). With a validation split the epoch is evaluated on it
+# (val/*) and the test split once, at the end (test/loss, test/acc, test/acc/<class>); without
+# one, each epoch is evaluated on the test split, as the tutorial does (test/* every epoch).
 EPOCH_METRICS = (
-    "test/acc",
-    "test/loss",
+    "val/acc",
+    "val/loss",
     "train/loss_epoch",
     "time/epoch_s",
     "time/eval_s",
     "throughput/images_per_s",
 )
+TEST_METRICS = ("test/acc", "test/loss")  # besides test/acc/<class>
 
 
 class NonFiniteLossError(UserError):
@@ -50,6 +55,8 @@ class Tensors:
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
+    val_images: torch.Tensor | None = None  # None: no validation split
+    val_labels: torch.Tensor | None = None
 
 
 def prepare(
@@ -63,11 +70,13 @@ def prepare(
             images = images.contiguous(memory_format=torch.channels_last)
         return normalise(images, data.mean, data.std, dtype)
 
+    val = (move(data.val_images), data.val_labels.to(device)) if data.has_val else (None, None)
     return Tensors(
         move(data.train_images),
         data.train_labels.to(device),
         move(data.test_images),
         data.test_labels.to(device),
+        *val,
     )
 
 
@@ -156,8 +165,10 @@ def _progress_bar(progress: Progress, steps: int) -> tqdm:
 class Loop:
     """fit() and its state. `checkpoint(state)` receives the loop's state (see state_dict) after
     every epoch and when a signal stops training; `on_metrics(metrics, step)` receives what to
-    record; `on_epoch(epoch, metrics)`, last at the end of each epoch, may stop training by
-    raising (a search's pruner does)."""
+    record; `on_report(report, metrics, last)`, `reports_per_epoch` times an epoch (last at the
+    epoch's end, after its checkpoint) with the validation metrics, may stop training by raising
+    (a search's pruner does); `test_each_epoch` evaluates the test split every epoch even with a
+    validation split (a search told to choose on a test metric by name)."""
 
     def __init__(
         self,
@@ -169,11 +180,14 @@ class Loop:
         generator: torch.Generator,
         on_metrics: MetricsCallback,
         checkpoint: Callable[[dict], None] | None = None,
-        on_epoch: EpochCallback | None = None,
+        on_report: ReportCallback | None = None,
+        reports_per_epoch: int = 1,
+        test_each_epoch: bool = False,
     ) -> None:
         self.model, self.optimizer, self.data, self.classes = model, optimizer, data, classes
         self.cfg, self.generator, self.on_metrics, self.checkpoint = cfg, generator, on_metrics, checkpoint
-        self.on_epoch = on_epoch
+        self.on_report, self.reports_per_epoch = on_report, reports_per_epoch
+        self.test_each_epoch = test_each_epoch or data.val_images is None
         self.rank, self.world = distributed()  # under DDP each process trains on its shard
         if cfg.batch_size % self.world:
             raise UserError(
@@ -184,6 +198,10 @@ class Loop:
         # fractional epochs (airbench's 9.9) as airbench counts them: the last epoch is cut short
         self.total_steps = total = math.ceil(self.steps_per_epoch * cfg.epochs)
         self.epochs = math.ceil(total / self.steps_per_epoch)
+        # steps between a search's reports within an epoch (0: only at the epoch's end)
+        self.report_every = (
+            math.ceil(self.steps_per_epoch / reports_per_epoch) if reports_per_epoch > 1 else 0
+        )
         self.loss_scale = 1  # trainer.half: the loss summed over each process's batch
         if cfg.half:
             self.loss_scale = cfg.batch_size // self.world
@@ -202,6 +220,7 @@ class Loop:
         float16 = cfg.autocast and cfg.autocast_dtype == "float16"
         self.scaler = torch.amp.GradScaler(data.train_images.device.type, enabled=float16)
         self.progress = Progress()
+        self._confusion = torch.zeros(0)  # the test split's, when an epoch evaluated it
 
     def state_dict(self) -> dict:
         """Plain tensors and numbers (no RNG states of the process: checkpoints.py adds those)."""
@@ -227,43 +246,78 @@ class Loop:
         self.generator.set_state(state["generator"])
 
     def fit(self) -> tuple[dict[str, float], torch.Tensor]:
-        """Trains to cfg.epochs, evaluating after each epoch; returns the last epoch's metrics
-        and the confusion matrix. Resumed with no epoch left (stopped after its last checkpoint,
-        while ending), it only evaluates: those metrics were reported already."""
+        """Trains to cfg.epochs, evaluating after each epoch (on the validation split, else on the
+        test split), then the test split once; returns the last epoch's metrics with the test
+        metrics, and the test confusion matrix. Resumed with no epoch left (stopped after its last
+        checkpoint, while ending), it only evaluates, recording the test metrics if the end had
+        not (the epochs' were recorded already)."""
         if self.progress.epoch > self.epochs:  # whole epochs: a cut-short last one counts
-            return self.evaluate()
-        metrics, confusion = {}, torch.zeros(0)
+            metrics = self.evaluate_epoch()
+            test, confusion = self.evaluate_test(metrics)
+            if self.data.val_images is not None:
+                self.on_metrics(test, self.progress.step)
+            return {**metrics, **test}, confusion
+        metrics: dict[str, float] = {}
         while self.progress.epoch <= self.epochs:
             epoch = self.progress.epoch
             metrics = self.train_epoch()
             started = time.perf_counter()
-            test_metrics, confusion = self.evaluate()
-            metrics.update(test_metrics, **{"time/eval_s": time.perf_counter() - started})
-            log.info(
-                f"epoch {epoch}/{self.epochs}: train loss {metrics['train/loss_epoch']:.3f}, "
-                f"test loss {metrics['test/loss']:.3f}, test acc {100 * metrics['test/acc']:.1f}%, "
-                f"{metrics['throughput/images_per_s']:,.0f} images/s"
-            )
+            metrics.update(self.evaluate_epoch(), **{"time/eval_s": time.perf_counter() - started})
+            log.info(f"epoch {epoch}/{self.epochs}: {describe(metrics)}")
             self.on_metrics(metrics, self.progress.step)
             self.progress = Progress(epoch=epoch + 1, step=self.progress.step)
             if self.checkpoint:
                 self.checkpoint(self.state_dict())
-            if self.on_epoch:
-                self.on_epoch(epoch, metrics)
-        return metrics, confusion
+            if self.on_report:
+                self.on_report(epoch * self.reports_per_epoch, metrics, epoch == self.epochs)
+        test, confusion = self.evaluate_test(metrics)
+        if self.data.val_images is not None:  # the test split's one evaluation
+            log.info(f"test (once, at the end): {describe(test)}")
+            self.on_metrics(test, self.progress.step)
+        return {**metrics, **test}, confusion
 
-    def evaluate(self) -> tuple[dict[str, float], torch.Tensor]:
-        """Test metrics and the confusion matrix of the model as it is."""
+    def evaluate_epoch(self) -> dict[str, float]:
+        """What each epoch records: the validation metrics, and the test metrics too when there
+        is no validation split (then they are the ones that choose) or test_each_epoch."""
+        metrics: dict[str, float] = {}
+        if self.data.val_images is not None:
+            metrics, _ = self._evaluate(self.data.val_images, self.data.val_labels, "val")
+        if self.test_each_epoch:
+            test, self._confusion = self._evaluate(self.data.test_images, self.data.test_labels, "test")
+            metrics.update(test)
+        return metrics
+
+    def evaluate_test(self, metrics: dict[str, float]) -> tuple[dict[str, float], torch.Tensor]:
+        """The test metrics and confusion matrix of the model as it is: those of the last epoch's
+        evaluation when it evaluated the test split, else evaluated now."""
+        if self.test_each_epoch and "test/acc" in metrics:
+            return {k: v for k, v in metrics.items() if k.startswith("test/")}, self._confusion
+        return self._evaluate(self.data.test_images, self.data.test_labels, "test")
+
+    def _evaluate(
+        self, images: torch.Tensor, labels: torch.Tensor, split: str
+    ) -> tuple[dict[str, float], torch.Tensor]:
         return evaluate(
             unwrap_model(self.model) if self.world > 1 else self.model,  # no collectives
-            self.data.test_images,
-            self.data.test_labels,
+            images,
+            labels,
             self.classes,
             self.cfg.test_batch_size,
             self.cfg.tta,
             self.cfg.autocast,
             self.cfg.autocast_dtype,
+            split,
         )
+
+    def _report_within_epoch(self) -> None:
+        """A search's report between two of an epoch's ends: the validation metrics now, recorded
+        at this step (evaluation does not touch the training's random draws or BatchNorm's statistics)."""
+        p = self.progress
+        metrics = self.evaluate_epoch()
+        self.model.train()
+        self.on_metrics(metrics, p.step)
+        number = (p.epoch - 1) * self.reports_per_epoch + p.epoch_step // self.report_every
+        self.on_report(number, metrics, False)
 
     def train_epoch(self) -> dict[str, float]:
         """The rest of the current epoch (all of it unless resuming mid-epoch; the last one stops
@@ -288,6 +342,9 @@ class Loop:
             if p.window == cfg.log_every_n_steps:
                 self._log_window(losses, bar, seen, started)
             self._stop_if_signalled(losses, bar)
+            if self.report_every and p.epoch_step % self.report_every == 0 and self.on_report:
+                if p.epoch_step < self.steps_per_epoch and p.step < self.total_steps:  # not the epoch's end
+                    self._report_within_epoch()
         bar.close()
         loss_epoch = losses.epoch_mean(p.epoch_step, p.step, self._lr())  # syncs
         seconds = time.perf_counter() - started  # after the sync above: GPU work included
@@ -365,9 +422,11 @@ def evaluate(
     tta: int = 0,
     autocast: bool = False,
     autocast_dtype: str = "bfloat16",
+    split: str = "test",
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """Test loss, accuracy (a fraction) and per-class accuracy; plus the confusion matrix
-    (rows: true class, columns: predicted)."""
+    """`split`/loss, `split`/acc (a fraction, computed from the counts: 301/1000 is 0.301) and, for
+    the test split, test/acc/<class>; plus the confusion matrix (rows: true class, columns:
+    predicted)."""
     model.eval()
     n_classes = len(classes)
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.int64, device=images.device)
@@ -380,10 +439,23 @@ def evaluate(
             n_classes, n_classes
         )
     confusion = confusion.cpu()
-    per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
-    metrics = {
-        "test/loss": total_loss.item() / len(images),
-        "test/acc": (confusion.diag().sum() / confusion.sum()).item(),
-    }
-    metrics.update({f"test/acc/{name}": per_class[i].item() for i, name in enumerate(classes)})
+    correct, total = confusion.diag().tolist(), confusion.sum(1).tolist()
+    metrics = {f"{split}/loss": total_loss.item() / len(images), f"{split}/acc": sum(correct) / sum(total)}
+    if split == "test":
+        metrics.update({f"test/acc/{name}": correct[i] / max(1, total[i]) for i, name in enumerate(classes)})
     return metrics, confusion
+
+
+def describe(metrics: dict[str, float]) -> str:
+    """The log line's part for an epoch or the final test: "train loss 1.234, val loss 1.100, val
+    acc 60.1%, 5,000 images/s"."""
+    parts = []
+    if "train/loss_epoch" in metrics:
+        parts.append(f"train loss {metrics['train/loss_epoch']:.3f}")
+    for split in ("val", "test"):
+        if f"{split}/acc" in metrics:
+            loss, acc = metrics[f"{split}/loss"], 100 * metrics[f"{split}/acc"]
+            parts.append(f"{split} loss {loss:.3f}, {split} acc {acc:.1f}%")
+    if "throughput/images_per_s" in metrics:
+        parts.append(f"{metrics['throughput/images_per_s']:,.0f} images/s")
+    return ", ".join(parts)

@@ -102,6 +102,7 @@ def test_dataset_option_composes_and_fits_its_loader(compose_config, name: str) 
     cfg = compose_config(f"dataset={name}")
     node = OmegaConf.to_container(cfg.dataset, resolve=True)
     target = node.pop("_target_")
+    assert 0 < node.pop("val_size") < 1 and node.pop("split_seed") == 0  # data.hold_out's, not the loader's
     assert target.startswith("cifar_exp.data.")
     loader = hydra.utils.get_method(target)
     inspect.signature(loader).bind(**node)  # every key is a parameter of the loader
@@ -330,6 +331,7 @@ def test_tutorial_is_the_pytorch_tutorial(compose_config) -> None:
     assert cfg.optimizer.lr == 0.001 and cfg.optimizer.momentum == 0.9
     assert cfg.optimizer.weight_decay == 0 and cfg.optimizer.nesterov is False
     assert list(cfg.dataset.mean) == [0.5] * 3 and list(cfg.dataset.std) == [0.5] * 3
+    assert cfg.dataset.val_size == 0  # the tutorial trains on every training image
     model = build(cfg.model, num_classes=10)
     assert isinstance(model, CNN)
     layers = (model.conv1, model.conv2, model.fc1, model.fc2, model.fc3)

@@ -37,11 +37,11 @@ class SamplerConfig:
 @dataclass
 class PrunerConfig:
     name: PrunerName = PrunerName.hyperband
-    # hyperband, successive_halving: epochs every trial trains before it can be stopped, and the
-    # fraction 1/reduction_factor of trials that go on at each rung
+    # hyperband, successive_halving: reports (epochs x reports_per_epoch) every trial makes before
+    # it can be stopped, and the fraction 1/reduction_factor of trials that go on at each rung
     min_resource: int = 1
     reduction_factor: int = 3
-    # median: trials that finish before it prunes, and epochs of each trial it never prunes
+    # median: trials that finish before it prunes, and reports of each trial it never prunes
     n_startup_trials: int = 5
     n_warmup_steps: int = 1
 
@@ -52,7 +52,12 @@ class OptunaSweeperConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     direction: Direction = Direction.maximize
-    metric: str = "test/acc"  # what each trial reports after every epoch and returns at the end
+    # what each trial reports and returns at the end: the validation split's (a test metric only
+    # when named: it chooses on the test split; with dataset.val_size=0, val/* reads test/*)
+    metric: str = "val/acc"
+    # reports to the pruner per epoch (each evaluates the validation split): more rungs for
+    # Hyperband within few epochs; a pruner's min_resource counts these reports
+    reports_per_epoch: int = 1
     n_trials: int = 20  # trials in the study in all: running the command again only adds the rest
     n_jobs: int = 1  # trials at once; more than 1 needs a parallel launcher (joblib, submitit)
     # null: <the MLflow store's folder>/optuna.journal (mlruns/ by default); a path: a journal

@@ -1,10 +1,12 @@
 """A search trial's side, in the job's process (in-process, a joblib worker or a submitit job):
-after every epoch it reports the chosen metric to the study and stops the trial when the pruner
-says so. The sweep callback joins the trial when the job starts (see sweeps.SweepCallback)."""
+after every epoch (or `reports_per_epoch` times an epoch) it reports the chosen metric (val/acc
+by default) to the study and stops the trial when the pruner says so. The sweep callback joins
+the trial when the job starts (see sweeps.SweepCallback)."""
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,12 @@ class TrialLink:
     metric: str
     pruner: DictConfig
     epochs: float
+    reports_per_epoch: int = 1
+
+    @property
+    def reports(self) -> int:
+        """The reports a trial that is never pruned makes: the pruner's whole budget."""
+        return math.ceil(self.epochs) * self.reports_per_epoch
 
 
 _joined: TrialLink | None = None
@@ -44,6 +52,7 @@ def join(config: DictConfig) -> None:
             str(sweeper.metric),
             sweeper.pruner,
             float(config.trainer.epochs),
+            int(sweeper.reports_per_epoch),
         )
 
 
@@ -60,21 +69,23 @@ class Reporter:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = study.open_storage(link.storage)
-        pruner = study.make_pruner(link.pruner, link.epochs)
+        pruner = study.make_pruner(link.pruner, link.reports)  # its steps are reports
         found = optuna.load_study(study_name=link.study_name, storage=storage, pruner=pruner)
         study_id = storage.get_study_id_from_name(link.study_name)
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, link.number)
         self.trial = optuna.trial.Trial(found, trial_id)
         self.link = link
 
-    def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
+    def __call__(self, report: int, metrics: dict[str, float], last: bool) -> None:
+        """Report number `report` (1-based; at an epoch's end, epoch x reports_per_epoch); `last`:
+        the trial's end, never pruned (nothing left to save)."""
         name = self.link.metric
         value = metric_value(metrics, name)
-        self.trial.report(value, epoch)
-        last = epoch >= self.link.epochs  # nothing left to save: the trial finishes
+        self.trial.report(value, report)
         if not last and self.trial.should_prune():
-            log.info(f"trial {self.link.number} pruned after epoch {epoch}: {name} {value:.4f}")
-            raise TrialPruned(f"after epoch {epoch} of {self.link.epochs:g}: {name} {value:.4f}")
+            epochs = report / self.link.reports_per_epoch
+            log.info(f"trial {self.link.number} pruned after epoch {epochs:g}: {name} {value:.4f}")
+            raise TrialPruned(f"after epoch {epochs:g} of {self.link.epochs:g}: {name} {value:.4f}")
 
 
 def reporter() -> Reporter | None:
@@ -83,12 +94,16 @@ def reporter() -> Reporter | None:
 
 
 def objective(metrics: dict[str, Any]) -> float:
-    """What the task returns to the sweeper: the search's metric (test/acc outside a search)."""
-    return metric_value(metrics, _joined.metric if _joined else "test/acc")
+    """What the task returns to the sweeper: the search's metric (val/acc outside a search)."""
+    return metric_value(metrics, _joined.metric if _joined else "val/acc")
 
 
 def metric_value(metrics: dict[str, Any], name: str) -> float:
-    """`name`'s value in a run's metrics; one line listing what the run logs if it has none."""
+    """`name`'s value in a run's metrics; a val/ metric of a run without a validation split
+    (dataset.val_size=0) is its test/ metric (the search then chooses on the test split, and its
+    summary says so); one line listing what the run logs if it has neither."""
+    if name.startswith("val/") and name not in metrics and not any(k.startswith("val/") for k in metrics):
+        name = "test/" + name.removeprefix("val/")
     if name not in metrics:
         logged = ", ".join(sorted(k for k in metrics if not k.startswith("test/acc/")))
         raise UserError(

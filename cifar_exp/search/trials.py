@@ -9,6 +9,7 @@ their own numbers (their runs resume from the last checkpoint)."""
 from __future__ import annotations
 
 import logging
+import math
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ def search(config: DictConfig, launcher: Any, arguments: list[str]) -> list[Any]
     line's overrides (its sweeps join the search space). Returns the trials' job returns."""
     sweeper = config.hydra.sweeper
     study.check_settings(sweeper)
+    if sweeper.reports_per_epoch < 1:
+        raise UserError(f"hydra.sweeper.reports_per_epoch={sweeper.reports_per_epoch} must be at least 1")
     parallel = not str(config.hydra.launcher._target_).endswith(".BasicLauncher")
     if sweeper.n_jobs > 1 and not parallel:
         raise UserError(
@@ -43,13 +46,19 @@ def search(config: DictConfig, launcher: Any, arguments: list[str]) -> list[Any]
 
 
 def check_metric(metric: str) -> None:
-    """The metric must be one that every epoch logs (see train.EPOCH_METRICS)."""
-    from cifar_exp.train import EPOCH_METRICS
+    """The metric must be one that every epoch logs (train.EPOCH_METRICS), or a test metric the
+    user named (then each trial evaluates the test split every epoch, and chooses on it)."""
+    from cifar_exp.train import EPOCH_METRICS, TEST_METRICS
 
-    if metric not in EPOCH_METRICS and not metric.startswith("test/acc/"):
+    if metric not in EPOCH_METRICS + TEST_METRICS and not metric.startswith("test/acc/"):
         raise UserError(
-            f"hydra.sweeper.metric={metric}: no run logs it; each epoch logs {', '.join(EPOCH_METRICS)}, "
-            "test/acc/<class>"
+            f"hydra.sweeper.metric={metric}: no run logs it; each epoch logs {', '.join(EPOCH_METRICS)} "
+            f"(choosing on the test split, by name: {', '.join(TEST_METRICS)}, test/acc/<class>)"
+        )
+    if metric.startswith("test/"):
+        log.warning(
+            f"hydra.sweeper.metric={metric}: the search chooses on the test split, so its best test "
+            "score is optimistic; val/acc (the default) chooses on the validation split"
         )
 
 
@@ -69,7 +78,10 @@ class Trials:
         self.study = optuna.create_study(
             study_name=claim.name,
             storage=study.open_storage(claim.storage),
-            pruner=study.make_pruner(sweeper.pruner, config.trainer.epochs),
+            # its steps are the trials' reports: reports_per_epoch of them an epoch
+            pruner=study.make_pruner(
+                sweeper.pruner, math.ceil(config.trainer.epochs) * sweeper.reports_per_epoch
+            ),
             direction=str(sweeper.direction),
             load_if_exists=True,
         )
