@@ -5,9 +5,7 @@ write and weights_only read."""
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from cifar_exp.atomic_write import replacing
 from cifar_exp.errors import UserError, first_line
 
 FILENAME = "checkpoint.pt"
@@ -74,22 +73,13 @@ def resume(loop: Resumable, state: dict[str, Any]) -> None:
 
 
 def save(state: dict[str, Any], path: Path) -> None:
-    """Writes `state` to a temporary file in the same folder, flushes and fsyncs it, then renames
-    it over `path`: a crash mid-write leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Writes `state` whole or not at all (atomic_write.replacing): a crash mid-write leaves the
+    previous checkpoint intact."""
     try:
-        with os.fdopen(fd, "wb") as f:
+        with replacing(path) as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import errno
 import logging
 import os
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -195,11 +196,11 @@ def _read_only(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder.mkdir()
     folder.chmod(0o555)
     if os.geteuid() == 0:  # root writes anyway: fail as a read-only folder would
-        monkeypatch.setattr(decoded_cache.tempfile, "mkstemp", _raise(errno.EACCES))
+        monkeypatch.setattr(tempfile, "mkstemp", _raise(errno.EACCES))
 
 
 def _full(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(decoded_cache.os, "fsync", _raise(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", _raise(errno.ENOSPC))
 
 
 def _not_a_folder(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,7 +243,7 @@ def test_concurrent_writers_leave_one_whole_file(
         both_written.wait()  # both temporary files are complete before either is renamed
         replace(source, target)
 
-    monkeypatch.setattr(decoded_cache.os, "replace", replace_together)
+    monkeypatch.setattr(os, "replace", replace_together)
     results: list[ImageData] = []
     keys = {"root": str(images), "mean": [0.5] * 3, "std": [0.5] * 3, "cache": True, "cache_dir": None}
     threads = [
