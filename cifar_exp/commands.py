@@ -28,8 +28,9 @@ HydraMain = Callable[[list[str], dict[str, str] | None], None]
 USAGE = {
     "ui": "start the MLflow UI on the project's store, bound to 127.0.0.1, and print links to the "
     "runs and to the latest sweep's comparison",
-    "compare": "print a sweep's runs as a table: swept values, test/acc, test/loss, training time",
-    "runs": "list the most recent runs: id, name, status, test/acc, duration",
+    "compare": "print a sweep's runs as a table, best first (chosen on val/acc, test/acc beside it); with "
+    "seeds swept, one row per config: n, mean, sd, 95% CI, Welch's p against the best",
+    "runs": "list the most recent runs: id, name, status, val/acc, test/acc, duration",
     "rerun": "re-run a recorded run from its logged config snapshot into a new run",
     "resume": "continue an interrupted run from its last checkpoint, into the same run",
     "predict": "print the top classes of each image with a recorded run's weights",
@@ -135,7 +136,7 @@ def ui_links(client: Any, base: str, experiment_name: str | None = None) -> dict
     children_first = urllib.parse.urlencode(
         {
             "searchFilter": f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
-            "orderByKey": "metrics.`test/acc`",
+            "orderByKey": "metrics.`val/acc`",  # what chooses
         }
     )
     links["latest sweep:"] = f"{base}/#/experiments/{eid}/runs/{parent.info.run_id}?{view}"
@@ -212,27 +213,26 @@ def find_sweep(client: Any, experiment_id: str, ref: str) -> Any:
 
 
 def compare(uri: str, ref: str, as_csv: bool) -> int:
-    """A sweep's table: what varies, final test/acc and test/loss (and a search's metric), training
-    time, and status when not all finished (PRUNED: stopped by a search's pruner); best first."""
+    """A sweep's table, best first: what varies, final val/acc (what chooses; a search's metric)
+    and test/acc (reported, never choosing), training time, and status when not all finished
+    (PRUNED: stopped by a search's pruner); with seeds swept, one row per config with n, mean,
+    sd, 95% CI and Welch's p against the best. The lines under it say what chose and whether
+    the best can be told apart from the runner-up."""
     client = open_store(uri)
     parent = find_sweep(client, find_experiment(client).experiment_id, ref)
     children = _asking(client, lambda: sweep_summary.sweep_children(client, parent))
     keys = sweep_summary.varying_keys(parent, children)
     epochs = _asking(client, lambda: sweep_summary.epoch_seconds(client, children))
-    rows = sweep_summary.summary_rows(
-        children, keys, {k: sum(v) for k, v in epochs.items()}, *sweep_summary.objective(parent)
-    )
-    if as_csv:
-        sys.stdout.write(reports.csv_table(rows))
-        return 0
-    print(f"{parent.info.run_name}  ({parent.info.run_id}, {parent.info.status.lower()}, {len(rows)} runs)")
-    sys.stdout.write(reports.text_table(sweep_summary.display_rows(rows, keys, mark="*")) or "(no runs)\n")
+    metric, maximize = sweep_summary.objective(parent, children)
+    rows = sweep_summary.summary_rows(children, keys, epochs, metric, maximize)
+    summary = sweep_summary.Summary(parent, rows, keys, metric, maximize)
+    sys.stdout.write(reports.csv_table(summary.csv_rows()) if as_csv else summary.text())
     return 0
 
 
 def list_runs(uri: str, limit: int) -> int:
     """The newest runs of the experiment, sweeps' parents included: id, name, status, final
-    test/acc (a sweep: its best), duration."""
+    val/acc and test/acc (a sweep: its best's), duration."""
     client = open_store(uri)
     experiment = find_experiment(client)
     found = _asking(
@@ -243,7 +243,8 @@ def list_runs(uri: str, limit: int) -> int:
     )
     rows = []
     for run in found:
-        acc = run.data.metrics.get("test/acc", run.data.metrics.get("best/test/acc"))
+        metrics = run.data.metrics
+        val, acc = (metrics.get(k, metrics.get(f"best/{k}")) for k in ("val/acc", "test/acc"))
         end = run.info.end_time or time.time() * 1000
         name = run.info.run_name or ""
         rows.append(
@@ -251,6 +252,7 @@ def list_runs(uri: str, limit: int) -> int:
                 "run id": run.info.run_id,
                 "name": name if len(name) <= 48 else f"{name[:16]}…{name[-31:]}",  # keep the end: what varied
                 "status": run.info.status,
+                "val/acc": "" if val is None else sweep_summary.ACC_FORMAT.format(val),
                 "test/acc": "" if acc is None else sweep_summary.ACC_FORMAT.format(acc),
                 "duration": _duration((end - run.info.start_time) / 1000),
             }

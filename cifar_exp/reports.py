@@ -291,6 +291,51 @@ def _heatmap(
     return fig
 
 
+def group_figure(groups: list[dict[str, Any]], keys: list[str], names: dict[str, str], metric: str) -> Any:
+    """Each config's mean `metric` over its seeds with its 95% confidence interval as error bars,
+    and its mean test/acc beside it (never used to choose); the best config starred. Configs in
+    the order of their values, labelled by them."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    def rank(group: dict[str, Any]) -> list[tuple[bool, float, str]]:  # numbers by size, then words
+        return [(_number(group[k]) is None, _number(group[k]) or 0.0, str(group[k])) for k in keys]
+
+    shown = sorted((g for g in groups if g["n"]), key=rank)
+    labels = [",".join(str(g[k]) for k in keys) or "config" for g in shown]
+    fig, ax = plt.subplots(figsize=(min(9.6, 3.2 + 0.9 * len(shown)), 3.8), dpi=100)
+    xs = np.arange(len(shown))
+    measured = list(dict.fromkeys([metric, "test/acc"]))
+    for offset, (name, colour) in zip(
+        (-0.1, 0.1), zip(measured, ("tab:blue", "tab:orange"), strict=False), strict=False
+    ):
+        means = [g[f"{name}_mean"] for g in shown]
+        errors = [
+            [
+                m - g[f"{name}_ci_low"] if g[f"{name}_ci_low"] != "" else 0
+                for m, g in zip(means, shown, strict=True)
+            ],
+            [
+                g[f"{name}_ci_high"] - m if g[f"{name}_ci_high"] != "" else 0
+                for m, g in zip(means, shown, strict=True)
+            ],
+        ]
+        label = f"{name} (mean, 95% CI)" + (", chooses" if name == metric else ", reported")
+        ax.errorbar(xs + offset, means, yerr=errors, fmt="o", capsize=4, color=colour, label=label)
+    best = next((i for i, g in enumerate(shown) if g["best"]), None)
+    if best is not None:
+        ax.plot(xs[best] - 0.1, shown[best][f"{metric}_mean"], "*", color="tab:red", ms=14, label="best")
+    ax.set_xticks(xs, labels, rotation=20 if len(labels) > 4 else 0)
+    ax.set_xlabel(", ".join(names[k] for k in keys))
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def search_history_figure(
     values: list[float | None],
     metric: str = "test/acc",

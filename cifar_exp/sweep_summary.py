@@ -12,48 +12,56 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cifar_exp import reports
+from cifar_exp import replicates, reports
 from cifar_exp.tracking import identity, runs, store
 
-METRICS = ("test/acc", "test/loss")  # the summary's columns, besides the swept values and time
+METRICS = ("val/acc", "test/acc", "test/loss")  # the summary's columns, besides the swept values and time
+PLOT_ARTIFACT = "sweep/accuracy.png"  # the accuracies against what the sweep varies
 PRUNED = "PRUNED"  # the summary's status of a run a search's pruner stopped (MLflow: KILLED)
 TRAIN_TIME = "time/epoch_s"  # a child's training time is the sum of this metric's history, s
 NOTE_TAG = "mlflow.note.content"  # the run's description in the UI, markdown
 ACC_FORMAT, LOSS_FORMAT = "{:.4f}", "{:.4f}"  # how tables show test/acc (a fraction) and test/loss
 
 
-def summarise(client: Any, parent_id: str, search: bool = False) -> str:
-    """Records on the parent run the sweep table (the values that vary against each child's final
-    test/acc, test/loss and training time; CSV for scripts, markdown for people), a plot of
-    test/acc against each varying key, best/test/acc, best_run_id, and a description that links
-    the best child; for a search also the best child's value of every searched key (`best/<key>`
-    tags), the trials finished, pruned and failed, the epochs trained against the epochs the same
-    trials would have trained unpruned (`search/*` metrics), and search/history.png. Returns the
-    parent's status, which follows the children's."""
+def summarise(client: Any, parent_id: str, search: bool = False) -> tuple[str, str]:
+    """Records on the parent run the sweep table (what varies against each child's, or with seeds
+    swept each config's, validation and test accuracy and training time; CSV for scripts, markdown
+    for people), a plot of the accuracies against what varies, the best (chosen on val/acc, or a
+    search's metric; test/acc reported beside it, never used to choose): best/<metric>,
+    best/test/acc, best_run_id, and a description that links it; for a search also the best
+    child's value of every searched key (`best/<key>` tags), the trials finished, pruned and
+    failed, the epochs trained against the epochs the same trials would have trained unpruned
+    (`search/*` metrics), and search/history.png. Returns the parent's status, which follows the
+    children's, and the summary as `cifar-exp compare` prints it."""
     from mlflow.entities import Metric, RunTag
 
     parent = client.get_run(parent_id)
     children = sweep_children(client, parent)
     keys = varying_keys(parent, children)
-    metric, maximize = objective(parent)
+    metric, maximize = objective(parent, children)
     epochs = epoch_seconds(client, children)
-    rows = summary_rows(children, keys, {k: sum(v) for k, v in epochs.items()}, metric, maximize)
+    rows = summary_rows(children, keys, epochs, metric, maximize)
+    table = Summary(parent, rows, keys, metric, maximize)
     files: dict[str, str | bytes] = {
-        "sweep/summary.csv": reports.csv_table(rows),
-        "sweep/summary.md": reports.markdown_table(display_rows(rows, keys)),
+        "sweep/summary.csv": reports.csv_table(table.csv_rows()),
+        "sweep/summary.md": reports.markdown_table(table.display())
+        + "\n"
+        + "\n\n".join(table.footer())
+        + "\n",
     }
-    if any(r["test/acc"] != "" for r in rows) and keys:
-        names = identity.short_keys(keys)
-        files["sweep/test_acc.png"] = reports.figure_png(reports.sweep_figure(rows, keys, names))
+    if table.groups is not None:
+        files["sweep/runs.csv"] = reports.csv_table(rows)
+    if any(r[metric] != "" for r in rows) and keys:
+        files[PLOT_ARTIFACT] = reports.figure_png(table.figure())
     now = int(time.time() * 1000)
     tags, metrics = [], []
-    best = next((r for r in rows if r["best"]), None)
+    best = table.best()
     if best is not None:
-        metrics.append(Metric(f"best/{metric}", best[metric], now, 0))
-        tags.append(RunTag("best_run_id", best["run_id"]))
+        metrics += [Metric(f"best/{name}", value, now, 0) for name, value in best["metrics"].items()]
+        tags += [RunTag("best_run_id", best["run_id"]), RunTag("best/chosen_on", metric)]
     story = search_story(children, rows, epochs) if search else {}
     metrics += [Metric(f"search/{key}", value, now, 0) for key, value in story.items()]
-    tags.append(RunTag(NOTE_TAG, sweep_note(parent, rows, keys, search, story)))
+    tags.append(RunTag(NOTE_TAG, sweep_note(parent, table, search, story)))
     if search:
         order = sorted(rows, key=lambda r: r["started"])
         values = [
@@ -69,7 +77,8 @@ def summarise(client: Any, parent_id: str, search: bool = False) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         runs.write_files(files, Path(tmp))
         client.log_artifacts(parent_id, tmp)
-    return parent_status([r["status"] for r in rows], search)
+    status = parent_status([r["status"] for r in rows], search)
+    return status, table.text(status)
 
 
 def parent_status(statuses: list[str], search: bool) -> str:
@@ -86,11 +95,17 @@ def parent_status(statuses: list[str], search: bool) -> str:
     return "FINISHED" if set(statuses) == {"FINISHED"} else "KILLED"
 
 
-def objective(parent: Any) -> tuple[str, bool]:
-    """(metric, maximize): what a search optimised (its parent's tags); test/acc, higher is better,
-    for a sweep."""
+def objective(parent: Any, children: list[Any] | None = None) -> tuple[str, bool]:
+    """(metric, maximize): what chooses the best. A search's metric (its parent's tags); for a
+    sweep val/acc, higher is better. A val/ metric that none of `children` logs (no validation
+    split: dataset.val_size=0) is read as its test/ metric: then the test split chooses, and the
+    summary says so."""
     tags = parent.data.tags
-    return tags.get("search/metric", "test/acc"), tags.get("search/direction", "maximize") == "maximize"
+    metric = tags.get("search/metric", "val/acc")
+    logged = [c.data.metrics for c in children or []]
+    if metric.startswith("val/") and logged and not any(metric in m for m in logged):
+        metric = "test/" + metric.removeprefix("val/")
+    return metric, tags.get("search/direction", "maximize") == "maximize"
 
 
 def search_story(
@@ -157,22 +172,25 @@ def epoch_seconds(client: Any, children: list[Any]) -> dict[str, list[float]]:
 def summary_rows(
     children: list[Any],
     keys: list[str],
-    seconds: dict[str, float],
-    metric: str = "test/acc",
+    epochs: dict[str, list[float]],
+    metric: str = "val/acc",
     maximize: bool = True,
 ) -> list[dict[str, Any]]:
-    """One row per child, best first (by `metric`, then the lowest test/loss; children without
-    it last, in start order): `keys`' values, test/acc, test/loss (and `metric`), train_s,
-    status (PRUNED for a trial a search's pruner stopped), best (the best finished child), run_id,
-    the run's name and when it started."""
+    """One row per child, best first (by `metric`, then the lowest loss of its split; children
+    without it last, in start order): `keys`' values, val/acc, test/acc, test/loss (and `metric`),
+    train_s (the sum of `epochs`, the child's seconds per epoch), epochs (how many it trained),
+    status (PRUNED for a trial a search's pruner stopped), best (the best finished child),
+    run_id, the run's name and when it started."""
     rows = []
+    loss = metric.split("/")[0] + "/loss"
     for child in children:
         values = child_values(child)
         row: dict[str, Any] = {key: values.get(key, "") for key in keys}
-        for name in dict.fromkeys([*METRICS, metric]):
+        for name in dict.fromkeys([*METRICS, metric, loss]):
             row[name] = child.data.metrics.get(name, "")
-        seconds_ = seconds.get(child.info.run_id)
-        row["train_s"] = round(seconds_, 3) if seconds_ else ""
+        seconds = epochs.get(child.info.run_id, [])
+        row["train_s"] = round(sum(seconds), 3) if seconds else ""
+        row["epochs"] = len(seconds)
         status = PRUNED if identity.PRUNED_TAG in child.data.tags else child.info.status
         row.update(status=status, best=False, run_id=child.info.run_id, run=child.info.run_name)
         row["started"] = child.info.start_time
@@ -180,8 +198,8 @@ def summary_rows(
     sign = -1 if maximize else 1
 
     def rank(row: dict[str, Any]) -> tuple[float, float]:
-        value, loss = row[metric], row["test/loss"]
-        return (sign * value if value != "" else float("inf"), loss if loss != "" else float("inf"))
+        value, tie = row[metric], row[loss]
+        return (sign * value if value != "" else float("inf"), tie if tie != "" else float("inf"))
 
     rows.sort(key=rank)
     finished = [r for r in rows if r["status"] == "FINISHED" and r[metric] != ""]
@@ -190,19 +208,115 @@ def summary_rows(
     return rows
 
 
-def display_rows(rows: list[dict[str, Any]], keys: list[str], mark: str = "★") -> list[dict[str, str]]:
+def _fraction(value: Any) -> str:
+    return "" if value == "" else ACC_FORMAT.format(value)
+
+
+class Summary:
+    """A sweep's answer as people and scripts read it: its rows, grouped by config when the sweep
+    varies the seed (replicates.group_rows), the table, the lines under it, the plot."""
+
+    def __init__(self, parent: Any, rows: list[dict[str, Any]], keys: list[str], metric: str, maximize: bool):
+        self.parent, self.rows, self.keys, self.metric = parent, rows, keys, metric
+        seeded = replicates.REPLICATE_KEY in keys
+        self.groups = replicates.group_rows(rows, keys, metric, maximize) if seeded else None
+        self.config_keys = [k for k in keys if k != replicates.REPLICATE_KEY] if seeded else keys
+
+    def best(self) -> dict[str, Any] | None:
+        """The chosen run and the metrics the parent records for the choice: best/<metric> and
+        best/test/acc (a group's means over its seeds, and best/n)."""
+        if self.groups is not None:
+            group = self.groups[0] if self.groups and self.groups[0]["best"] else None
+            if group is None:
+                return None
+            names = dict.fromkeys([self.metric, "test/acc"])
+            values = {name: group[f"{name}_mean"] for name in names if group[f"{name}_mean"] != ""}
+            return {"run_id": group["best_run_id"], "metrics": {**values, "n": group["n"]}}
+        row = next((r for r in self.rows if r["best"]), None)
+        if row is None:
+            return None
+        values = {name: row[name] for name in dict.fromkeys([self.metric, "test/acc"]) if row[name] != ""}
+        return {"run_id": row["run_id"], "metrics": values}
+
+    def csv_rows(self) -> list[dict[str, Any]]:
+        """Full precision: one row per config (with seeds swept) or per run."""
+        return self.groups if self.groups is not None else self.rows
+
+    def display(self, mark: str = "★") -> list[dict[str, str]]:
+        if self.groups is None:
+            return display_rows(self.rows, self.keys, mark, self.metric)
+        short = identity.short_keys(self.config_keys)
+        out = []
+        for g in self.groups:
+            row = {"best": mark if g["best"] else ""}
+            row.update({short[k]: identity.short_value(str(g[k])) for k in self.config_keys})
+            row["n"] = str(g["n"])
+            for name in dict.fromkeys([self.metric, "test/acc"]):
+                row[name] = _fraction(g[f"{name}_mean"])
+                if name == self.metric:
+                    row["sd"] = _fraction(g[f"{name}_sd"])
+                low, high = g[f"{name}_ci_low"], g[f"{name}_ci_high"]
+                row[f"{name.split('/')[0]} 95% CI"] = "" if low == "" else f"{low:.4f}-{high:.4f}"
+            row["p vs best"] = "" if g["p_vs_best"] == "" else f"{g['p_vs_best']:.3g}"
+            out.append(row)
+        return out
+
+    def footer(self) -> list[str]:
+        """What the table means: what chose, and how much to trust the differences."""
+        if self.metric.startswith("test/"):
+            chosen = (
+                f"chosen on the test split ({self.metric}): no validation split (dataset.val_size=0), "
+                "so the best's test score is optimistic; hold one out with dataset.val_size=0.1"
+            )
+        else:
+            chosen = f"chosen on {self.metric} (the validation split); test/acc shown, never used to choose"
+        lines = [chosen]
+        if self.groups is not None:
+            lines.append(replicates.verdict(self.groups, self.keys, self.metric))
+        elif len(self.rows) > 1:
+            lines.append(
+                "one seed per config: these differences carry no error bars; to tell configs apart, "
+                "run each with several seeds (add seed=0,1,2 to the sweep)"
+            )
+        if len({r["epochs"] for r in self.rows if r["status"] == "FINISHED"}) > 1:
+            lines.append("the runs trained for different numbers of epochs (column epochs)")
+        return lines
+
+    def text(self, status: str | None = None) -> str:
+        """As `cifar-exp compare` prints it: the sweep (with `status`, else the parent's), the
+        table, the lines under it."""
+        p = self.parent
+        status = (status or p.info.status).lower()
+        head = f"{p.info.run_name}  ({p.info.run_id}, {status}, {len(self.rows)} runs)"
+        table = reports.text_table(self.display(mark="*")) or "(no runs)\n"
+        return f"{head}\n{table}" + "".join(f"{line}\n" for line in self.footer())
+
+    def figure(self) -> Any:
+        names = identity.short_keys(self.keys)
+        if self.groups is not None:
+            return reports.group_figure(self.groups, self.config_keys, names, self.metric)
+        return reports.sweep_figure(self.rows, self.keys, names, self.metric)
+
+
+def display_rows(
+    rows: list[dict[str, Any]], keys: list[str], mark: str = "★", metric: str = "val/acc"
+) -> list[dict[str, str]]:
     """The summary as a person reads it: `mark` on the best row, the varying values under short
-    key names, test/acc and test/loss to 4 decimals, training seconds to 0.01, the status only when
-    not all finished, and the run id's first 8 characters."""
+    key names, `metric` and test/acc (choosing on the test split: test/acc and test/loss) to 4
+    decimals, training seconds to 0.01, the epochs and the status only when not all the same,
+    and the run id's first 8 characters."""
     short = identity.short_keys(keys)
     all_finished = all(r["status"] == "FINISHED" for r in rows)
+    same_epochs = len({r["epochs"] for r in rows if r["status"] == "FINISHED"}) <= 1
+    columns = [metric, "test/acc"] if not metric.startswith("test/") else [metric, "test/acc", "test/loss"]
     out = []
     for r in rows:
         row = {"best": mark if r["best"] else ""}
         row.update({short[k]: identity.short_value(str(r[k])) for k in keys})
-        row["test/acc"] = "" if r["test/acc"] == "" else ACC_FORMAT.format(r["test/acc"])
-        row["test/loss"] = "" if r["test/loss"] == "" else LOSS_FORMAT.format(r["test/loss"])
+        row.update({name: _fraction(r[name]) for name in dict.fromkeys(columns)})
         row["train s"] = "" if r["train_s"] == "" else f"{r['train_s']:.2f}"
+        if not same_epochs:
+            row["epochs"] = str(r["epochs"])
         if not all_finished:
             row["status"] = r["status"]
         row["run"] = r["run_id"][:8]
@@ -210,32 +324,31 @@ def display_rows(rows: list[dict[str, Any]], keys: list[str], mark: str = "★")
     return out
 
 
-def sweep_note(
-    parent: Any,
-    rows: list[dict[str, Any]],
-    keys: list[str],
-    search: bool,
-    story: dict[str, float] | None = None,
-) -> str:
-    """The parent's description (markdown, shown on its run page): what it varied, the best child
-    as a link, for a search the trials and epochs pruning saved, and the table (as `cifar-exp
-    compare` prints it)."""
+def sweep_note(parent: Any, table: Summary, search: bool, story: dict[str, float] | None = None) -> str:
+    """The parent's description (markdown, shown on its run page): what it varied, the best as a
+    link with what chose it, for a search the trials and epochs pruning saved, and the table with
+    the lines under it (as `cifar-exp compare` prints them)."""
     link = f"#/experiments/{parent.info.experiment_id}/runs/{{}}?{store.MODEL_TRAINING_VIEW}"
-    metric, _ = objective(parent)
-    short = identity.short_keys(keys)
+    rows, metric = table.rows, table.metric
+    short = identity.short_keys(table.keys)
     statuses = [r["status"] for r in rows]
     done = "all finished" if set(statuses) == {"FINISHED"} else f"{statuses.count('FINISHED')} finished"
     if statuses.count(PRUNED):
         done += f", {statuses.count(PRUNED)} pruned"
     what = ", ".join(short.values()) or "nothing"
     lines = [f"**{'Search' if search else 'Sweep'} over {what}**: {len(rows)} runs, {done}."]
-    best = next((r for r in rows if r["best"]), None)
+    best = table.best()
     if best is not None:
-        values = ",".join(f"{short[k]}={identity.short_value(str(best[k]))}" for k in keys)
+        row = next(r for r in rows if r["run_id"] == best["run_id"])
+        keys = table.config_keys
+        values = ",".join(f"{short[k]}={identity.short_value(str(row[k]))}" for k in keys)
+        scores = ", ".join(
+            f"{name} {ACC_FORMAT.format(v)}" for name, v in best["metrics"].items() if name != "n"
+        )
+        over = f" (means over {best['metrics']['n']} seeds)" if "n" in best["metrics"] else ""
         lines.append(
-            f"Best: [{values or best['run']}]({link.format(best['run_id'])}), {metric} "
-            f"{ACC_FORMAT.format(best[metric])}. The table is `sweep/summary.md`, the plot "
-            "`sweep/test_acc.png` (Artifacts)."
+            f"Best: [{values or row['run']}]({link.format(best['run_id'])}), {scores}{over}, chosen on "
+            f"{metric}. The table is `sweep/summary.md`, the plot `{PLOT_ARTIFACT}` (Artifacts)."
         )
     if story and story["epochs_unpruned"]:
         trained, unpruned = int(story["epochs_trained"]), int(story["epochs_unpruned"])
@@ -243,8 +356,8 @@ def sweep_note(
             f"Epochs trained: {trained} of the {unpruned} these trials would have trained unpruned "
             f"({100 * trained / unpruned:.0f}%). History: `search/history.png`."
         )
-    table = reports.text_table(display_rows(rows, keys, mark="*"))  # the UI squeezes markdown tables
-    return "\n\n".join([*lines, f"```\n{table}```"])
+    text = reports.text_table(table.display(mark="*"))  # the UI squeezes markdown tables
+    return "\n\n".join([*lines, f"```\n{text}```", *table.footer()])
 
 
 def searched_values(parent: Any, best: Any) -> dict[str, str]:

@@ -107,11 +107,12 @@ class SweepCallback(Callback):
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.uri)
-        status = "FAILED"
+        status, text = "FAILED", ""
         try:
-            status = summarise(client, parent_id, self.search)
+            status, text = summarise(client, parent_id, self.search)
         finally:
             client.set_terminated(parent_id, status)
+        print(f"\n{text}", end="", flush=True)  # the sweep's answer, as `cifar-exp compare` prints it
 
 
 def search_parent(client: Any, experiment_id: str, study_name: str) -> str | None:
