@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import torch
+from filelock import BaseFileLock, FileLock, Timeout
 from torch import nn
 
 from cifar_exp.config import DeviceConfig
@@ -19,6 +20,8 @@ from cifar_exp.errors import UserError
 # Below this batch size a step is mostly per-op overhead, and waking a second thread for each
 # tiny op costs more than it saves (measured on 2 cores: batch 4 runs ~2x faster on 1 thread).
 SMALL_BATCH = 32
+# The GPU locks this worker process holds (claim_gpu) until it exits: a FileLock that is dropped unlocks.
+HELD_GPU_LOCKS: list[BaseFileLock] = []
 
 
 def select_device(cfg: DeviceConfig, batch_size: int) -> torch.device:
@@ -108,8 +111,6 @@ def claim_gpu(job_num: int, lock_dir: Path) -> int | None:
     workers share a GPU (a warning says so). Returns the claimed index among the visible GPUs, or
     None and changes nothing: on CPU, with one GPU, or once CUDA is in use (a reused worker keeps
     its GPU)."""
-    import fcntl
-
     if torch.cuda.is_initialized():
         return None
     count = torch.cuda.device_count()  # asks NVML, so CUDA is not initialised yet
@@ -121,13 +122,13 @@ def claim_gpu(job_num: int, lock_dir: Path) -> int | None:
     lock_dir.mkdir(parents=True, exist_ok=True)
     preferred = job_num % count
     for index in [(preferred + k) % count for k in range(count)]:
-        lock = os.open(lock_dir / f"gpu-{ids[index].replace('/', '_')}.lock", os.O_CREAT | os.O_RDWR)
+        lock = FileLock(lock_dir / f"gpu-{ids[index].replace('/', '_')}.lock", thread_local=False)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock)
+            lock.acquire(blocking=False)
+        except Timeout:
             continue
-        break  # `lock` stays open: this worker holds the GPU until it exits
+        HELD_GPU_LOCKS.append(lock)  # this worker holds the GPU until it exits
+        break
     else:
         index = preferred
         logging.getLogger(__name__).warning(

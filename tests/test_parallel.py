@@ -185,13 +185,10 @@ def four_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _release_locks(lock_dir: Path) -> None:
-    """claim_gpu keeps each lock open for the life of the worker; this process is not one."""
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if Path(os.readlink(f"/proc/self/fd/{fd}")).parent == lock_dir:
-                os.close(int(fd))
-        except OSError:
-            pass
+    """claim_gpu holds each lock for the life of the worker; this process is not one."""
+    for lock in [lock for lock in devices.HELD_GPU_LOCKS if Path(lock.lock_file).parent == lock_dir]:
+        lock.release()
+        devices.HELD_GPU_LOCKS.remove(lock)
 
 
 def test_parallel_jobs_get_a_gpu_each(

@@ -225,7 +225,7 @@ def test_one_controller_per_study(searching, tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(study, "_claimed", None)  # as another process: it holds no claim
     with pytest.raises(UserError, match=r"is being searched by another process \(pid \d+\)"):
         study.claim(config)
-    claim.lock.close()
+    claim.lock.release()
 
 
 def test_the_same_command_names_the_same_study(searching) -> None:

@@ -4,22 +4,25 @@ asks, and in each job, which reports)."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from cifar_exp.atomic_write import replacing
 from cifar_exp.config import TrackingConfig
 from cifar_exp.errors import UserError, first_line
 from cifar_exp.search.config import TARGET, PrunerName, SamplerName
 from cifar_exp.tracking.identity import config_hash
 from cifar_exp.tracking.store import STORE_DIR, local_store_folder, tracking_uri
+
+if TYPE_CHECKING:
+    from filelock import BaseFileLock
 
 JOURNAL = "optuna.journal"  # the default storage's file, in the MLflow store's folder
 OLD_PLUGIN = "hydra_plugins.hydra_optuna_sweeper"
@@ -43,7 +46,7 @@ class Claim:
 
     name: str
     storage: str
-    lock: IO[str]
+    lock: BaseFileLock
 
 
 _claimed: Claim | None = None
@@ -51,27 +54,27 @@ _claimed: Claim | None = None
 
 def claim(config: DictConfig) -> Claim:
     """Takes the study this sweep config names (once per process): one line if another search
-    runs it now. The lock is a file lock: a crashed controller leaves none behind."""
+    runs it now. The lock is a file lock: a crashed controller leaves none behind. The holder's pid
+    is in optuna-<study>.pid beside it, for that line."""
     global _claimed
     if _claimed is not None:
         return _claimed
+    from filelock import FileLock, Timeout
+
     name, storage = study_name(config), storage_of(config)
     folder = _store_folder(config.mlflow)
     folder.mkdir(parents=True, exist_ok=True)
-    lock = open(folder / f"optuna-{name}.lock", "a+")  # noqa: SIM115 (held until exit)
+    lock = FileLock(folder / f"optuna-{name}.lock", thread_local=False)  # the process's, not a thread's
+    holder = folder / f"optuna-{name}.pid"
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        pid = lock.read().strip() or "?"
-        lock.close()
+        lock.acquire(blocking=False)
+    except Timeout:
+        pid = holder.read_text().strip() if holder.is_file() else ""
         raise UserError(
-            f"study {name} is being searched by another process (pid {pid}); wait for it or stop it"
+            f"study {name} is being searched by another process (pid {pid or '?'}); wait for it or stop it"
         ) from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(str(os.getpid()))
-    lock.flush()
+    with replacing(holder) as f:
+        f.write(str(os.getpid()).encode())
     _claimed = Claim(name, storage, lock)
     return _claimed
 
@@ -80,7 +83,7 @@ def release() -> None:
     """Lets the study go (the search ended); another process may search it now."""
     global _claimed
     if _claimed is not None:
-        _claimed.lock.close()
+        _claimed.lock.release()
         _claimed = None
 
 

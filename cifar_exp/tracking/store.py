@@ -133,15 +133,12 @@ def creation_lock(uri: str) -> Iterator[None]:
     """For a SQLite store: one process at a time opens it first, creating or migrating its tables,
     and creates the experiment. (MLflow's table creation races: of four processes opening a fresh
     file at once, three failed, with migrations colliding.) Locks <database>.lock; elsewhere a no-op."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        fcntl = None
-    if not uri.startswith("sqlite:///") or fcntl is None:
+    if not uri.startswith("sqlite:///"):
         yield
         return
-    with open(f"{uri.removeprefix('sqlite:///')}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    from filelock import FileLock
+
+    with FileLock(f"{uri.removeprefix('sqlite:///')}.lock"):
         yield
 
 
