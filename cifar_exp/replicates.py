@@ -86,7 +86,7 @@ def group_rows(
             p_vs_best="",
             distinguishable="",
             best=False,
-            seeds=" ".join(str(r.get(REPLICATE_KEY, "")) for r in done),
+            seeds=" ".join(sorted((str(r.get(REPLICATE_KEY, "")) for r in done), key=_natural)),
             run_ids=" ".join(r["run_id"] for r in members),
             best_run_id=ranked[0]["run_id"] if ranked else "",
             _values=[float(r[metric]) for r in done],
@@ -103,6 +103,10 @@ def group_rows(
     for group in out:
         del group["_values"]
     return out
+
+
+def _natural(value: str) -> tuple[bool, int, str]:
+    return not value.isdigit(), int(value) if value.isdigit() else 0, value
 
 
 def verdict(groups: list[dict[str, Any]], keys: list[str], metric: str) -> str:

@@ -10,6 +10,7 @@ started together so their imports and training share the cores."""
 from __future__ import annotations
 
 import json
+import statistics
 import os
 import shutil
 import subprocess
@@ -142,10 +143,13 @@ def test_summary_shows_only_what_varies_rounded_best_first(grid: tuple[Any, list
     parent, children = grid
     keys = sweep_summary.varying_keys(parent, children)
     assert keys == ["model.conv1_out", "optimizer.lr"]  # not seed, not the fixed overrides
-    rows = sweep_summary.summary_rows(children, keys, {c.info.run_id: 12.345 for c in children})
+    # no child logs val/acc (dataset.val_size=0): the test split chooses, and says so
+    metric, maximize = sweep_summary.objective(parent, children)
+    assert (metric, maximize) == ("test/acc", True)
+    rows = sweep_summary.summary_rows(children, keys, {c.info.run_id: [12.345] for c in children}, metric)
     assert [r["test/acc"] for r in rows] == [0.52, 0.47, 0.41, 0.3, 0.10000000149011612, ""]
     assert [r["best"] for r in rows] == [True] + [False] * 5
-    markdown = reports.markdown_table(sweep_summary.display_rows(rows, keys))
+    markdown = reports.markdown_table(sweep_summary.display_rows(rows, keys, metric=metric))
     lines = markdown.splitlines()
     assert lines[0] == "| best | conv1_out | lr | test/acc | test/loss | train s | status | run |"
     assert (
@@ -155,9 +159,14 @@ def test_summary_shows_only_what_varies_rounded_best_first(grid: tuple[Any, list
     assert max(len(line) for line in lines) < 80  # one short line a row, no run names
     finished = [c for c in children if c.info.status == "FINISHED"]
     table = reports.markdown_table(
-        sweep_summary.display_rows(sweep_summary.summary_rows(finished, keys, {}), keys)
+        sweep_summary.display_rows(
+            sweep_summary.summary_rows(finished, keys, {}, metric), keys, metric=metric
+        )
     )
     assert "status" not in table  # said only when a job did not finish
+    footer = sweep_summary.Summary(parent, rows, keys, metric, maximize).footer()
+    assert footer[0].startswith("chosen on the test split (test/acc): no validation split")
+    assert footer[1].startswith("one seed per config: these differences carry no error bars")
 
 
 def test_summary_of_an_old_parent_uses_the_overrides_that_differ(grid: tuple[Any, list[Any]]) -> None:
@@ -169,13 +178,108 @@ def test_summary_of_an_old_parent_uses_the_overrides_that_differ(grid: tuple[Any
 def test_parent_description_links_the_best_child(grid: tuple[Any, list[Any]]) -> None:
     parent, children = grid
     keys = sweep_summary.varying_keys(parent, children)
+    metric, maximize = sweep_summary.objective(parent, children)
+    rows = sweep_summary.summary_rows(children, keys, {}, metric)
     note = sweep_summary.sweep_note(
-        parent, sweep_summary.summary_rows(children, keys, {}), keys, search=False
+        parent, sweep_summary.Summary(parent, rows, keys, metric, maximize), False
     )
     best = children[1].info.run_id
     assert note.startswith("**Sweep over conv1_out, lr**: 6 runs, 5 finished.")
     assert f"Best: [conv1_out=8,lr=0.01](#/experiments/7/runs/{best}?workflowType=machine_learning)" in note
-    assert "test/acc 0.5200" in note
+    assert "test/acc 0.5200" in note and "chosen on test/acc" in note
+
+
+@pytest.fixture
+def seeded() -> tuple[Any, list[Any]]:
+    """conv1_out=4,8,16 x seed=0,1,2 with validation and test accuracies: 8 is best on val/acc,
+    16 best on test/acc (which must not choose), 4 close to 8 on val/acc."""
+    parent = fake_run(0, [], None, sweep_params=json.dumps({"model.conv1_out": "4,8,16", "seed": "0,1,2"}))
+    scores = {  # (val/acc, test/acc) per seed
+        4: [(0.600, 0.58), (0.620, 0.59), (0.610, 0.57)],
+        8: [(0.615, 0.60), (0.625, 0.61), (0.620, 0.60)],
+        16: [(0.500, 0.70), (0.510, 0.71), (0.505, 0.69)],
+    }
+    children = []
+    for width, per_seed in scores.items():
+        for seed, (val, test) in enumerate(per_seed):
+            run = fake_run(len(children) + 1, [*SMALL, f"model.conv1_out={width}", f"seed={seed}"], test)
+            run.data.params["seed"] = str(seed)
+            run.data.metrics.update({"val/acc": val, "val/loss": 2 - val})
+            children.append(run)
+    return parent, children
+
+
+def test_seeds_are_replicates_grouped_with_mean_ci_and_welchs_test(seeded: tuple[Any, list[Any]]) -> None:
+    from scipy import stats
+
+    parent, children = seeded
+    keys = sweep_summary.varying_keys(parent, children)
+    metric, maximize = sweep_summary.objective(parent, children)
+    assert keys == ["model.conv1_out", "seed"] and metric == "val/acc"
+    rows = sweep_summary.summary_rows(children, keys, {c.info.run_id: [1.0, 2.0] for c in children}, metric)
+    summary = sweep_summary.Summary(parent, rows, keys, metric, maximize)
+    groups = summary.csv_rows()
+    assert [g["model.conv1_out"] for g in groups] == ["8", "4", "16"]  # by mean val/acc, not test/acc
+    best, runner_up, last = groups
+    assert best["best"] and best["n"] == 3 and best["seeds"] == "0 1 2"
+    vals = [0.615, 0.625, 0.620]
+    assert best["val/acc_mean"] == pytest.approx(sum(vals) / 3)
+    assert best["val/acc_sd"] == pytest.approx(statistics.stdev(vals))
+    half = stats.t.ppf(0.975, 2) * statistics.stdev(vals) / 3**0.5
+    assert (best["val/acc_ci_low"], best["val/acc_ci_high"]) == pytest.approx((0.62 - half, 0.62 + half))
+    assert best["test/acc_mean"] == pytest.approx(0.6033333)  # reported beside it
+    welch = stats.ttest_ind(vals, [0.600, 0.620, 0.610], equal_var=False).pvalue
+    assert runner_up["p_vs_best"] == pytest.approx(welch) and runner_up["distinguishable"] is False
+    assert last["p_vs_best"] < 0.05 and last["distinguishable"] is True
+    # the chosen run is the best group's run with the best val/acc; the parent records the group's means
+    chosen = summary.best()
+    assert chosen["run_id"] == children[4].info.run_id  # conv1_out=8, seed=1
+    assert chosen["metrics"] == pytest.approx({"val/acc": 0.62, "test/acc": 0.6033333, "n": 3})
+    text = summary.text()
+    lines = text.splitlines()
+    assert lines[1].split() == [
+        *("best", "conv1_out", "n", "val/acc", "sd", "val", "95%", "CI"),
+        *("test/acc", "test", "95%", "CI", "p", "vs", "best"),
+    ]
+    assert lines[2].split()[:4] == ["*", "8", "3", "0.6200"]
+    assert f"{welch:.3g}" in lines[3]
+    assert lines[-1] == (
+        "best by mean val/acc over seeds: conv1_out=8 (n=3); runner-up conv1_out=4: Welch's t-test "
+        f"p={welch:.3g}, not distinguishable (p >= 0.05: it may be seed noise)"
+    )
+    header = reports.csv_table(groups).splitlines()[0].split(",")
+    assert {"n", "val/acc_mean", "val/acc_sd", "val/acc_ci_low", "test/acc_ci_high", "p_vs_best"} <= set(
+        header
+    )
+    figure = summary.figure()  # means with their confidence intervals as error bars
+    assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["4", "8", "16"]
+    assert len(figure.axes[0].containers) == 2  # val/acc and test/acc, each with error bars
+    reports.close(figure)
+
+
+def test_one_seed_per_group_has_no_error_bars_and_no_test(seeded: tuple[Any, list[Any]]) -> None:
+    parent, children = seeded
+    one_seed = [c for c in children if c.data.params["seed"] == "0"]
+    keys = ["model.conv1_out", "seed"]
+    rows = sweep_summary.summary_rows(one_seed, keys, {}, "val/acc")
+    summary = sweep_summary.Summary(parent, rows, keys, "val/acc", True)
+    best, runner_up, _ = summary.csv_rows()
+    assert best["n"] == 1 and best["val/acc_sd"] == "" and best["val/acc_ci_low"] == ""
+    assert runner_up["p_vs_best"] == ""
+    assert summary.footer()[-1].endswith(
+        "runner-up conv1_out=4: not testable (needs 2+ finished seeds in each)"
+    )
+
+
+def test_a_failed_seed_is_left_out_of_its_groups_spread(seeded: tuple[Any, list[Any]]) -> None:
+    parent, children = seeded
+    children[3].info.status = "FAILED"  # conv1_out=8, seed=0
+    keys = ["model.conv1_out", "seed"]
+    rows = sweep_summary.summary_rows(children, keys, {}, "val/acc")
+    groups = sweep_summary.Summary(parent, rows, keys, "val/acc", True).csv_rows()
+    eight = next(g for g in groups if g["model.conv1_out"] == "8")
+    assert eight["n"] == 2 and eight["val/acc_mean"] == pytest.approx(0.6225)
+    assert len(eight["run_ids"].split()) == 3
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -185,7 +289,7 @@ def png_size(data: bytes) -> tuple[int, int]:
 def test_sweep_plot_one_panel_per_varying_key_or_a_heatmap(grid: tuple[Any, list[Any]]) -> None:
     parent, children = grid
     two = sweep_summary.varying_keys(parent, children)
-    rows = sweep_summary.summary_rows(children, [*two, "seed"], {})
+    rows = sweep_summary.summary_rows(children, [*two, "seed"], {}, "test/acc")
     heatmap = reports.sweep_figure(rows, two, identity.short_keys(two))
     assert len(heatmap.axes) == 2 and heatmap.axes[0].images  # the grid and its colour bar
     assert [t.get_text() for t in heatmap.axes[0].get_xticklabels()] == ["4", "8", "16"]
@@ -318,8 +422,10 @@ def test_sweep_names_parent_and_children_by_what_varies(recorded: Recorded) -> N
     assert json.loads(parent.data.tags["sweep_params"]) == {"model.conv1_out": "4,8"}
     fixed = dict(identity.split_override(o) for o in SMALL)
     assert parent.data.params == {**fixed, "model.conv1_out": "4,8"}
-    best = max(children, key=lambda c: (c.data.metrics["test/acc"], -c.data.metrics["test/loss"]))
-    assert parent.data.tags["best_run_id"] == best.info.run_id
+    best = max(children, key=lambda c: (c.data.metrics["val/acc"], -c.data.metrics["val/loss"]))
+    assert parent.data.tags["best_run_id"] == best.info.run_id  # chosen on the validation split
+    assert parent.data.tags["best/chosen_on"] == "val/acc"
+    assert parent.data.metrics["best/test/acc"] == best.data.metrics["test/acc"]  # reported beside it
     note = parent.data.tags["mlflow.note.content"]
     assert f"({'#'}/experiments/{parent.info.experiment_id}/runs/{best.info.run_id}?" in note
 
@@ -335,7 +441,7 @@ def test_sweep_summary_has_a_column_only_for_the_swept_key(recorded: Recorded, t
         tracking_uri=recorded.uri,
     )
     header = Path(path).read_text().splitlines()[0]
-    assert header == "| best | conv1_out | test/acc | test/loss | train s | run |"
+    assert header == "| best | conv1_out | val/acc | test/acc | train s | run |"
 
 
 def test_compare_prints_the_latest_sweep_best_first(
@@ -345,15 +451,20 @@ def test_compare_prints_the_latest_sweep_best_first(
     assert commands.compare(recorded.uri, "latest", as_csv=False) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"{parent.info.run_name}  ({parent.info.run_id}, finished, 2 runs)")
-    assert lines[1].split() == ["best", "conv1_out", "test/acc", "test/loss", "train", "s", "run"]
+    assert lines[1].split() == ["best", "conv1_out", "val/acc", "test/acc", "train", "s", "run"]
     best = next(c for c in children if c.info.run_id == parent.data.tags["best_run_id"])
-    assert lines[2].split()[:3] == [
+    assert lines[2].split()[:4] == [
         "*",
         best.data.params["model.conv1_out"],
+        f"{best.data.metrics['val/acc']:.4f}",
         f"{best.data.metrics['test/acc']:.4f}",
     ]
     assert float(lines[2].split()[4]) >= 0  # training seconds
-    assert len(lines) == 4
+    assert lines[4:] == [
+        "chosen on val/acc (the validation split); test/acc shown, never used to choose",
+        "one seed per config: these differences carry no error bars; to tell configs apart, run each "
+        "with several seeds (add seed=0,1,2 to the sweep)",
+    ]
 
     assert commands.compare(recorded.uri, parent.info.run_id[:6], as_csv=True) == 0
     import csv
@@ -368,7 +479,7 @@ def test_compare_prints_the_latest_sweep_best_first(
 def test_runs_lists_the_newest_runs(recorded: Recorded, capsys: pytest.CaptureFixture) -> None:
     assert commands.list_runs(recorded.uri, limit=10) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["run", "id", "name", "status", "test/acc", "duration"]
+    assert lines[0].split() == ["run", "id", "name", "status", "val/acc", "test/acc", "duration"]
     assert len(lines) == 1 + 4  # the sweep's parent and two children, the run from the copy
     names = [line.split()[1] for line in lines[1:]]
     assert {"conv1_out=4", "conv1_out=8", "sweep"} <= set(names)
