@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar_exp.errors import first_line
-from cifar_exp.tracking.store import FIRST_RETRY_S, LONGEST_RETRY_S, StoreHealth, transient
+from cifar_exp.tracking.store import StoreHealth, backoff, transient
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class RecordWriter:
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.error: str | None = None  # why the first records went unrecorded
         self.unrecorded = 0  # metrics and params the store did not take
+        self.closing = False  # close() has been called (seen by the writer thread)
         self.thread = threading.Thread(target=self._drain, name="mlflow-record-writer", daemon=True)
         self.thread.start()
 
@@ -111,41 +112,46 @@ class RecordWriter:
     def _drain(self) -> None:
         self._open()
         pending: dict[str, list] = {"metrics": [], "params": [], "calls": []}
-        closing = False
-        next_try: float | None = None  # while retrying: when to try again
-        delay = FIRST_RETRY_S
-        while not closing or pending["metrics"] or pending["params"]:
-            closing |= self._take(pending, next_try)  # waits while nothing is pending
+        while not self.closing:
+            self._take(pending, None)  # waits while nothing is pending
             if pending["metrics"] or pending["params"]:
-                error = self._write(pending)
-                if error is not None:
-                    next_try, delay = self._failed(pending, error, delay)
-                    continue
-                if message := self.health.answered():
-                    log.warning(message)
-                next_try, delay = None, FIRST_RETRY_S
+                self._write_retrying(pending)
             calls, pending["calls"] = pending["calls"], []
             for call in calls:
                 call(self.client, self.run_id)
-        for call in pending["calls"]:  # closing while the store was silent
-            call(self.client, self.run_id)
 
-    def _failed(self, pending: dict[str, list], error: str, delay: float) -> tuple[float | None, float]:
-        """A write failed with a transient error: retry later, or spill once silent for retry_s.
-        Returns when to try again (None: nothing pending) and the next backoff."""
+    def _write_retrying(self, pending: dict[str, list]) -> None:
+        """Writes `pending`. While the store is busy or silent, tries again with backoff, collecting
+        what is queued meanwhile into `pending` to write with it, until it is written, or kept in
+        the spill file once the store has been silent for retry_s."""
+        import tenacity
+
+        error = tenacity.Retrying(
+            retry=tenacity.retry_if_result(
+                lambda failed: failed is not None and not self._spilled(pending, failed)
+            ),
+            wait=backoff(),
+            sleep=lambda seconds: self._take(pending, time.monotonic() + seconds),
+        )(self._write, pending)
+        if error is None and (message := self.health.answered()):
+            log.warning(message)
+
+    def _spilled(self, pending: dict[str, list], error: str) -> bool:
+        """A write failed with a transient `error`: False while it is to be retried; True once the
+        store has been silent for retry_s, and what was pending is then in the spill file."""
         was_down = self.health.down
-        if self.health.failed("record metrics", error):  # silent for retry_s: keep them in the file
-            if not was_down:
-                silent = time.monotonic() - (self.health.failing_since or time.monotonic())
-                error = f"no answer for {silent:.0f} s: {error}"
-            self._spill(pending["metrics"], pending["params"], error)
-            pending["metrics"], pending["params"] = [], []
-            return None, delay
-        return time.monotonic() + delay, min(2 * delay, LONGEST_RETRY_S)
+        if not self.health.failed("record metrics", error):
+            return False
+        if not was_down:
+            silent = time.monotonic() - (self.health.failing_since or time.monotonic())
+            error = f"no answer for {silent:.0f} s: {error}"
+        self._spill(pending["metrics"], pending["params"], error)
+        pending["metrics"], pending["params"] = [], []
+        return True
 
-    def _take(self, pending: dict[str, list], until: float | None) -> bool:
+    def _take(self, pending: dict[str, list], until: float | None) -> None:
         """Moves what is queued into `pending`: with `until` None it waits for the first item, else
-        it collects until that time.monotonic(). True once close() has been called."""
+        it collects until that time.monotonic(). Sets `closing` once close() has been called."""
         items = []
         if until is None:
             items.append(self.queue.get())  # blocks until there is something to write
@@ -158,9 +164,10 @@ class RecordWriter:
         while not self.queue.empty():
             items.append(self.queue.get())
         for item in items:
-            if item is not None:
+            if item is None:
+                self.closing = True
+            else:
                 pending[item[0]] += item[1]
-        return None in items
 
     def _write(self, pending: dict[str, list]) -> str | None:
         """Writes `pending` and empties it; what the store refuses is spilled. When the store is

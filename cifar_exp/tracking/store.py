@@ -210,22 +210,30 @@ def transient(error: BaseException) -> bool:
     return type(error).__name__ == "OperationalError"  # sqlite3/SQLAlchemy: locked, busy
 
 
+def backoff() -> Any:
+    """tenacity's wait between tries: FIRST_RETRY_S, doubling up to LONGEST_RETRY_S."""
+    import tenacity
+
+    return tenacity.wait_exponential(multiplier=FIRST_RETRY_S, max=LONGEST_RETRY_S)
+
+
 def retrying(call: Callable[[], T], what: str, retry_s: float | None = None) -> T:
     """call(), retried with backoff for up to `retry_s` (default: retry_seconds()) while it fails
     with a transient error; then (or at once for any other error) that error is raised. Says so
     in one line when it starts retrying."""
-    deadline = time.monotonic() + (retry_seconds() if retry_s is None else retry_s)
-    delay = FIRST_RETRY_S
-    while True:
-        try:
-            return call()
-        except Exception as e:
-            if not transient(e) or time.monotonic() + delay > deadline:
-                raise
-            if delay == FIRST_RETRY_S:
-                log.warning(f"MLflow: {what} failed ({first_line(e)}); retrying")
-            time.sleep(delay)
-            delay = min(2 * delay, LONGEST_RETRY_S)
+    import tenacity
+
+    def say(state: tenacity.RetryCallState) -> None:
+        if state.attempt_number == 1:
+            log.warning(f"MLflow: {what} failed ({first_line(state.outcome.exception())}); retrying")
+
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception(transient),
+        wait=backoff(),
+        stop=tenacity.stop_before_delay(retry_seconds() if retry_s is None else retry_s),
+        before_sleep=say,
+        reraise=True,
+    )(call)
 
 
 class StoreHealth:
@@ -289,17 +297,20 @@ class StoreHealth:
         """call(), retried with backoff while the store is failing but not down (tried once while
         down); returns (result, None), or (None, the error's first line) when it still failed.
         `what` completes "could not ..." ("record the config")."""
-        delay = FIRST_RETRY_S
-        while True:
-            try:
-                result = call()
-            except Exception as e:
-                error = first_line(e)
-                if not transient(e) or self.failed(what, error):
-                    return None, error
-                time.sleep(min(delay, self.left()))
-                delay = min(2 * delay, LONGEST_RETRY_S)
-                continue
-            if message := self.answered():
-                log.warning(message)
-            return result, None
+        import tenacity
+
+        def again(error: BaseException) -> bool:  # every failed try is told, whoever meets it
+            return transient(error) and not self.failed(what, first_line(error))
+
+        wait = backoff()
+        try:
+            result = tenacity.Retrying(
+                retry=tenacity.retry_if_exception(again),
+                wait=lambda state: min(wait(state), self.left()),
+                reraise=True,
+            )(call)
+        except Exception as e:
+            return None, first_line(e)
+        if message := self.answered():
+            log.warning(message)
+        return result, None
