@@ -300,3 +300,89 @@ def test_augment_translation_shifts_whole_images() -> None:
     for image in shifted:
         (ys, xs) = torch.nonzero(image[0], as_tuple=True)
         assert len(ys) == 1 and abs(ys.item() - 4) <= 2 and abs(xs.item() - 4) <= 2
+
+
+# ---------------------------------------------------------------- the validation split
+def split_of(dataset: str, request: pytest.FixtureRequest, **keys: object) -> tuple[ImageData, ImageData]:
+    """(the dataset as loaded, the dataset as a run gets it: its validation split held out)."""
+    from omegaconf import OmegaConf
+
+    from cifar_exp.run import load_data
+
+    roots = {"cifar10": "cifar_folder", "imagefolder": "png_folder"}
+    if dataset in roots:
+        keys["root"] = request.getfixturevalue(roots[dataset]).root
+    if dataset == "cifar10":
+        request.getfixturevalue("skip_cifar_md5")
+        keys["download"] = False
+    values = {k: str(v).lower() if isinstance(v, bool) else v for k, v in keys.items()}
+    cfg = compose_config(f"dataset={dataset}", *(f"dataset.{k}={v}" for k, v in values.items()))
+    load_data.cache_clear()
+    return build(cfg.dataset, _convert_="all"), load_data(OmegaConf.to_yaml(cfg.dataset))
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar10_sample", "imagefolder", "synthetic"])
+def test_every_dataset_holds_out_a_stratified_validation_split(
+    request: pytest.FixtureRequest, dataset: str
+) -> None:
+    whole, data = split_of(dataset, request, val_size=0.25)
+    n = len(whole.train_labels)
+    assert len(data.val_labels) == round(0.25 * n) and len(data.train_labels) == n - round(0.25 * n)
+    # stratified: each class gives its share of the held-out images
+    per_class = torch.bincount(whole.train_labels, minlength=len(whole.classes))
+    held = torch.bincount(data.val_labels, minlength=len(whole.classes))
+    assert ((held - 0.25 * per_class).abs() <= 1).all(), (held, per_class)
+    # every training image is in exactly one of the two splits, with its own label
+    def pairs(images: torch.Tensor, labels: torch.Tensor) -> list[tuple[bytes, int]]:
+        return [(bytes(x.numpy()), int(y)) for x, y in zip(images, labels, strict=True)]
+
+    split = pairs(data.train_images, data.train_labels) + pairs(data.val_images, data.val_labels)
+    assert sorted(split) == sorted(pairs(whole.train_images, whole.train_labels))
+    assert torch.equal(data.test_images, whole.test_images)  # the test split is untouched
+    assert data.split["val_images"] == str(len(data.val_labels)) and data.split["split_seed"] == "0"
+    assert len(data.split["val_index_sha256"]) == 16
+
+
+def test_the_split_depends_on_split_seed_only(request: pytest.FixtureRequest) -> None:
+    _, first = split_of("synthetic", request, val_size=100)
+    _, again = split_of("synthetic", request, val_size=100)
+    _, other = split_of("synthetic", request, val_size=100, split_seed=1)
+    assert len(first.val_labels) == 100
+    assert torch.equal(first.val_images, again.val_images) and first.split == again.split
+    assert first.split["val_index_sha256"] != other.split["val_index_sha256"]
+    torch.manual_seed(123)  # the run's `seed` seeds torch's global generator: the split ignores it
+    _, reseeded = split_of("synthetic", request, val_size=100)
+    assert reseeded.split == first.split
+
+
+def test_no_validation_split_leaves_the_training_set_as_it_is(request: pytest.FixtureRequest) -> None:
+    whole, data = split_of("synthetic", request, val_size=0)
+    assert not data.has_val and data.split is None
+    assert torch.equal(data.train_images, whole.train_images)  # the tutorial's data use, bit for bit
+
+
+@pytest.mark.parametrize(
+    ("val_size", "said"),
+    [
+        (5000, "holds out 5000 of the 5000 training images, leaving none to train on"),
+        (2.5, "a fraction below 1 (0.1: a tenth of the training images) or a whole number of images"),
+    ],
+)
+def test_a_validation_split_that_cannot_be_is_one_line(
+    request: pytest.FixtureRequest, val_size: float, said: str
+) -> None:
+    with pytest.raises(UserError, match=f"^dataset.val_size={val_size:g}") as excinfo:
+        split_of("synthetic", request, val_size=val_size)
+    assert said in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+def test_a_split_that_would_empty_a_class_names_it() -> None:
+    from cifar_exp.data import hold_out
+
+    labels = torch.tensor([0] * 9 + [1])  # class b has one image: it cannot give one and keep one
+    data = ImageData(
+        torch.zeros(10, 3, 32, 32, dtype=torch.uint8), labels, torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
+        torch.tensor([0, 1]), ["a", "b"], (0.5,) * 3, (0.5,) * 3, "synthetic",
+    )  # fmt: skip
+    with pytest.raises(UserError, match="holds out every training image of class b"):
+        hold_out(data, 9, 0)  # class b's share: 0.9 of an image, rounded up
