@@ -12,7 +12,7 @@
 #                                checked here against the image's package list (KINDS.md)
 #   .gpu/airbench-0.1.8.tar.gz   the reference, an sdist of pure Python: unpacked onto PYTHONPATH
 #                                there, never installed, never a dependency of this project
-#   .gpu/cifar10-train-jpeg.tar.gz   the images (../shared/data), split by unpack_cifar_jpeg.py
+#   .gpu/cifar10-train-jpeg.tar.gz   the images (CIFAR-10 JPEGs), split by unpack_cifar_jpeg.py
 # Then, through the device tool (about 40 MB travels):
 #     run(command="bash benchmarks/airbench_anchor_gpu.sh", carry=[".gpu"], timeout_s=600)
 # Back under $OUT: anchor.log (all it printed), anchor.json (the summary and every run), mlflow.db.

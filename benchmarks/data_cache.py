@@ -5,7 +5,7 @@ part every warm load repeats: listing and stat-ing every file for the cache key.
 a warm load in 1 s or less.
 
 usage: python benchmarks/data_cache.py [--root /tmp/cifar10-jpeg] [--warm 3]
-       (root from ../shared/data/unpack.sh: 50,000 JPEGs)
+       (root: CIFAR-10 images as train/<class>/ and test/<class>/, 50,000 JPEGs)
 """
 
 from __future__ import annotations

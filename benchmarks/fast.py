@@ -4,7 +4,7 @@ epoch's `time/epoch_s`, evaluation excluded), as recorded in MLflow. Target (iss
 more in 10 s or less, where the tutorial takes about 200 s with its own pipeline.
 
 usage: python benchmarks/fast.py [--root /tmp/cifar10-jpeg] [--skip-tutorial]
-       (root from ../shared/data/unpack.sh; the tutorial baseline adds about a minute)
+       (root: CIFAR-10 images as train/<class>/ and test/<class>/; the tutorial baseline adds about a minute)
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ With --baseline REPO (a checkout of an earlier commit, e.g. `git worktree add /t
 the same two runs of that checkout go first, in the same invocation, as the baseline.
 
 usage: python benchmarks/first_run.py [--root /tmp/cifar10-jpeg] [--baseline /tmp/base]
-       (root from ../shared/data/unpack.sh)
+       (root: CIFAR-10 images as train/<class>/ and test/<class>/)
 """
 
 from __future__ import annotations

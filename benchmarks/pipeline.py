@@ -8,7 +8,7 @@ images, in one run (absolute times on a shared machine are noisy; the ratios are
      here by a large matrix product (target >= 50%), with and without channels_last.
 
 usage: python benchmarks/pipeline.py [--root /tmp/cifar10-jpeg] [--images 8000]
-       (root: an image folder with train/<class>/*; ../shared/data/unpack.sh makes one)
+       (root: an image folder with train/<class>/*)
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Lays out ../shared/data/cifar10-train-jpeg.tar.gz as DEST/train and DEST/test, the same split as
-../shared/data/unpack.sh (files 0000-3999 of each class train, 4000-4999 test) without a process
-per file: for machines where that script is slow or absent (the GPU machine).
+"""Lays out an archive of CIFAR-10's training images as JPEGs (<class>/NNNN.jpg, 5,000 a class) as
+DEST/train and DEST/test: files 0000-3999 of each class train, 4000-4999 test (40,000 / 10,000),
+without a process per file.
 
 usage: python benchmarks/unpack_cifar_jpeg.py ARCHIVE DEST
 """

@@ -167,7 +167,10 @@ def write(path: Path, key: str, tensors: dict[str, torch.Tensor], info: dict[str
     """Writes `path` whole or not at all (atomic_write.replacing)."""
     from safetensors.torch import save
 
-    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    # each its own copy: safetensors refuses tensors that share memory (a loader may return views)
+    tensors = {
+        name: t.detach().cpu().clone(memory_format=torch.contiguous_format) for name, t in tensors.items()
+    }
     crcs = {name: crc32(t) for name, t in tensors.items()}
     header = json.dumps({"format": FORMAT, "key": key, "info": info, "crc32": crcs})
     data = save(tensors, metadata={HEADER: header, HEADER_CRC: str(zlib.crc32(header.encode()))})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -111,15 +112,21 @@ def objective(parent: Any, children: list[Any] | None = None) -> tuple[str, bool
 def search_story(
     children: list[Any], rows: list[dict[str, Any]], epochs: dict[str, list[float]]
 ) -> dict[str, float]:
-    """Trials finished, pruned and failed; epochs trained, and what the same trials would have
-    trained without pruning (each child's trainer.epochs, rounded up as the loop counts them)."""
+    """Trials finished, pruned and failed; epochs trained (a trial pruned within an epoch counts
+    the fraction it trained, from its `pruned` tag: "after epoch 1.5 of 4"), and what the same
+    trials would have trained without pruning (each child's trainer.epochs, rounded up as the
+    loop counts them)."""
     statuses = [r["status"] for r in rows]
     planned = sum(math.ceil(float(c.data.params.get("trainer.epochs", 0) or 0)) for c in children)
+    trained = 0.0
+    for child in children:
+        stopped = re.match(r"after epoch ([\d.]+) ", child.data.tags.get(identity.PRUNED_TAG, ""))
+        trained += float(stopped.group(1)) if stopped else len(epochs.get(child.info.run_id, []))
     return {
         "trials_finished": statuses.count("FINISHED"),
         "trials_pruned": statuses.count(PRUNED),
         "trials_failed": statuses.count("FAILED"),
-        "epochs_trained": sum(len(v) for v in epochs.values()),
+        "epochs_trained": trained,
         "epochs_unpruned": planned,
     }
 
@@ -351,9 +358,9 @@ def sweep_note(parent: Any, table: Summary, search: bool, story: dict[str, float
             f"{metric}. The table is `sweep/summary.md`, the plot `{PLOT_ARTIFACT}` (Artifacts)."
         )
     if story and story["epochs_unpruned"]:
-        trained, unpruned = int(story["epochs_trained"]), int(story["epochs_unpruned"])
+        trained, unpruned = story["epochs_trained"], int(story["epochs_unpruned"])
         lines.append(
-            f"Epochs trained: {trained} of the {unpruned} these trials would have trained unpruned "
+            f"Epochs trained: {trained:.4g} of the {unpruned} these trials would have trained unpruned "
             f"({100 * trained / unpruned:.0f}%). History: `search/history.png`."
         )
     text = reports.text_table(table.display(mark="*"))  # the UI squeezes markdown tables

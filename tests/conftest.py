@@ -73,12 +73,16 @@ def synthetic(
     batch: int = 32,
     log_every: int | None = 5,
     device: str | None = "cpu",
+    val: int = 0,
 ) -> list[str]:
     """The overrides of a small run on generated data (10 classes, learnt within an epoch); on
-    the CPU every machine computes the same numbers, so runs can be compared exactly."""
+    the CPU every machine computes the same numbers, so runs can be compared exactly. `train`
+    images train; `val` more are generated and held out as the validation split (0: none, each
+    epoch is evaluated on the test split)."""
     overrides = [
         "dataset=synthetic",
-        f"dataset.train_size={train}",
+        f"dataset.train_size={train + val}",
+        f"dataset.val_size={val}",
         f"dataset.test_size={test}",
         f"trainer.epochs={epochs}",
         f"trainer.batch_size={batch}",
@@ -92,7 +96,7 @@ def synthetic(
 TOTAL = re.compile(r"^Accuracy of the network on the (\d+) test images: (\d+) %$", re.M)
 PER_CLASS = re.compile(r"^Accuracy of\s+(\S+) :\s+(\d+) %$", re.M)
 LOSS = re.compile(r"^\[\d+,\s+\d+\] loss: \d+\.\d+$", re.M)
-EPOCH = re.compile(r"^epoch \d+/\d+: train loss [\d.]+, test loss [\d.]+, test acc [\d.]+%", re.M)
+EPOCH = re.compile(r"^epoch \d+/\d+: train loss [\d.]+, (val|test) loss [\d.]+, (val|test) acc [\d.]+%", re.M)
 
 
 def accuracy_report(stdout: str) -> tuple[int, int, dict[str, int]]:

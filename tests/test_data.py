@@ -332,6 +332,7 @@ def test_every_dataset_holds_out_a_stratified_validation_split(
     per_class = torch.bincount(whole.train_labels, minlength=len(whole.classes))
     held = torch.bincount(data.val_labels, minlength=len(whole.classes))
     assert ((held - 0.25 * per_class).abs() <= 1).all(), (held, per_class)
+
     # every training image is in exactly one of the two splits, with its own label
     def pairs(images: torch.Tensor, labels: torch.Tensor) -> list[tuple[bytes, int]]:
         return [(bytes(x.numpy()), int(y)) for x, y in zip(images, labels, strict=True)]

@@ -32,8 +32,10 @@ from cifar_exp.tracking.runs import Tracker
 
 
 def train(epochs: int = 3) -> list[str]:
-    """1600 images in batches of 8: 200 steps an epoch, the loss logged every 25."""
-    return [*synthetic(train=1600, test=200, epochs=epochs, batch=8, log_every=25), "optimizer.lr=0.01"]
+    """1600 images (and 160 held out for validation) in batches of 8: 200 steps an epoch, the loss
+    logged every 25."""
+    overrides = synthetic(train=1600, val=160, test=200, epochs=epochs, batch=8, log_every=25)
+    return [*overrides, "optimizer.lr=0.01"]
 
 
 # ---------------------------------------------------------------- the checkpoint file itself
@@ -169,7 +171,7 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(started: di
 
     ok(whole.first.result())
     [uninterrupted] = whole.store.runs()
-    for key in ("train/loss", "train/loss_epoch", "test/loss", "test/acc"):
+    for key in ("train/loss", "train/loss_epoch", "val/loss", "val/acc", "test/loss", "test/acc"):
         expected = whole.store.history(uninterrupted.info.run_id, key)
         assert cut.store.history(final.info.run_id, key) == expected, key
     a = torch.load(whole.store.cwd / "whole" / "checkpoint.pt", weights_only=True)["model"]
@@ -208,9 +210,10 @@ def test_rerunning_a_sweep_skips_finished_jobs(started: dict[str, Scenario]) -> 
 
 
 # ---------------------------------------------------------------- resume never harms (#12)
-TRAIN = [
+TRAIN = [  # 1600 training images (200 steps an epoch) and 160 held out for validation
     "dataset=synthetic",
-    "dataset.train_size=1600",
+    "dataset.train_size=1760",
+    "dataset.val_size=160",
     "dataset.test_size=200",
     "trainer.batch_size=8",
     "trainer.epochs=3",
@@ -265,7 +268,8 @@ def test_resume_leaves_a_finished_run_alone_unless_asked_to_train_it_further(tmp
     assert longer.returncode == 0, longer.stderr
     after = client.get_run(run.info.run_id)
     assert after.info.status == "FINISHED"
-    assert [s for s, _ in _history(store, run.info.run_id, "test/acc")] == [200, 400]  # appended
+    assert [s for s, _ in _history(store, run.info.run_id, "val/acc")] == [200, 400]  # appended
+    assert [s for s, _ in _history(store, run.info.run_id, "test/acc")] == [200, 400]  # each end's test
     losses = [s for s, _ in _history(store, run.info.run_id, "train/loss")]
     assert losses == list(range(25, 401, 25)), "each step once"
     assert after.data.params == before[2], "params stay as first recorded"

@@ -250,16 +250,18 @@ def test_n_jobs_without_a_parallel_launcher_is_one_line(searching) -> None:
 
 
 # ---------------------------------------------------------------- searches, end to end
-TINY = synthetic(train=320, test=100, epochs=3, batch=32, log_every=None)
+TINY = synthetic(train=320, val=100, test=100, epochs=3, batch=32, log_every=None)
 # Half the trials learn nothing (lr 1e-7): the median pruner, after one finished trial, stops them.
+# Each trial reports val/acc twice an epoch (after 5 and 10 of its 10 steps).
 PRUNING = [
     "experiment=search",
     *TINY,
+    "hydra.sweeper.reports_per_epoch=2",
     "hydra.sweeper.n_trials=6",
     "hydra.sweeper.sampler.name=random",
     "hydra.sweeper.pruner.name=median",
     "hydra.sweeper.pruner.n_startup_trials=1",
-    "hydra.sweeper.pruner.n_warmup_steps=0",
+    "hydra.sweeper.pruner.n_warmup_steps=2",  # from the end of epoch 1 (report 2) on
     "optimizer.lr=choice(0.05, 0.0000001)",
     "-m",
 ]
@@ -283,10 +285,13 @@ def test_a_pruned_trial_is_a_child_with_its_metrics_so_far_and_a_clear_mark(prun
         assert child.info.status == "KILLED"  # stopped early, not failed
         assert child.data.tags["pruned"].startswith("after epoch ")
         assert child.data.params["optimizer.lr"] == "1e-07"
-        assert 1 <= len(store.history(child.info.run_id, "test/acc")) < 3  # its epochs so far
+        assert 1 <= len(store.history(child.info.run_id, "val/acc")) < 6  # its reports so far
+        assert store.history(child.info.run_id, "test/acc") == []  # the test split is for the end
     for child in finished:
         assert child.info.status == "FINISHED"
-        assert len(store.history(child.info.run_id, "test/acc")) == 3
+        # val/acc twice an epoch, at steps 5, 10, ..., 30; test/acc once, at the end
+        assert [step for step, _ in store.history(child.info.run_id, "val/acc")] == [5, 10, 15, 20, 25, 30]
+        assert [step for step, _ in store.history(child.info.run_id, "test/acc")] == [30]
 
 
 def test_the_study_agrees_with_the_runs(pruned_search) -> None:
@@ -296,10 +301,16 @@ def test_the_study_agrees_with_the_runs(pruned_search) -> None:
     found = optuna.load_study(
         study_name=tags["search/study"], storage=study.open_storage(tags["search/storage"])
     )
-    by_number = {t.number: t.state.name for t in found.get_trials()}
+    by_number = {t.number: t for t in found.get_trials()}
     for child in pruned_search.children:
         number = int(Path(child.data.tags["hydra_output_dir"]).name)  # a trial's job number is its own
-        assert by_number[number] == ("PRUNED" if "pruned" in child.data.tags else "COMPLETE")
+        trial = by_number[number]
+        assert trial.state.name == ("PRUNED" if "pruned" in child.data.tags else "COMPLETE")
+        reported = [value for _, value in pruned_search.store.history(child.info.run_id, "val/acc")]
+        assert [trial.intermediate_values[k] for k in sorted(trial.intermediate_values)] == reported
+        if trial.state.name == "COMPLETE":  # it returned val/acc, chosen on the validation split
+            assert sorted(trial.intermediate_values) == [1, 2, 3, 4, 5, 6]
+            assert trial.value == child.data.metrics["val/acc"]
 
 
 def test_the_parent_tells_the_searchs_story(pruned_search, tmp_path: Path) -> None:
@@ -309,14 +320,22 @@ def test_the_parent_tells_the_searchs_story(pruned_search, tmp_path: Path) -> No
     assert parent.info.status == "FINISHED"
     assert metrics["search/trials_pruned"] == pruned
     assert metrics["search/trials_finished"] == 6 - pruned
-    trained = sum(len(store.history(c.info.run_id, "time/epoch_s")) for c in pruned_search.children)
+    # a trial pruned within an epoch (reports twice an epoch) counts the part it trained
+    trained = sum(
+        float(c.data.tags["pruned"].split()[2])
+        if "pruned" in c.data.tags
+        else len(store.history(c.info.run_id, "time/epoch_s"))
+        for c in pruned_search.children
+    )
     assert metrics["search/epochs_trained"] == trained < metrics["search/epochs_unpruned"] == 18
-    best = max(c.data.metrics["test/acc"] for c in pruned_search.children if "pruned" not in c.data.tags)
-    assert metrics["best/test/acc"] == pytest.approx(best)
+    best = max(c.data.metrics["val/acc"] for c in pruned_search.children if "pruned" not in c.data.tags)
+    assert metrics["best/val/acc"] == pytest.approx(best)
     best_child = store.run(parent.data.tags["best_run_id"])
+    assert best_child.data.metrics["val/acc"] == pytest.approx(best)
+    assert metrics["best/test/acc"] == best_child.data.metrics["test/acc"]  # reported, never chosen on
     assert parent.data.tags["best/optimizer.lr"] == best_child.data.params["optimizer.lr"]
     note = parent.data.tags["mlflow.note.content"]
-    assert f"{pruned} pruned" in note and f"Epochs trained: {trained:.0f} of the 18" in note
+    assert f"{pruned} pruned" in note and f"Epochs trained: {trained:.4g} of the 18" in note
     assert best_child.info.run_id in note  # the link to the best trial
     assert "search/history.png" in store.artifacts(parent.info.run_id)
     rows = pruned_search.summary(tmp_path)

@@ -10,9 +10,9 @@ started together so their imports and training share the cores."""
 from __future__ import annotations
 
 import json
-import statistics
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time

@@ -43,11 +43,13 @@ from conftest import (
 )
 from omegaconf import OmegaConf
 
-# 320 images in batches of 32: 10 steps per epoch, so the 5-step loss windows end at the global
-# steps 5, 10, 15, 20 and the epochs at steps 10 and 20.
-TRAIN_SIZE, TEST_SIZE, BATCH, LOG_EVERY, EPOCHS = 320, 100, 32, 5, 2
+# 320 training images (and 40 held out for validation) in batches of 32: 10 steps per epoch, so
+# the 5-step loss windows end at the global steps 5, 10, 15, 20 and the epochs at steps 10 and 20.
+TRAIN_SIZE, VAL_SIZE, TEST_SIZE, BATCH, LOG_EVERY, EPOCHS = 320, 40, 100, 32, 5, 2
 STEPS_PER_EPOCH = TRAIN_SIZE // BATCH
-SMALL = synthetic(train=TRAIN_SIZE, test=TEST_SIZE, epochs=EPOCHS, batch=BATCH, log_every=LOG_EVERY)
+SMALL = synthetic(
+    train=TRAIN_SIZE, val=VAL_SIZE, test=TEST_SIZE, epochs=EPOCHS, batch=BATCH, log_every=LOG_EVERY
+)
 SINGLE = [*SMALL, "model.conv1_out=8", "optimizer=adam", "optimizer.lr=0.01"]  # learns in an epoch
 # lr 1e6 makes the training loss non-finite within a few steps, after the job's run has opened.
 # The loss is logged every step, so the finite ones before it are recorded.
@@ -59,7 +61,7 @@ FAILING_SWEEP = [
 
 UNTRACKED = "mlflow.enabled=false"
 
-EPOCH_METRICS = ["train/loss_epoch", "test/loss", "test/acc", "time/epoch_s", "throughput/images_per_s"]
+EPOCH_METRICS = ["train/loss_epoch", "val/loss", "val/acc", "time/epoch_s", "throughput/images_per_s"]
 CLASSES = SYNTHETIC_CLASSES
 
 
@@ -176,8 +178,10 @@ def test_store_is_the_override_else_the_env_else_the_project_default(
 def test_params_are_every_leaf_of_the_resolved_config(single: Recorded, compose_config) -> None:
     expected = leaves(resolved(compose_config, SINGLE))
     params = single.run.data.params
-    assert set(params) == set(expected) | {"data"}  # and which data really trained it
+    split = {"split/val_images", "split/split_seed", "split/val_index_sha256"}  # which images it held out
+    assert set(params) == set(expected) | {"data"} | split  # and which data really trained it
     assert params["data"] == "synthetic" and single.run.data.tags["data"] == "synthetic"
+    assert params["split/val_images"] == str(VAL_SIZE) and params["split/split_seed"] == "0"
     for key, value in expected.items():
         if isinstance(value, list):
             assert json.loads(params[key]) == value, key
@@ -186,7 +190,7 @@ def test_params_are_every_leaf_of_the_resolved_config(single: Recorded, compose_
     assert params["model.conv1_out"] == "8"
     assert params["optimizer.lr"] == "0.01"
     assert params["trainer.batch_size"] == str(BATCH)
-    assert params["dataset.train_size"] == str(TRAIN_SIZE)
+    assert params["dataset.train_size"] == str(TRAIN_SIZE + VAL_SIZE)
     assert params["seed"] == "0"
 
 
@@ -211,18 +215,22 @@ def test_metrics_are_logged_at_global_steps(single: Recorded) -> None:
     assert [step for step, _ in train_loss] == list(range(LOG_EVERY, EPOCHS * STEPS_PER_EPOCH + 1, LOG_EVERY))
     epoch_ends = [STEPS_PER_EPOCH * (epoch + 1) for epoch in range(EPOCHS)]
     per_class = [f"test/acc/{name}" for name in CLASSES]
-    for key in EPOCH_METRICS + per_class:
+    for key in EPOCH_METRICS:  # every epoch: the validation split
         values = store.history(run_id, key)
         assert [step for step, _ in values] == epoch_ends, key
         assert all(math.isfinite(value) for _, value in values), key
-    for key in ["test/acc", *per_class]:
+    for key in ["test/acc", "test/loss", *per_class]:  # the test split once, at the end
+        assert [step for step, _ in store.history(run_id, key)] == epoch_ends[-1:], key
+    for key in ["val/acc", "test/acc", *per_class]:
         assert all(0 <= value <= 1 for _, value in store.history(run_id, key)), key
-    for key in ["test/loss", "time/epoch_s", "throughput/images_per_s"]:
+    for key in ["val/loss", "test/loss", "time/epoch_s", "throughput/images_per_s"]:
         assert all(value > 0 for _, value in store.history(run_id, key)), key
     assert all(value > 0 for _, value in train_loss)
     # The synthetic test set holds as many images of each class: accuracy is the per-class mean.
     final = single.run.data.metrics
     assert final["test/acc"] == pytest.approx(sum(final[k] for k in per_class) / len(per_class), abs=1e-6)
+    correct = round(final["test/acc"] * TEST_SIZE)  # recorded as computed from the counts: k/100 exactly
+    assert final["test/acc"] == correct / TEST_SIZE
     percent = round(100 * final["test/acc"])  # k right of 100 (int() would floor 0.96 to 95)
     printed = f"Accuracy of the network on the {TEST_SIZE} test images: {percent} %"
     assert printed in single.result.stdout

@@ -1,11 +1,11 @@
-"""Makes cifar10_sample.tar.xz beside this file from ../shared/data/cifar10-train-jpeg.tar.gz:
+"""Makes cifar10_sample.tar.xz beside this file from ARCHIVE, CIFAR-10's training images as JPEGs:
 500 training and 100 test images per CIFAR-10 class, the source's JPEG files byte for byte.
 
 Training images are files 0000-0499 of each class, test images files 4000-4099: inside the
-held-out part of ../shared/data/unpack.sh's split (files 4000-4999), so the sample's test images
+held-out part of benchmarks/unpack_cifar_jpeg.py's split (files 4000-4999), so the sample's test images
 are never training images there either. The output is the same bytes on every run.
 
-usage: python cifar_exp/sample/make_sample.py ../shared/data/cifar10-train-jpeg.tar.gz
+usage: python cifar_exp/sample/make_sample.py ARCHIVE
 """
 
 from __future__ import annotations
