@@ -274,13 +274,13 @@ def walk(browser: Browser, links: dict[str, str], base: str, out: Path) -> int:
         "Comparing 3 Runs" in text,
     )
     browser.click_css(".du-bois-light-select-selection-item-remove", 1)  # the metric's x
-    chosen = choose(browser, 1, "test/acc")
+    chosen = choose(browser, 1, "val/acc")  # what chooses
     browser.escape()  # closes the dropdown
     metric = re.search(r"Metrics:\n(.+)", browser.text())
     w.step(
-        "compare_parallel_test_acc",
+        "compare_parallel_val_acc",
         f"Metrics now: {metric and metric[1]}",
-        chosen and bool(metric) and metric[1] == "test/acc",
+        chosen and bool(metric) and metric[1] == "val/acc",
     )
 
     browser.click_text("Scatter Plot", "[role=tab]")
@@ -314,7 +314,7 @@ def walk(browser: Browser, links: dict[str, str], base: str, out: Path) -> int:
 
     browser.go(links["runs:"], until="sweep ")
     browser.click_css('button[data-component-id="mlflow.experiment_page.sort_select_v2.toggle"]')
-    browser.click_text("test/acc", "[data-testid^=sort-select], [role=menuitemcheckbox]")
+    browser.click_text("val/acc", "[data-testid^=sort-select], [role=menuitemcheckbox]")
     browser.escape()
     browser.click_text("Columns", "button")
     browser.type("conv1_out")
@@ -324,8 +324,8 @@ def walk(browser: Browser, links: dict[str, str], base: str, out: Path) -> int:
     rows = [line for line in browser.text().splitlines() if line in names or line.startswith("sweep ")]
     w.step(
         "runs_sorted_with_columns",
-        f"Sort: test/acc, Columns: conv1_out -> columns {[h for h in headers if h]}, rows {rows}",
-        "test/acc" in headers and "model.conv1_out" in headers,
+        f"Sort: val/acc, Columns: conv1_out -> columns {[h for h in headers if h]}, rows {rows}",
+        "val/acc" in headers and "model.conv1_out" in headers,
     )
 
     browser.go(links["latest sweep:"], until="Description")
@@ -339,14 +339,14 @@ def walk(browser: Browser, links: dict[str, str], base: str, out: Path) -> int:
     )
     browser.click_text("Artifacts", "[role=tab], button, a, span")
     browser.click_text("sweep", wait=2)
-    browser.click_text("test_acc.png", wait=3)
+    browser.click_text("accuracy.png", wait=3)
     size = browser.js(
         "(() => { const i = [...document.images].sort((a, b) => b.naturalWidth - a.naturalWidth)[0];"
         " return i && [i.naturalWidth, i.naturalHeight, Math.round(i.getBoundingClientRect().width)]; })()"
     )
     w.step(
         "parent_plot",
-        f"sweep/test_acc.png: natural {size and size[:2]} px, shown {size and size[2]} px wide",
+        f"sweep/accuracy.png: natural {size and size[:2]} px, shown {size and size[2]} px wide",
         bool(size),
     )
     browser.click_text("summary.md", wait=3)
