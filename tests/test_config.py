@@ -358,6 +358,21 @@ def test_width_sweep_sweeps_both_conv_widths(compose_config) -> None:
             assert getattr(model, "conv1" if key.endswith("conv1_out") else "conv2").out_channels == width
 
 
+def test_width_seeds_runs_each_width_config_with_three_seeds(compose_config) -> None:
+    """The headline preset: tutorial_fast's recipe, 2 x 2 widths, each with seeds 0, 1 and 2 (the
+    summary groups them into one row per config), holding out the default validation split."""
+    cfg = compose_config("experiment=width_seeds", hydra_config=True)
+    params = {key: str(value).split(",") for key, value in cfg.hydra.sweeper.params.items()}
+    assert params == {
+        "model.conv1_out": ["6", "12"],
+        "model.conv2_out": ["16", "32"],
+        "seed": ["0", "1", "2"],
+    }
+    fast = compose_config("experiment=tutorial_fast")
+    assert cfg.trainer == fast.trainer and cfg.optimizer == fast.optimizer
+    assert cfg.dataset.val_size == 0.1
+
+
 # ---------------------------------------------------------------- the allow-list
 def test_build_refuses_targets_outside_the_allow_list(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
