@@ -44,7 +44,7 @@ def configured(*overrides: str):
 
 
 def tutorial_cnn() -> torch.nn.Module:
-    return build(configured().model, num_classes=10)
+    return build(configured().model, True, num_classes=10)
 
 
 def tutorial_pipeline(root: str, indices: list[int], seconds: float) -> float:
@@ -112,7 +112,9 @@ def main() -> None:
     args = parser.parse_args()
     threads = torch.get_num_threads()
 
-    full = build(configured("dataset=imagefolder", f"dataset.root={args.root}").dataset, _convert_="all")
+    full = build(
+        configured("dataset=imagefolder", f"dataset.root={args.root}").dataset, True, _convert_="all"
+    )
     indices = torch.randperm(len(full.train_images), generator=torch.Generator().manual_seed(0))
     indices = indices[: args.images].tolist()
     data = type(full)(

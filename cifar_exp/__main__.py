@@ -4,6 +4,7 @@ line on stderr and a non-zero exit (HYDRA_FULL_ERROR=1 shows the traceback)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -54,6 +55,10 @@ def hydra_main(argv: list[str], tags: dict[str, str] | None = None) -> None:
 
 
 def main() -> None:
+    # Your own modules (model._target_=mynets.Tiny) are found in the folder you run from, by the
+    # `cifar-exp` script as by `python -m cifar_exp` (which puts it on the path itself).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     signals.install()
     store.limit_http_retries()
     try:

@@ -63,6 +63,13 @@ def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
     if command == "predict":
         parser.add_argument("images", nargs="+", help="image files (any size; resized to 32x32)")
         parser.add_argument("--top", type=int, default=3, help="classes to show per image")
+    if command in ("rerun", "resume", "predict"):
+        parser.add_argument(
+            "--trust",
+            action="store_true",
+            help="run code the recorded config names outside cifar_exp and torch.optim (your own "
+            "network, say); without it such a config is refused: a store must not run code on your machine",
+        )
     if command == "rerun":
         parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (off the record)")
     if command == "resume":
@@ -86,8 +93,9 @@ def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
             sync.sync(args.tracking_uri, args.output_dir)
             return 0
         if command in ("rerun", "resume"):
-            return rerun(uri, args.run_id, args.overrides, hydra_main, resume=command == "resume")
-        return predict(uri, args.run_id, args.images, args.top)
+            resume = command == "resume"
+            return rerun(uri, args.run_id, args.overrides, hydra_main, resume=resume, trust=args.trust)
+        return predict(uri, args.run_id, args.images, args.top, args.trust)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -287,10 +295,13 @@ def _download(uri: str, run_id: str, artifact: str, dest: str) -> Path:
         raise UserError(f"run {run_id}: cannot read {artifact} from {uri} ({e})") from None
 
 
-def rerun(uri: str, run_id: str, overrides: list[str], hydra_main: HydraMain, resume: bool = False) -> int:
+def rerun(
+    uri: str, run_id: str, overrides: list[str], hydra_main: HydraMain, resume: bool, trust: bool
+) -> int:
     """Composes the run's logged resolved config (under the typed schema, with this project's
     Hydra settings) and trains it into a new run tagged rerun_of=RUN_ID, or with `resume`
-    continues RUN_ID itself from its last checkpoint."""
+    continues RUN_ID itself from its last checkpoint. The record is not the user's own file: it
+    may name code outside this package only with `trust` (config.locate decides, as it builds)."""
     from mlflow.tracking import MlflowClient
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -298,6 +309,9 @@ def rerun(uri: str, run_id: str, overrides: list[str], hydra_main: HydraMain, re
         if snapshot["mlflow"].get("tracking_uri") or uri != store.tracking_uri(TrackingConfig()):
             snapshot["mlflow"]["tracking_uri"] = uri  # the new run goes where the original was read
         snapshot["resume"] = run_id if resume else None
+        snapshot["trust"] = trust  # whatever the record says: the one who reruns it decides
+        for key in ("defaults", "hydra"):  # a record chooses no config files and no Hydra settings
+            snapshot.pop(key, None)
         if resume and (epochs := resumption.recorded_epochs(uri, run_id)):  # trained further since
             snapshot["trainer"]["epochs"] = epochs
         if "norm_bias_lr_scale" in snapshot.get("trainer", {}):  # recorded before it moved (#13)
@@ -351,7 +365,7 @@ def check_code(uri: str, run: Any, tmp: str) -> bool:
     return False
 
 
-def predict(uri: str, run_id: str, images: list[str], top: int) -> int:
+def predict(uri: str, run_id: str, images: list[str], top: int, trust: bool) -> int:
     from omegaconf import OmegaConf
 
     from cifar_exp.config import build
@@ -361,7 +375,7 @@ def predict(uri: str, run_id: str, images: list[str], top: int) -> int:
         cfg = OmegaConf.create(yaml.safe_load(_download(uri, run_id, runs.CONFIG_ARTIFACT, tmp).read_text()))
         classes = json.loads(_download(uri, run_id, reports.CLASSES_ARTIFACT, tmp).read_text())
         weights = _download(uri, run_id, reports.WEIGHTS_ARTIFACT, tmp)
-        model = build(cfg.model, num_classes=len(classes["classes"]))
+        model = build(cfg.model, trust, num_classes=len(classes["classes"]))
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.eval()
     for path in images:

@@ -1,30 +1,39 @@
 """Typed schemas for every config group, registered in Hydra's ConfigStore, and the one
-place that instantiates `_target_`s (with the allowed namespaces listed).
+place that instantiates `_target_`s (and decides whether a config may name code outside the package).
 
 Each YAML option under `conf/<group>/` extends its schema (`defaults: [/<group>_<option>_schema@_here_]`)
 so a wrong type (`trainer.epochs=two`), an unknown key (`model.conv1_ot=32`) or a value outside a
 closed set of choices (`trainer.lr_schedule=linear`) fails at compose time with Hydra's own message,
 before anything is built; ranges the types cannot say (lr > 0, widths up to 4096) are
-cifar_exp/validation.py's, checked before a run opens. The schemas are stored at the top level,
-not in a group, so `--help` and Hydra's "Available options" lists show only the real options.
+cifar_exp/validation.py's and the type hints' (cifar_exp/ranges.py), checked before a run opens.
+The schemas are stored at the top level, not in a group, so `--help` and Hydra's "Available
+options" lists show only the real options.
 
-Each default lives in one place. A schema holds the types of its group and the defaults that every
-option of the group shares, and all of `trainer`, `mlflow`, `seed` and `resume` (they have no
-options); an option's own values live in its YAML file. The functions and classes built from a
-config take those values as required keyword arguments, without defaults of their own.
+A network's or dataset's schema is generated from its constructor's signature (generated_schemas:
+types and defaults from there), so adding one is a module and a YAML. Loop settings, tracking,
+devices and the shared keys of each group are written here, with the defaults they hold.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
+import inspect
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import hydra.utils
+import hydra_zen
+import torch
+import yaml
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 from cifar_exp.errors import UserError, first_line
 
@@ -98,28 +107,6 @@ class SyntheticConfig(DatasetConfig):
     test_size: int = MISSING
     noise: float = MISSING
     seed: int = MISSING
-
-
-# ---------------------------------------------------------------- model
-@dataclass
-class CNNConfig:
-    _target_: str = "cifar_exp.models.CNN"
-    conv1_out: int = MISSING
-    conv2_out: int = MISSING
-    fc1_out: int = MISSING
-    fc2_out: int = MISSING
-    kernel_size: int = MISSING
-
-
-@dataclass
-class AirbenchConfig:
-    _target_: str = "cifar_exp.models.Airbench94"
-    whiten_width: int = MISSING
-    block1: int = MISSING
-    block2: int = MISSING
-    block3: int = MISSING
-    batchnorm_momentum: float = MISSING
-    whiten_bias_epochs: int = MISSING
 
 
 # ---------------------------------------------------------------- optimizer
@@ -208,6 +195,9 @@ class Config:
     mlflow: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0  # seeds torch, numpy, python and the data order
     resume: str | None = None  # an MLflow run id or a checkpoint file: continue that run
+    # May `_target_`s name code outside this package (PACKAGE_CODE)? Yes for what you type and your
+    # config files; `cifar-exp rerun|resume` set it from --trust, for a config read from a store.
+    trust: bool = True
 
 
 SCHEMAS = {  # name in the ConfigStore (top level, outside the option lists): schema
@@ -215,8 +205,6 @@ SCHEMAS = {  # name in the ConfigStore (top level, outside the option lists): sc
     "dataset_cifar10_sample_schema": Cifar10SampleConfig,
     "dataset_imagefolder_schema": ImageFolderConfig,
     "dataset_synthetic_schema": SyntheticConfig,
-    "model_cnn_schema": CNNConfig,
-    "model_airbench94_schema": AirbenchConfig,
     "optimizer_sgd_schema": SGDConfig,
     "optimizer_adam_schema": AdamConfig,
     "optimizer_adamw_schema": AdamWConfig,
@@ -224,31 +212,161 @@ SCHEMAS = {  # name in the ConfigStore (top level, outside the option lists): sc
 }
 
 
+# ---------------------------------------------------------------- schemas generated from signatures
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+BUILT_GROUPS = ("dataset", "model", "optimizer")  # the groups whose `_target_` build() instantiates
+FROM_THE_RUN = ("num_classes", "params")  # arguments the run passes (the data's classes, the model's weights)
+
+
+@dataclass
+class ModelConfig:
+    _target_: str = MISSING
+
+
+BASES = {"model": ModelConfig, "dataset": DatasetConfig, "optimizer": OptimizerConfig}
+
+
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    for name, node in SCHEMAS.items():
+    for name, node in {**SCHEMAS, **generated_schemas(CONF_DIR)}.items():
         cs.store(name=name, node=node)
 
 
-# Where each group's `_target_` may come from (validation checks each group against its own).
-TARGETS = {"dataset": "cifar_exp.data.", "model": "cifar_exp.models.", "optimizer": "torch.optim."}
-# Targets may only come from these namespaces: a config is data, not a way to run any callable.
-ALLOWED_TARGETS = tuple(TARGETS.values())
+def generated_schemas(conf_dir: Path) -> dict[str, type]:
+    """`<group>_<option>_schema` for each option of conf/model/ and conf/dataset/ that has no
+    schema in SCHEMAS: the schema of its `_target_`, so adding a network is a module and a YAML."""
+    found = {}
+    for group in ("model", "dataset"):
+        for path in sorted((conf_dir / group).glob("*.yaml")):
+            name = f"{group}_{path.stem}_schema"
+            target = (yaml.safe_load(path.read_text()) or {}).get("_target_")
+            if name not in SCHEMAS and target:
+                module, _, attribute = target.rpartition(".")
+                found[name] = schema_of(getattr(importlib.import_module(module), attribute), group)
+    return found
+
+
+def schema_of(made: Any, group: str) -> type:
+    """A structured config of `made`'s arguments, their types and defaults from its signature
+    (hydra-zen's builds), on the group's base schema (a dataset's val_size, an optimizer's
+    _partial_); an argument without a default is ??? (the YAML gives it)."""
+    base = DecodedDatasetConfig if group == "dataset" and _takes(made, "cache") else BASES[group]
+    own = {f.name for f in dataclasses.fields(base)}
+    built = hydra_zen.builds(made, populate_full_signature=True, zen_exclude=(*own, *FROM_THE_RUN))
+    fields = [("_target_", str, field(default=f"{made.__module__}.{made.__qualname__}"))]
+    for f in dataclasses.fields(built):
+        if f.name not in own:
+            default = f.default if f.default is not dataclasses.MISSING else MISSING
+            made_default = f.default_factory  # a list default: a new list per config
+            extra = {"default_factory": made_default} if made_default is not dataclasses.MISSING else {}
+            fields.append((f.name, f.type, field(**(extra or {"default": default}))))
+    return dataclasses.make_dataclass(f"{group}_{made.__name__}_schema", fields, bases=(base,))
+
+
+def _takes(made: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(made).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------- the one place that instantiates
+PACKAGE_CODE = ("cifar_exp.", "torch.optim.")  # code a config read back from a store may name
+
+
+def targets(node: Any, key: str) -> list[tuple[str, str]]:
+    """(key, target) of every `_target_` in a node, nested ones too (instantiate builds them all)."""
+    values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    found = []
+    if isinstance(values, dict):
+        if "_target_" in values:
+            found.append((key, str(values["_target_"])))
+        for k, v in values.items():
+            found += targets(v, f"{key}.{k}")
+    elif isinstance(values, list):
+        for i, v in enumerate(values):
+            found += targets(v, f"{key}[{i}]")
+    return found
+
+
+def locate(node: Any, trust: bool) -> Any:
+    """The callable a node's `_target_` names, imported. Here, and only here, is it decided whether
+    a config may run code: without `trust` (a config read back from a store: rerun, resume,
+    predict) every `_target_` in it must be this package's (PACKAGE_CODE), checked before anything
+    is imported. What the user's own command line and config files name is theirs to run."""
+    key = group_of(node)
+    for where, target in targets(node, key):
+        if not trust and not target.startswith(PACKAGE_CODE):
+            raise UserError(
+                f"{where}._target_={target!r}: this config was read back from a store and names code "
+                f"outside cifar_exp and torch.optim (module {target.rpartition('.')[0] or target}); "
+                "--trust runs it, if you trust whoever recorded it"
+            )
+    target = str(node._target_)
+    module, _, name = target.rpartition(".")
+    try:  # importlib, not hydra.utils.get_object: that logs an ERROR before our one line
+        return getattr(importlib.import_module(module), name)
+    except Exception as e:  # noqa: BLE001 - no such module or attribute, or the module's import fails
+        raise UserError(
+            f"{key}._target_={target!r}: cannot import it ({first_line(e)}); your own "
+            "module must be in the folder you run from, or importable (PYTHONPATH)"
+        ) from None
+
+
+def check_arguments(node: Any, made: Any) -> None:
+    """The node's keys against `made`'s signature, as its schema would check them at compose time
+    (a config of your own, or one read back, has none): an unknown key or a wrong type is one line."""
+    key = group_of(node)
+    if key not in BASES or not callable(made) or _has_var_keyword(made):
+        return
+    try:
+        schema = OmegaConf.structured(schema_of(made, key))
+        OmegaConf.merge(schema, OmegaConf.to_container(node, resolve=True))
+    except ConfigKeyError as e:
+        raise UserError(
+            f"{key}.{e.key}: not an argument of {node._target_} (it takes "
+            f"{', '.join(k for k in schema if k not in ('_target_', '_partial_'))})"
+        ) from None
+    except ValidationError as e:
+        value = OmegaConf.select(node, str(e.full_key))
+        raise UserError(f"{key}.{e.full_key}={value!r}: {first_line(e)} ({node._target_})") from None
+
+
+def _has_var_keyword(made: Any) -> bool:
+    try:
+        parameters = inspect.signature(made).parameters.values()
+    except (TypeError, ValueError):
+        return True  # no signature to check against
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def group_of(node: Any) -> str:
+    """Where a node sits in the composed config ("model"); run.load_data builds the dataset from
+    its YAML alone, known by the keys only a dataset has; "config" for any other free node."""
+    try:
+        key = str(node._get_full_key(None))
+    except AttributeError:
+        key = ""
+    return key or ("dataset" if "val_size" in node else "config")
+
+
 # Keys this project reads itself, never arguments of the `_target_`: build() leaves them out.
 # optimizer: run.param_groups uses norm_bias_lr_scale; dataset: data.hold_out the split's keys
 OWN_KEYS = ("norm_bias_lr_scale", "val_size", "split_seed")
 
 
-def build(node: Any, **kwargs: Any) -> Any:
-    """instantiate() behind an allow-list; every object built from config goes through here. A
-    constructor's own complaint (torch.optim's ValueError, a wrong keyword) becomes one line naming
-    the config node, also when a `_partial_` node is called later."""
-    target = str(node.get("_target_", ""))
-    if not target.startswith(ALLOWED_TARGETS):
-        raise UserError(f"_target_ {target!r} is not allowed; allowed: {', '.join(ALLOWED_TARGETS)}*")
-    where = f"{_full_key(node) or 'config'} ({target})"  # e.g. "optimizer (torch.optim.SGD)"
-    if isinstance(node, DictConfig) and any(key in node for key in OWN_KEYS):
+def build(node: Any, trust: bool, **kwargs: Any) -> Any:
+    """instantiate() behind locate()'s trust decision; every object built from config goes
+    through here. `trust`: may it name code outside this package (see locate). A constructor's own
+    complaint (torch.optim's ValueError, a wrong keyword) becomes one line naming the config node,
+    and its argument's key where the message starts with the argument; also when a `_partial_`
+    node is called later. A model is a torch.nn.Module; one of your own gets the training loop's
+    hooks (models.Network) if it lacks them."""
+    made = locate(node, trust)
+    check_arguments(node, made)
+    key, target = group_of(node), str(node._target_)
+    if isinstance(node, DictConfig) and any(k in node for k in OWN_KEYS):
         arguments = OmegaConf.to_container(node, resolve=True)
         node = OmegaConf.create({k: v for k, v in arguments.items() if k not in OWN_KEYS})
     try:
@@ -256,22 +374,37 @@ def build(node: Any, **kwargs: Any) -> Any:
     except InstantiationException as e:
         if isinstance(e.__cause__, UserError):  # the target's own check: show just its message
             raise e.__cause__ from None
-        raise UserError(f"{where}: {first_line(e.__cause__ or e)}") from e
+        raise UserError(_complaint(key, target, node, e.__cause__ or e)) from e
     if isinstance(built, functools.partial):
-        return functools.partial(_reporting, where, built)
+        return functools.partial(_reporting, key, target, node, built)
+    if key == "model":
+        from cifar_exp.models import as_network
+
+        if not isinstance(built, torch.nn.Module):
+            raise UserError(
+                f"model._target_={target!r} built a {type(built).__name__}, not a torch.nn.Module"
+            )
+        return as_network(built)
     return built
 
 
-def _reporting(where: str, make: functools.partial, *args: Any, **kwargs: Any) -> Any:
+def _reporting(key: str, target: str, node: Any, make: functools.partial, *args: Any, **kwargs: Any) -> Any:
     try:
-        return make(*args, **kwargs)
+        built = make(*args, **kwargs)
     except (ValueError, TypeError) as e:  # e.g. torch.optim.SGD: "Invalid learning rate: -1.0"
-        raise UserError(f"{where}: {first_line(e)}") from e
+        raise UserError(_complaint(key, target, node, e)) from e
+    if key == "optimizer" and not isinstance(built, torch.optim.Optimizer):
+        raise UserError(
+            f"optimizer._target_={target!r} built a {type(built).__name__}, not a torch.optim.Optimizer"
+        )
+    return built
 
 
-def _full_key(node: Any) -> str:
-    """Where a node sits in the composed config ("optimizer"); "" for a free-standing one."""
-    try:
-        return str(node._get_full_key(None))
-    except AttributeError:
-        return ""
+def _complaint(key: str, target: str, node: Any, error: BaseException) -> str:
+    """One line: "model.width=0: must be positive" where the message starts with an argument of
+    the node, else "model (mynets.Tiny): <message>"."""
+    message = first_line(error)
+    argument = re.match(r"(\w+)\s*[=:]", message)
+    if argument and argument[1] in node and argument[1] != "_target_":
+        return f"{key}.{message}"
+    return f"{key} ({target}): {message}"

@@ -3,10 +3,13 @@ layer takes its input size from the layer before it, so no pair of widths can di
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
 
 from cifar_exp.errors import UserError
+from cifar_exp.ranges import MAX_EPOCHS, Range, Width
 
 
 def _check_widths(prefix: str, **widths: int) -> None:
@@ -27,19 +30,30 @@ class Network(nn.Module):
         """Called before each training epoch (1-based), also when resuming mid-epoch."""
 
 
+def as_network(module: nn.Module) -> nn.Module:
+    """A network of your own is any nn.Module: the hooks it does not define do nothing."""
+    for hook in ("fit_to_data", "start_epoch"):
+        if not callable(getattr(module, hook, None)):
+            setattr(module, hook, _no_hook)
+    return module
+
+
+def _no_hook(*_: object) -> None:
+    """Network's hooks for a module without them (a plain function: the module stays picklable)."""
+
+
 class CNN(Network):
     """The PyTorch tutorial's network: conv-pool-conv-pool-fc-fc-fc."""
 
     def __init__(
         self,
         *,
-        conv1_out: int,
-        conv2_out: int,
-        fc1_out: int,
-        fc2_out: int,
-        kernel_size: int,
+        conv1_out: Width,
+        conv2_out: Width,
+        fc1_out: Width,
+        fc2_out: Width,
+        kernel_size: Annotated[int, Range(1, 32, note="pixels; the 32x32 image is the widest")],
         num_classes: int = 10,
-        image_size: int = 32,
     ) -> None:
         super().__init__()
         _check_widths(
@@ -50,7 +64,7 @@ class CNN(Network):
             fc2_out=fc2_out,
             kernel_size=kernel_size,
         )
-        size = image_size
+        size = 32  # pixels of the input images
         for layer in ("conv1", "conv2"):
             if kernel_size > size:
                 raise UserError(
@@ -125,12 +139,16 @@ class Airbench94(Network):
     def __init__(
         self,
         *,
-        whiten_width: int,
-        block1: int,
-        block2: int,
-        block3: int,
-        batchnorm_momentum: float,
-        whiten_bias_epochs: int,
+        whiten_width: Annotated[
+            int, Range(2, 24, note="even: +/- pairs of the 12 eigenvectors of 2x2x3 patches")
+        ],
+        block1: Width,
+        block2: Width,
+        block3: Width,
+        batchnorm_momentum: Annotated[
+            float, Range(0, 1, high_open=True, note="weight of the old running statistics")
+        ],
+        whiten_bias_epochs: Annotated[int, Range(0, MAX_EPOCHS)],
         num_classes: int = 10,
     ) -> None:
         super().__init__()
@@ -182,3 +200,56 @@ class Airbench94(Network):
         scaled = eigenvectors / torch.sqrt(eigenvalues + eps)
         half = self.whiten.out_channels // 2  # at most c*h*w, checked in __init__
         self.whiten.weight.copy_(torch.cat((scaled[:half], -scaled[:half])).to(self.whiten.weight))
+
+
+# ---------------------------------------------------------------- ResNet-18 for 32x32 images
+class _BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers and a shortcut (a 1x1 conv-BN where the shape changes)."""
+
+    def __init__(self, channels_in: int, channels_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels_in, channels_out, 3, stride, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(channels_out)
+        self.conv2 = nn.Conv2d(channels_out, channels_out, 3, 1, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(channels_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or channels_in != channels_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(channels_in, channels_out, 1, stride, bias=False), nn.BatchNorm2d(channels_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.norm1(self.conv1(x)))
+        return torch.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(Network):
+    """ResNet-18 (He et al. 2016) adapted to 32x32 images as CIFAR papers use it: a 3x3 stem
+    without max-pool, then four stages of two basic blocks (32x32, 16x16, 8x8, 4x4), average pool,
+    linear head. `width1`..`width4` are the stages' channels (the paper's 64, 128, 256, 512)."""
+
+    def __init__(
+        self,
+        *,
+        width1: Width = 64,
+        width2: Width = 128,
+        width3: Width = 256,
+        width4: Width = 512,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        widths = [width1, width2, width3, width4]
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width1, 3, padding=1, bias=False), nn.BatchNorm2d(width1), nn.ReLU()
+        )
+        stages, channels = [], width1
+        for i, width in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            stages += [_BasicBlock(channels, width, stride), _BasicBlock(width, width, 1)]
+            channels = width
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Linear(width4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))

@@ -30,19 +30,19 @@ def seed_everything(seed: int) -> None:
 
 
 @functools.lru_cache(maxsize=2)
-def load_data(dataset_yaml: str) -> ImageData:
+def load_data(dataset_yaml: str, trust: bool) -> ImageData:
     """Loads a dataset once per process (the jobs of an in-process sweep share it), with its
     validation split held out of the training images."""
     node = OmegaConf.create(dataset_yaml)
-    return hold_out(build(node, _convert_="all"), node.val_size, node.split_seed)
+    return hold_out(build(node, trust, _convert_="all"), node.val_size, node.split_seed)
 
 
 @functools.lru_cache(maxsize=1)
-def prepare_data(dataset_yaml: str, device: str, channels_last: bool, half: bool) -> Tensors:
+def prepare_data(dataset_yaml: str, device: str, channels_last: bool, half: bool, trust: bool) -> Tensors:
     """The dataset normalised on its device (in float16 for trainer.half), once per process for
     all jobs that share it (training never writes into these tensors)."""
     dtype = torch.float16 if half else torch.float32
-    return prepare(load_data(dataset_yaml), torch.device(device), channels_last, dtype)
+    return prepare(load_data(dataset_yaml, trust), torch.device(device), channels_last, dtype)
 
 
 def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]:
@@ -64,12 +64,14 @@ def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]
     if rank:  # under DDP only rank 0 talks to MLflow, writes checkpoints and reports
         cfg = OmegaConf.merge(cfg, {"mlflow": {"enabled": False}, "trainer": {"checkpoint": False}})
         logging.getLogger("cifar_exp").setLevel(logging.WARNING)
-    data = load_data(OmegaConf.to_yaml(cfg.dataset))
+    data = load_data(OmegaConf.to_yaml(cfg.dataset), cfg.trust)
     check_batch_size(cfg, len(data.train_images))
     trainer = cfg.trainer
-    tensors = prepare_data(OmegaConf.to_yaml(cfg.dataset), str(device), trainer.channels_last, trainer.half)
+    tensors = prepare_data(
+        OmegaConf.to_yaml(cfg.dataset), str(device), trainer.channels_last, trainer.half, cfg.trust
+    )
     net, model, gpus = build_network(cfg, len(data.classes), tensors, device)
-    optimizer = build(cfg.optimizer)(param_groups(net, cfg.optimizer))
+    optimizer = build(cfg.optimizer, cfg.trust)(param_groups(net, cfg.optimizer))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     reporter = trial.reporter()  # in a search: reports val/acc each epoch, stops a pruned trial
 
@@ -107,7 +109,7 @@ def build_network(
     """(net, model, gpus): the network fitted to the data, in the run's precision and memory
     format, and the model that trains it (wrapped for several GPUs, compiled); the GPUs it uses."""
     trainer = cfg.trainer
-    net = build(cfg.model, num_classes=num_classes)
+    net = build(cfg.model, cfg.trust, num_classes=num_classes)
     net.fit_to_data(tensors.train_images)  # airbench: its first layer whitens patches of the data
     if trainer.half:  # after the whitening is set in float32, as airbench
         net = to_half(net)

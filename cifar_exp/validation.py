@@ -9,61 +9,32 @@ the training set is the whole set (check_batch_size says so once).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import re
-from dataclasses import dataclass
+import typing
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from cifar_exp.config import TARGETS
+from cifar_exp.config import BUILT_GROUPS, locate
 from cifar_exp.errors import UserError, first_line
+from cifar_exp.ranges import MAX_EPOCHS, Range
 
 log = logging.getLogger(__name__)
 
-MAX_EPOCHS = 10_000  # CIFAR-10 for 10,000 epochs is weeks on one GPU: more is a typo
 # Synthetic images per split: 200,000 are 2.4 GB once normalised to float32 (4x CIFAR-10's train set).
 MAX_SYNTHETIC_IMAGES = 200_000
-# Channels or units of one layer. Common CIFAR networks stop at 512-1024; at 4096 the CNN's fc1
-# alone (conv2_out=4096 x 5 x 5 -> fc1_out=4096) holds 420 M weights, 1.7 GB before optimizer
-# state. Larger widths would not fit in memory, or take minutes to allocate before failing.
-MAX_WIDTH = 4096
 MAX_THREADS = 1024  # CPU threads for torch; far past any machine's cores
 SEED_MAX = 2**32 - 1  # numpy's seeds are 0 ... 2**32 - 1 (torch takes more)
 
 
-@dataclass(frozen=True)
-class Range:
-    """Numbers from `low` to `high` (ends excluded where open), finite; for a list, each item."""
-
-    low: float
-    high: float = math.inf
-    low_open: bool = False
-    high_open: bool = False
-    note: str = ""  # said after the range: why, or what the values mean
-
-    def allows(self, x: float) -> bool:
-        if not math.isfinite(x):
-            return False
-        above = x > self.low if self.low_open else x >= self.low
-        below = x < self.high if self.high_open else x <= self.high
-        return above and below
-
-    def __str__(self) -> str:
-        low = _number(self.low)
-        if self.high == math.inf:
-            text = f"> {low}" if self.low_open else f">= {low}"
-        else:
-            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            text = f"in {left}{low}, {_number(self.high)}{right}"
-        return f"{text} ({self.note})" if self.note else text
-
-
 _PIXEL_STATS = "per-channel statistics of pixels in [0, 1]; 0-255 values? divide them by 255"
-_WIDTH = "wider layers would not fit in memory"
-RANGES = {  # a key absent from the composed config (another option's key) is not checked
+# A key absent from the composed config (another option's key) is not checked. A network's (or any
+# built object's) arguments state their ranges in their type hints (cifar_exp/ranges.py), not here.
+RANGES = {
     "seed": Range(0, SEED_MAX, note="numpy's seed range"),
     "dataset.mean": Range(0, 1, note=_PIXEL_STATS),
     "dataset.std": Range(0, 1, low_open=True, note=_PIXEL_STATS),
@@ -73,17 +44,6 @@ RANGES = {  # a key absent from the composed config (another option's key) is no
     "dataset.seed": Range(0, SEED_MAX, note="numpy's seed range"),
     "dataset.val_size": Range(0, note="a fraction below 1, or a number of images; 0: no validation split"),
     "dataset.split_seed": Range(0, SEED_MAX, note="numpy's seed range"),
-    "model.conv1_out": Range(1, MAX_WIDTH, note=_WIDTH),
-    "model.conv2_out": Range(1, MAX_WIDTH, note=_WIDTH),
-    "model.fc1_out": Range(1, MAX_WIDTH, note=_WIDTH),
-    "model.fc2_out": Range(1, MAX_WIDTH, note=_WIDTH),
-    "model.kernel_size": Range(1, 32, note="pixels; the 32x32 image is the widest"),
-    "model.whiten_width": Range(2, 24, note="even: +/- pairs of the 12 eigenvectors of 2x2x3 patches"),
-    "model.block1": Range(1, MAX_WIDTH, note=_WIDTH),
-    "model.block2": Range(1, MAX_WIDTH, note=_WIDTH),
-    "model.block3": Range(1, MAX_WIDTH, note=_WIDTH),
-    "model.batchnorm_momentum": Range(0, 1, high_open=True, note="weight of the old running statistics"),
-    "model.whiten_bias_epochs": Range(0, MAX_EPOCHS),
     "optimizer.lr": Range(0, low_open=True),
     "optimizer.weight_decay": Range(0),
     "optimizer.norm_bias_lr_scale": Range(0, low_open=True),
@@ -123,7 +83,7 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"{e.full_key}: {first_line(e)}; fix or remove the ${{...}} reference") from None
     for key in missing:
         raise UserError(f"{key}=???: no value; set {key}=VALUE")
-    for key, rule in RANGES.items():
+    for key, rule in {**RANGES, **hinted_ranges(cfg)}.items():
         value = _get(values, key)
         if value is None:
             continue
@@ -138,11 +98,36 @@ def validate(cfg: DictConfig) -> None:
         value = _get(values, key)
         if value is not None and not str(value).strip():
             raise UserError(f"{key}={value!r}: empty; must be {allowed}")
-    for group, namespace in TARGETS.items():
-        target = _get(values, f"{group}._target_")
-        if target is not None and not str(target).startswith(namespace):
-            raise UserError(f"{group}._target_={target!r}: must name a callable in {namespace}*")
     _validate_combinations(values)
+
+
+def hinted_ranges(cfg: DictConfig) -> dict[str, Range]:
+    """{"model.width1": Range(...)}: the ranges that the constructors of the built groups (model,
+    dataset, optimizer) state in their arguments' type hints. Finding a constructor imports its
+    module: config.locate first decides whether this config may run it (cfg.trust)."""
+    found = {}
+    for group in BUILT_GROUPS:
+        node = cfg.get(group)
+        if isinstance(node, DictConfig) and "_target_" in node:
+            found |= {f"{group}.{k}": rule for k, rule in argument_ranges(locate(node, cfg.trust)).items()}
+    return found
+
+
+def argument_ranges(target: Any) -> dict[str, Range]:
+    """{argument: Range} for the arguments hinted `Annotated[..., Range(...)]`."""
+    try:
+        hints = typing.get_type_hints(
+            target.__init__ if inspect.isclass(target) else target, include_extras=True
+        )
+    except Exception:  # noqa: BLE001 - hints that do not resolve state no ranges
+        return {}
+    return {
+        name: rule
+        for name, hint in hints.items()
+        if typing.get_origin(hint) is typing.Annotated
+        for rule in hint.__metadata__
+        if isinstance(rule, Range)
+    }
 
 
 def _validate_combinations(values: dict[str, Any]) -> None:
@@ -194,7 +179,3 @@ def check_batch_size(cfg: DictConfig, train_images: int) -> None:
             f"trainer.batch_size={cfg.trainer.batch_size} is larger than the {train_images} training "
             f"images: every epoch is one batch of {train_images}"
         )
-
-
-def _number(x: float) -> str:
-    return str(int(x)) if x == int(x) else str(x)

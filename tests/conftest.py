@@ -536,6 +536,39 @@ def cifar_folder(tmp_path_factory: pytest.TempPathFactory) -> CifarFolder:
     )
 
 
+CIFAR100_CLASSES = [f"class_{i:02d}" for i in range(100)]  # the real names (apple, ...) are not needed
+
+
+@pytest.fixture(scope="session")
+def cifar100_folder(tmp_path_factory: pytest.TempPathFactory) -> CifarFolder:
+    """A tiny cifar-100-python in torchvision's format: train and test of CIFAR100_PER_SPLIT images
+    (fine_labels cycle through the 100 classes, coarse_labels beside them), meta with
+    fine_label_names. Python 2 pickles like the real files; md5s as skip_cifar_md5 patches them."""
+    root = tmp_path_factory.mktemp("cifar100")
+    folder = root / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    splits: dict[str, tuple[np.ndarray, list[int]]] = {}
+    for name, count in (("train", 400), ("test", 200)):
+        data = rng.integers(0, 256, size=(count, 3072), dtype=np.uint8)
+        labels = [j % 100 for j in range(count)]
+        entry = {
+            b"filenames": [f"{name}_{j}.png".encode() for j in range(count)],
+            b"batch_label": name.encode(),
+            b"fine_labels": labels,
+            b"coarse_labels": [label // 5 for label in labels],
+            b"data": data,
+        }
+        _dump_python2(entry, folder / name)
+        splits[name] = (data, labels)
+    meta = {
+        b"fine_label_names": [c.encode() for c in CIFAR100_CLASSES],
+        b"coarse_label_names": [f"super_{i:02d}".encode() for i in range(20)],
+    }
+    _dump_python2(meta, folder / "meta")
+    return CifarFolder(root, *splits["train"], *splits["test"], classes=CIFAR100_CLASSES)
+
+
 @pytest.fixture
 def skip_cifar_md5(monkeypatch: pytest.MonkeyPatch) -> None:
     """torchvision checks the real files' md5s: the data batches through CIFAR10._check_integrity,

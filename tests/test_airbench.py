@@ -34,7 +34,7 @@ from cifar_exp.validation import validate
 
 def airbench(*overrides: str) -> Airbench94:
     """conf/model/airbench94.yaml's network, with `overrides` (model.KEY=VALUE) applied."""
-    return build(compose_config("model=airbench94", *overrides).model, num_classes=10)
+    return build(compose_config("model=airbench94", *overrides).model, True, num_classes=10)
 
 
 def test_whitening_layer_decorrelates_patches() -> None:

@@ -32,7 +32,7 @@ from cifar_exp.config import build
 from cifar_exp.devices import select_device
 from cifar_exp.errors import UserError
 from cifar_exp.run import param_groups
-from cifar_exp.validation import RANGES, validate
+from cifar_exp.validation import RANGES, hinted_ranges, validate
 
 # Negative, zero, huge (an int, a float), infinite, not a number, wrong types, empty, null, Hydra's
 # "no value" and an interpolation that leads nowhere.
@@ -76,11 +76,11 @@ class Builder:
         def changed(*groups: str) -> tuple[str, ...]:  # which case built it
             return (key, value) if key.split(".")[0] in groups else ()
 
-        net = self.once(("model", *changed("model")), lambda: build(cfg.model, num_classes=10))
-        make = self.once(("optimizer", *changed("model", "optimizer")), lambda: build(cfg.optimizer))
+        net = self.once(("model", *changed("model")), lambda: build(cfg.model, True, num_classes=10))
+        make = self.once(("optimizer", *changed("model", "optimizer")), lambda: build(cfg.optimizer, True))
         self.once(("params", *changed("model", "optimizer")), lambda: make(param_groups(net, cfg.optimizer)))
         if key.startswith("dataset."):
-            build(cfg.dataset, _convert_="all")
+            build(cfg.dataset, True, _convert_="all")
         if key.startswith("device.") and cfg.device.name in ("auto", "cpu"):  # cuda, ddp: the machine decides
             threads = torch.get_num_threads()
             try:
@@ -125,7 +125,7 @@ def problem(key: str, value: str, ended: str, message: str) -> str | None:
 
 @pytest.fixture
 def offline_data(
-    png_folder, cifar_folder, skip_cifar_md5, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    png_folder, cifar_folder, cifar100_folder, skip_cifar_md5, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> dict[str, list[str]]:
     """Data a run could load here, small: cifar10 from the tiny generated pickles, imagefolder
     from the generated PNGs, the bundled sample (also the fallback) replaced by 20 images, no
@@ -157,6 +157,7 @@ def offline_data(
     return {
         "": [f"dataset.root={cifar_folder.root}"],  # the default dataset is cifar10
         "dataset=cifar10": [f"dataset.root={cifar_folder.root}"],
+        "dataset=cifar100": [f"dataset.root={cifar100_folder.root}"],
         "dataset=imagefolder": [f"dataset.root={png_folder.root}"],
         "dataset=synthetic": ["dataset.train_size=20", "dataset.test_size=10"],
     }
@@ -194,14 +195,15 @@ def distinct(files: dict[str, list[str]]) -> dict[str, DictConfig]:
 
 
 def test_every_bad_value_is_refused_by_name_or_usable(offline_data: dict[str, list[str]]) -> None:
-    """Also: every number in every composition has its range in validation.RANGES (a new key too)."""
+    """Also: every number in every composition has its range, in validation.RANGES or in its
+    constructor's type hints (a new key too)."""
     configs = distinct(offline_data)
     ended, problems, unranged, rng = Counter(), [], set(), random.Random(0)
     for composition, cfg in configs.items():
         pristine, builder = OmegaConf.to_yaml(cfg), Builder()
         for key in leaves(cfg):
             original = value_at(cfg, key)
-            if is_number(original) and key not in RANGES:
+            if is_number(original) and key not in RANGES and key not in hinted_ranges(cfg):
                 unranged.add(key)
             for value in BAD_VALUES:
                 how, message = outcome(cfg, key, value, builder)
@@ -214,7 +216,7 @@ def test_every_bad_value_is_refused_by_name_or_usable(offline_data: dict[str, li
             composition, cfg, [(rng.choice(leaves(cfg)), rng.choice(BAD_VALUES))], offline_data
         )
     print(f"{sum(ended.values())} (key, value) cases in {len(configs)} distinct compositions: {dict(ended)}")
-    assert not unranged, f"numbers without a range in validation.RANGES: {sorted(unranged)}"
+    assert not unranged, f"numbers without a range (validation.RANGES or a type hint): {sorted(unranged)}"
     assert not problems, "\n".join(problems[:20])
     assert ended["compose"] and ended["validate"] and ended["build"] and ended["accepted"]
 

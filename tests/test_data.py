@@ -32,7 +32,7 @@ def load(dataset: str, **keys: object) -> ImageData:
     """conf/dataset/<dataset>.yaml with `keys` changed, built as a run builds it."""
     values = {k: str(v).lower() if isinstance(v, bool) else v for k, v in keys.items()}
     cfg = compose_config(f"dataset={dataset}", *(f"dataset.{k}={v}" for k, v in values.items()))
-    return build(cfg.dataset, _convert_="all")
+    return build(cfg.dataset, True, _convert_="all")
 
 
 # ---------------------------------------------------------------- CIFAR-10 pickles
@@ -318,7 +318,7 @@ def split_of(dataset: str, request: pytest.FixtureRequest, **keys: object) -> tu
     values = {k: str(v).lower() if isinstance(v, bool) else v for k, v in keys.items()}
     cfg = compose_config(f"dataset={dataset}", *(f"dataset.{k}={v}" for k, v in values.items()))
     load_data.cache_clear()
-    return build(cfg.dataset, _convert_="all"), load_data(OmegaConf.to_yaml(cfg.dataset))
+    return build(cfg.dataset, True, _convert_="all"), load_data(OmegaConf.to_yaml(cfg.dataset), True)
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar10_sample", "imagefolder", "synthetic"])

@@ -36,7 +36,7 @@ def test_two_gloo_processes_match_one_process(new_store, tmp_path: Path) -> None
         assert [v for _, v in hb] == pytest.approx([v for _, v in ha], rel=1e-4, abs=1e-5), key
     state = torch.load(ddp.download(b.info.run_id, "model/state_dict.pt", tmp_path), weights_only=True)
     assert not any(k.startswith("module.") for k in state)
-    build(compose_config().model, num_classes=10).load_state_dict(state)  # the default CNN
+    build(compose_config().model, True, num_classes=10).load_state_dict(state)  # the default CNN
 
 
 def test_ddp_without_torchrun_says_how_to_start_it(tmp_path: Path) -> None:

@@ -265,12 +265,12 @@ def test_weights_load_into_a_plain_cnn_and_give_the_logged_accuracy(
     state = torch.load(store.download(run_id, "model/state_dict.pt", tmp_path), weights_only=True)
     assert not any(key.startswith("module.") for key in state)
     cfg = compose_config(*SINGLE)  # what the run trained
-    model = build(cfg.model, num_classes=10)
+    model = build(cfg.model, True, num_classes=10)
     model.load_state_dict(state)  # strict: every key and shape matches
     classes = json.loads(store.download(run_id, "model/classes.json", tmp_path).read_text())
     assert (classes["classes"] if isinstance(classes, dict) else classes) == CLASSES
 
-    data = build(cfg.dataset, _convert_="all")
+    data = build(cfg.dataset, True, _convert_="all")
     model.eval()
     with torch.no_grad():
         logits = model(normalise(data.test_images, data.mean, data.std, torch.float32))

@@ -153,9 +153,9 @@ def code_files() -> dict[str, str]:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """Identifies what a run computes: the resolved config without `resume` and `mlflow`."""
+    """Identifies what a run computes: the resolved config without `resume`, `mlflow` and `trust`."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("resume", "mlflow"):
+    for key in ("resume", "mlflow", "trust"):
         resolved.pop(key, None)
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:20]
 

@@ -24,7 +24,8 @@ from cifar_exp.tracking.store import tracking_uri
 
 EPOCHS_TAG = "resumed/trainer.epochs"  # trainer.epochs of a run trained further than its param says
 PROCESS_TAG = "process"  # host:pid of the process that records the run
-MAY_CHANGE = ("trainer.epochs", "resume")  # besides mlflow.*: where the store is, not what is computed
+# besides mlflow.*: where the store is, not what is computed; trust: what `resume --trust` allows
+MAY_CHANGE = ("trainer.epochs", "resume", "trust")
 
 
 @dataclass

@@ -1,0 +1,54 @@
+"""CIFAR-100 (dataset=cifar100): torchvision's cifar-100-python under `root`, its 100 fine classes,
+decoded once into the cache like CIFAR-10. A dataset is this module and conf/dataset/cifar100.yaml:
+its schema comes from load_cifar100's signature (cifar_exp/config.py)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from cifar_exp import decoded_cache
+from cifar_exp.data import ImageData
+from cifar_exp.errors import UserError, first_line
+
+FILES = ["train", "test", "meta"]  # in root/cifar-100-python/
+
+
+def load_cifar100(
+    *,
+    root: str,
+    mean: Sequence[float],
+    std: Sequence[float],
+    cache: bool,
+    cache_dir: str | None,
+    download: bool = True,  # fetch cifar-100-python.tar.gz (161 MB) when its files are not in root
+) -> ImageData:
+    """torchvision's CIFAR100 under `root`: 50,000 training and 10,000 test images, 100 classes."""
+    source = decoded_cache.Source("cifar100", Path(root) / "cifar-100-python", FILES, "torchvision pickles")
+    folder = decoded_cache.cache_folder(cache, cache_dir)
+    tensors, info = decoded_cache.load(source, lambda: _read(root, download), folder)
+    return ImageData(**tensors, classes=info["classes"], mean=tuple(mean), std=tuple(std), name="cifar100")
+
+
+def _read(root: str, download: bool) -> decoded_cache.Decoded:
+    from torchvision.datasets import CIFAR100
+
+    splits = []
+    for train in (True, False):
+        try:
+            splits.append(CIFAR100(root, train=train, download=download))
+        except Exception as e:  # offline download, bad archive, no files and download=false
+            raise UserError(
+                f"dataset.root={root}: CIFAR-100 not found under {os.path.abspath(root)} ({first_line(e)}); "
+                "go online (dataset.download=true) or put cifar-100-python.tar.gz there"
+            ) from None
+    train, test = splits
+    return {
+        "train_images": torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous(),
+        "train_labels": torch.tensor(train.targets, dtype=torch.int64),
+        "test_images": torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous(),
+        "test_labels": torch.tensor(test.targets, dtype=torch.int64),
+    }, {"classes": list(train.classes)}
