@@ -284,6 +284,7 @@ RECIPES = {
         "model.whiten_bias_epochs": 3,
         "dataset.mean": [0.4914, 0.4822, 0.4465],
         "dataset.std": [0.2470, 0.2435, 0.2616],
+        "dataset.val_size": 0,
         "optimizer._target_": "torch.optim.SGD",
         "optimizer.lr": 1.5,
         "optimizer.momentum": 0.85,
