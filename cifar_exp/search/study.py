@@ -89,8 +89,9 @@ def release() -> None:
 
 def study_name(config: DictConfig) -> str:
     """hydra.sweeper.study_name, else 'search-' and a digest of what decides the trials: the base
-    config, the search space, the command line, the sampler, pruner, direction and metric (not
-    n_trials or n_jobs: a larger n_trials continues the same study)."""
+    config, the search space, the command line, the sampler, pruner, direction, metric and
+    reports_per_epoch (what a report's step means) (not n_trials or n_jobs: a larger n_trials
+    continues the same study)."""
     sweeper = config.hydra.sweeper
     if sweeper.study_name:
         return str(sweeper.study_name)
@@ -99,7 +100,10 @@ def study_name(config: DictConfig) -> str:
     what = {
         "config": config_hash(base),
         "overrides": list(config.hydra.overrides.task),
-        **{key: settings[key] for key in ("params", "sampler", "pruner", "direction", "metric")},
+        **{
+            key: settings[key]
+            for key in ("params", "sampler", "pruner", "direction", "metric", "reports_per_epoch")
+        },
     }
     return "search-" + hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -144,14 +148,15 @@ def make_sampler(sampler: DictConfig, trials_so_far: int = 0) -> Any:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=sampler.n_startup_trials)
 
 
-def make_pruner(pruner: DictConfig, epochs: float) -> Any:
-    """The pruner; its steps are epochs (1-based), `epochs` a trial's whole budget."""
+def make_pruner(pruner: DictConfig, reports: float) -> Any:
+    """The pruner; its steps are a trial's reports (1-based; reports_per_epoch an epoch),
+    `reports` a trial's whole budget."""
     import optuna
 
     if pruner.name == PrunerName.hyperband:
         return optuna.pruners.HyperbandPruner(
             min_resource=pruner.min_resource,
-            max_resource=max(pruner.min_resource, math.ceil(epochs)),
+            max_resource=max(pruner.min_resource, math.ceil(reports)),
             reduction_factor=pruner.reduction_factor,
         )
     if pruner.name == PrunerName.successive_halving:
@@ -173,7 +178,7 @@ def check_settings(sweeper: DictConfig) -> None:
     pruner = sweeper.pruner
     if pruner.min_resource < 1:
         raise UserError(
-            f"hydra.sweeper.pruner.min_resource={pruner.min_resource} must be at least 1 (epochs)"
+            f"hydra.sweeper.pruner.min_resource={pruner.min_resource} must be at least 1 (reports)"
         )
     if pruner.reduction_factor < 2:
         raise UserError(f"hydra.sweeper.pruner.reduction_factor={pruner.reduction_factor} must be at least 2")
