@@ -261,7 +261,21 @@ def schema_of(made: Any, group: str) -> type:
             made_default = f.default_factory  # a list default: a new list per config
             extra = {"default_factory": made_default} if made_default is not dataclasses.MISSING else {}
             fields.append((f.name, f.type, field(**(extra or {"default": default}))))
-    return dataclasses.make_dataclass(f"{group}_{made.__name__}_schema", fields, bases=(base,))
+    schema = dataclasses.make_dataclass(f"{group}_{made.__name__}_schema", fields, bases=(base,))
+    # A config holding it is pickled to other processes (submitit, joblib): the class must be
+    # found by name in this module there (see __getattr__ below)
+    schema.__module__ = __name__
+    globals()[schema.__name__] = schema
+    return schema
+
+
+def __getattr__(name: str) -> Any:
+    """A generated schema asked for by name, as unpickling a config in a fresh process does."""
+    if name.endswith("_schema") and not name.startswith("_"):
+        generated_schemas(CONF_DIR)
+        if name in globals():
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _takes(made: Any, name: str) -> bool:

@@ -227,7 +227,7 @@ def test_artifacts_go_through_the_server(server_sweep: Sweep, launched: Launched
 def test_sweep_parent_holds_the_summary(server_sweep: Sweep, tmp_path: Path) -> None:
     store, parent_id = server_sweep.store, server_sweep.parent.info.run_id
     found = store.artifacts(parent_id)
-    assert {"sweep/summary.csv", "sweep/summary.md", "sweep/test_acc.png"} <= found, found
+    assert {"sweep/summary.csv", "sweep/summary.md", "sweep/accuracy.png"} <= found, found
     rows = server_sweep.summary(tmp_path)
     width = next((c for c in rows[0] if c.endswith("conv1_out")), None)
     assert width is not None, f"no column for the swept model.conv1_out in {list(rows[0])}"
@@ -240,7 +240,7 @@ def test_sweep_parent_holds_the_summary(server_sweep: Sweep, tmp_path: Path) -> 
         assert float(row["test/loss"]) == pytest.approx(child.data.metrics["test/loss"])
     markdown = store.download(parent_id, "sweep/summary.md", tmp_path).read_text()
     assert "test/acc" in markdown and len(markdown.strip().splitlines()) >= 4  # header, rule, 2 rows
-    assert store.download(parent_id, "sweep/test_acc.png", tmp_path).read_bytes()[:8] == PNG
+    assert store.download(parent_id, "sweep/accuracy.png", tmp_path).read_bytes()[:8] == PNG
 
 
 # ---------------------------------------------------------------- hyperparameter search
