@@ -269,7 +269,10 @@ class Summary:
         return out
 
     def footer(self) -> list[str]:
-        """What the table means: what chose, and how much to trust the differences."""
+        """What the table means: what chose, and how much to trust the differences (nothing
+        without runs; a search's trials differ by design, so it gets no advice on seeds)."""
+        if not self.rows:
+            return []
         if self.metric.startswith("test/"):
             chosen = (
                 f"chosen on the test split ({self.metric}): no validation split (dataset.val_size=0), "
@@ -280,7 +283,7 @@ class Summary:
         lines = [chosen]
         if self.groups is not None:
             lines.append(replicates.verdict(self.groups, self.keys, self.metric))
-        elif len(self.rows) > 1:
+        elif len(self.rows) > 1 and "search/metric" not in self.parent.data.tags:
             lines.append(
                 "one seed per config: these differences carry no error bars; to tell configs apart, "
                 "run each with several seeds (add seed=0,1,2 to the sweep)"

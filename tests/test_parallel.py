@@ -88,7 +88,8 @@ def test_a_joblib_sweep_records_every_run_whole(new_store, compose_config) -> No
     points = 0
     for seed, child in by_seed.items():
         cfg = compose_config(*SMALL, f"seed={seed}")
-        expected_params = {**identity.flatten(OmegaConf.to_container(cfg, resolve=True)), "data": "synthetic"}
+        config = identity.flatten(OmegaConf.to_container(cfg, resolve=True))
+        expected_params = {**config, "data": "synthetic", "split/val_images": "0"}  # no validation split
         assert child.data.params == expected_params, seed
         assert set(child.data.metrics) == set(expected_steps), seed
         for key, steps in expected_steps.items():

@@ -362,15 +362,23 @@ def test_resume_continues_a_killed_process_and_trains_a_finished_run_further(rec
     cfg, client, make = recorded
     gone = subprocess.Popen([sys.executable, "-c", "pass  # cifar_exp"])
     gone.wait()
-    # SIGKILLed after its checkpoint at step 10, with train/loss 15, 20 and test/acc 20 recorded
+    # SIGKILLed after its checkpoint at step 10, with train/loss 15, 20 and test/acc 20 recorded;
+    # what was logged at the checkpoint's own step (the end's test metrics are) is not logged again
     run_id = make("RUNNING", {resumption.PROCESS_TAG: f"{socket.gethostname()}:{gone.pid}"})
     plan = resumption.check(cfg, run_id, run_id, {"epoch": 2, "epoch_step": 0, "step": 10})
     assert plan.run_id == run_id and plan.tags == {}
-    assert plan.recorded == {("train/loss", 15), ("train/loss", 20), ("test/acc", 20)}
+    assert plan.recorded == {
+        ("train/loss", 10),
+        ("test/acc", 10),
+        ("train/loss", 15),
+        ("train/loss", 20),
+        ("test/acc", 20),
+    }
 
     finished = make("FINISHED")
     plan = resumption.check(OmegaConf.merge(cfg, {"trainer": {"epochs": 3}}), finished, finished, DONE)
-    assert plan.tags == {resumption.EPOCHS_TAG: "3"} and plan.recorded == set()
+    assert plan.tags == {resumption.EPOCHS_TAG: "3"}
+    assert plan.recorded == {("train/loss", 20), ("test/acc", 20)}  # its end, never logged again
 
 
 def test_a_resumed_run_records_only_the_points_the_store_lacks() -> None:

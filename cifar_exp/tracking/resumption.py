@@ -105,11 +105,12 @@ def changed_keys(cfg: DictConfig, params: dict[str, str]) -> dict[str, str]:
 
 
 def recorded_after(client: Any, run: Any, step: int) -> set[tuple[str, int]]:
-    """(metric, step) points of `run` past `step`: recorded before a kill that came after the
-    checkpoint. Training them again records only those missing."""
+    """(metric, step) points of `run` at or past `step`: recorded before a kill that came after the
+    checkpoint (the test split's metrics, logged at the last checkpoint's step once training is
+    done, included). Training them again records only those missing."""
     points = set()
     for key in run.data.metrics:
-        points |= {(key, m.step) for m in client.get_metric_history(run.info.run_id, key) if m.step > step}
+        points |= {(key, m.step) for m in client.get_metric_history(run.info.run_id, key) if m.step >= step}
     return points
 
 
