@@ -366,7 +366,7 @@ def group_of(node: Any) -> str:
 
 
 # Keys this project reads itself, never arguments of the `_target_`: build() leaves them out.
-# optimizer: run.param_groups uses norm_bias_lr_scale; dataset: data.hold_out the split's keys
+# optimizer: run.param_groups uses norm_bias_lr_scale; dataset: holdout.hold_out the split's keys
 OWN_KEYS = ("norm_bias_lr_scale", "val_size", "split_seed")
 
 

@@ -12,8 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp import checkpoints, reports, signals
 from cifar_exp.config import build
-from cifar_exp.data import ImageData, hold_out
+from cifar_exp.data import ImageData
 from cifar_exp.devices import cudnn_autotune, distributed, select_device, wrap_model
+from cifar_exp.holdout import hold_out
 from cifar_exp.precision import to_half
 from cifar_exp.search import trial
 from cifar_exp.tracking import identity, resumption, runs

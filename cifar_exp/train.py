@@ -3,7 +3,6 @@ to MLflow; whoever calls them passes `on_metrics(metrics, step)` to receive what
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
@@ -18,9 +17,11 @@ from tqdm import tqdm
 
 from cifar_exp import signals
 from cifar_exp.config import TrainerConfig
-from cifar_exp.data import BatchOrder, ImageData, alternating_flip, augment, batches, normalise, random_flip
+from cifar_exp.data import BatchOrder, ImageData, alternating_flip, augment, normalise, random_flip
 from cifar_exp.devices import distributed, unwrap_model
 from cifar_exp.errors import UserError
+from cifar_exp.evaluation import describe, evaluate, mixed_precision
+from cifar_exp.evaluation import predict_logits as predict_logits  # run.py and tests import it here
 from cifar_exp.precision import sum_loss_hyperparameters
 from cifar_exp.schedules import Lookahead, lr_factor
 
@@ -78,14 +79,6 @@ def prepare(
         data.test_labels.to(device),
         *val,
     )
-
-
-def _autocast(
-    device: torch.device, enabled: bool, dtype: str = "bfloat16"
-) -> contextlib.AbstractContextManager:
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=getattr(torch, dtype))
-    return contextlib.nullcontext()
 
 
 @dataclass
@@ -358,7 +351,7 @@ class Loop:
         cfg = self.cfg
         if self.random_flip or cfg.translate:
             images = augment(images, self.random_flip, cfg.translate, self.generator)
-        with _autocast(images.device, cfg.autocast, cfg.autocast_dtype):
+        with mixed_precision(images.device, cfg.autocast, cfg.autocast_dtype):
             logits = self.model(images).float()  # float16 under autocast or trainer.half: loss in float32
             loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
@@ -395,67 +388,3 @@ class Loop:
     def _lr(self) -> float:
         """The learning rate of the last parameter group, for error messages."""
         return self.optimizer.param_groups[-1]["lr"] * self.loss_scale
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, tta: int = 0) -> torch.Tensor:
-    """Logits for a batch; tta 1 averages with the mirror image, 2 also with 1-pixel shifts."""
-    logits = model(images)
-    if tta >= 1:
-        logits = 0.5 * logits + 0.5 * model(images.flip(-1))
-    if tta >= 2:
-        padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
-        h, w = images.shape[-2:]
-        shifted = [padded[..., :h, :w], padded[..., 2 : h + 2, 2 : w + 2]]
-        shifted_logits = [0.5 * model(x) + 0.5 * model(x.flip(-1)) for x in shifted]
-        logits = 0.5 * logits + 0.5 * torch.stack(shifted_logits).mean(0)
-    return logits
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    classes: list[str],
-    batch_size: int,
-    tta: int = 0,
-    autocast: bool = False,
-    autocast_dtype: str = "bfloat16",
-    split: str = "test",
-) -> tuple[dict[str, float], torch.Tensor]:
-    """`split`/loss, `split`/acc (a fraction, computed from the counts: 301/1000 is 0.301) and, for
-    the test split, test/acc/<class>; plus the confusion matrix (rows: true class, columns:
-    predicted)."""
-    model.eval()
-    n_classes = len(classes)
-    confusion = torch.zeros(n_classes, n_classes, dtype=torch.int64, device=images.device)
-    total_loss = torch.zeros((), device=images.device)
-    for x, y in batches(images, labels, batch_size):
-        with _autocast(images.device, autocast, autocast_dtype):
-            logits = predict_logits(model, x, tta).float()
-        total_loss += F.cross_entropy(logits, y, reduction="sum")
-        confusion += torch.bincount(y * n_classes + logits.argmax(1), minlength=n_classes**2).view(
-            n_classes, n_classes
-        )
-    confusion = confusion.cpu()
-    correct, total = confusion.diag().tolist(), confusion.sum(1).tolist()
-    metrics = {f"{split}/loss": total_loss.item() / len(images), f"{split}/acc": sum(correct) / sum(total)}
-    if split == "test":
-        metrics.update({f"test/acc/{name}": correct[i] / max(1, total[i]) for i, name in enumerate(classes)})
-    return metrics, confusion
-
-
-def describe(metrics: dict[str, float]) -> str:
-    """The log line's part for an epoch or the final test: "train loss 1.234, val loss 1.100, val
-    acc 60.1%, 5,000 images/s"."""
-    parts = []
-    if "train/loss_epoch" in metrics:
-        parts.append(f"train loss {metrics['train/loss_epoch']:.3f}")
-    for split in ("val", "test"):
-        if f"{split}/acc" in metrics:
-            loss, acc = metrics[f"{split}/loss"], 100 * metrics[f"{split}/acc"]
-            parts.append(f"{split} loss {loss:.3f}, {split} acc {acc:.1f}%")
-    if "throughput/images_per_s" in metrics:
-        parts.append(f"{metrics['throughput/images_per_s']:,.0f} images/s")
-    return ", ".join(parts)

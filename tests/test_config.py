@@ -102,7 +102,7 @@ def test_dataset_option_composes_and_fits_its_loader(compose_config, name: str) 
     cfg = compose_config(f"dataset={name}")
     node = OmegaConf.to_container(cfg.dataset, resolve=True)
     target = node.pop("_target_")
-    assert 0 < node.pop("val_size") < 1 and node.pop("split_seed") == 0  # data.hold_out's, not the loader's
+    assert 0 < node.pop("val_size") < 1 and node.pop("split_seed") == 0  # hold_out's, not the loader's
     assert target.startswith("cifar_exp.")  # cifar_exp.data, or a module of its own (cifar_exp.cifar100)
     loader = hydra.utils.get_method(target)
     inspect.signature(loader).bind(**node)  # every key is a parameter of the loader

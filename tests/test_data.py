@@ -378,7 +378,7 @@ def test_a_validation_split_that_cannot_be_is_one_line(
 
 
 def test_a_split_that_would_empty_a_class_names_it() -> None:
-    from cifar_exp.data import hold_out
+    from cifar_exp.holdout import hold_out
 
     labels = torch.tensor([0] * 9 + [1])  # class b has one image: it cannot give one and keep one
     data = ImageData(
