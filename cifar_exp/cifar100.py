@@ -8,11 +8,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from cifar_exp import decoded_cache
-from cifar_exp.data import ImageData
-from cifar_exp.errors import UserError, first_line
+from cifar_exp.data import ImageData, read_torchvision
+from cifar_exp.errors import UserError
 
 FILES = ["train", "test", "meta"]  # in root/cifar-100-python/
 
@@ -36,19 +34,10 @@ def load_cifar100(
 def _read(root: str, download: bool) -> decoded_cache.Decoded:
     from torchvision.datasets import CIFAR100
 
-    splits = []
-    for train in (True, False):
-        try:
-            splits.append(CIFAR100(root, train=train, download=download))
-        except Exception as e:  # offline download, bad archive, no files and download=false
-            raise UserError(
-                f"dataset.root={root}: CIFAR-100 not found under {os.path.abspath(root)} ({first_line(e)}); "
-                "go online (dataset.download=true) or put cifar-100-python.tar.gz there"
-            ) from None
-    train, test = splits
-    return {
-        "train_images": torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous(),
-        "train_labels": torch.tensor(train.targets, dtype=torch.int64),
-        "test_images": torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous(),
-        "test_labels": torch.tensor(test.targets, dtype=torch.int64),
-    }, {"classes": list(train.classes)}
+    def not_found(reason: str) -> UserError:
+        return UserError(
+            f"dataset.root={root}: CIFAR-100 not found under {os.path.abspath(root)} ({reason}); "
+            "go online (dataset.download=true) or put cifar-100-python.tar.gz there"
+        )
+
+    return read_torchvision(CIFAR100, root, download, not_found)

@@ -7,7 +7,7 @@ import io
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,20 +114,26 @@ def _cifar10_source(root: str) -> decoded_cache.Source:
 def _read_cifar10(root: str, download: bool) -> decoded_cache.Decoded:
     from torchvision.datasets import CIFAR10
 
+    return read_torchvision(CIFAR10, root, download, lambda reason: Cifar10NotFound(root, reason))
+
+
+def read_torchvision(
+    dataset: type, root: str, download: bool, not_found: Callable[[str], Exception]
+) -> decoded_cache.Decoded:
+    """A torchvision CIFAR dataset's two splits under `root` as uint8 N x 3 x 32 x 32 tensors and
+    int64 labels (its `.data` is N x 32 x 32 x 3); `not_found(reason)` is raised when a split
+    cannot be read (offline download, bad archive, no files and download=false)."""
     splits = []
     for train in (True, False):
         try:
-            splits.append(CIFAR10(root, train=train, download=download))
-        except Exception as e:  # offline download, bad archive, no files and download=false
-            raise Cifar10NotFound(root, first_line(e)) from None
-    train, test = splits
-    tensors = {
-        "train_images": torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous(),
-        "train_labels": torch.tensor(train.targets, dtype=torch.int64),
-        "test_images": torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous(),
-        "test_labels": torch.tensor(test.targets, dtype=torch.int64),
-    }
-    return tensors, {"classes": list(train.classes)}
+            splits.append(dataset(root, train=train, download=download))
+        except Exception as e:
+            raise not_found(first_line(e)) from None
+    tensors = {}
+    for name, split in zip(("train", "test"), splits, strict=True):
+        tensors[f"{name}_images"] = torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous()
+        tensors[f"{name}_labels"] = torch.tensor(split.targets, dtype=torch.int64)
+    return tensors, {"classes": list(splits[0].classes)}
 
 
 def load_cifar10_sample(
