@@ -228,12 +228,7 @@ def compare(uri: str, ref: str, as_csv: bool) -> int:
     the best can be told apart from the runner-up."""
     client = open_store(uri)
     parent = find_sweep(client, find_experiment(client).experiment_id, ref)
-    children = _asking(client, lambda: sweep_summary.sweep_children(client, parent))
-    keys = sweep_summary.varying_keys(parent, children)
-    epochs = _asking(client, lambda: sweep_summary.epoch_seconds(client, children))
-    metric, maximize = sweep_summary.objective(parent, children)
-    rows = sweep_summary.summary_rows(children, keys, epochs, metric, maximize)
-    summary = sweep_summary.Summary(parent, rows, keys, metric, maximize)
+    summary, _, _ = _asking(client, lambda: sweep_summary.read_summary(client, parent))
     sys.stdout.write(reports.csv_table(summary.csv_rows()) if as_csv else summary.text())
     return 0
 

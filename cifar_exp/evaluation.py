@@ -4,12 +4,22 @@ matrix as plain metric dicts, and the line a log prints for them. No training, n
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cifar_exp.data import batches
+
+
+def chosen_metric(name: str, logged: list[dict[str, Any]]) -> str:
+    """The metric that chooses, as runs logged it: a val/ metric of runs that logged no val/
+    metric at all (no validation split: dataset.val_size=0) is its test/ twin, and whatever
+    chooses on it then chooses on the test split (and says so)."""
+    if name.startswith("val/") and logged and not any(k.startswith("val/") for m in logged for k in m):
+        return "test/" + name.removeprefix("val/")
+    return name
 
 
 def mixed_precision(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar_exp import replicates, reports
+from cifar_exp.evaluation import chosen_metric
 from cifar_exp.tracking import identity, runs, store
 
 METRICS = ("val/acc", "test/acc", "test/loss")  # the summary's columns, besides the swept values and time
@@ -37,12 +38,8 @@ def summarise(client: Any, parent_id: str, search: bool = False) -> tuple[str, s
     from mlflow.entities import Metric, RunTag
 
     parent = client.get_run(parent_id)
-    children = sweep_children(client, parent)
-    keys = varying_keys(parent, children)
-    metric, maximize = objective(parent, children)
-    epochs = epoch_seconds(client, children)
-    rows = summary_rows(children, keys, epochs, metric, maximize)
-    table = Summary(parent, rows, keys, metric, maximize)
+    table, children, epochs = read_summary(client, parent)
+    rows, keys, metric, maximize = table.rows, table.keys, table.metric, table.maximize
     files: dict[str, str | bytes] = {
         "sweep/summary.csv": reports.csv_table(table.csv_rows()),
         "sweep/summary.md": reports.markdown_table(table.display())
@@ -98,14 +95,10 @@ def parent_status(statuses: list[str], search: bool) -> str:
 
 def objective(parent: Any, children: list[Any] | None = None) -> tuple[str, bool]:
     """(metric, maximize): what chooses the best. A search's metric (its parent's tags); for a
-    sweep val/acc, higher is better. A val/ metric that none of `children` logs (no validation
-    split: dataset.val_size=0) is read as its test/ metric: then the test split chooses, and the
-    summary says so."""
+    sweep val/acc, higher is better. Children without a validation split (dataset.val_size=0)
+    choose on its test/ twin (evaluation.chosen_metric), and the summary says so."""
     tags = parent.data.tags
-    metric = tags.get("search/metric", "val/acc")
-    logged = [c.data.metrics for c in children or []]
-    if metric.startswith("val/") and logged and not any(metric in m for m in logged):
-        metric = "test/" + metric.removeprefix("val/")
+    metric = chosen_metric(tags.get("search/metric", "val/acc"), [c.data.metrics for c in children or []])
     return metric, tags.get("search/direction", "maximize") == "maximize"
 
 
@@ -219,12 +212,23 @@ def _fraction(value: Any) -> str:
     return "" if value == "" else ACC_FORMAT.format(value)
 
 
+def read_summary(client: Any, parent: Any) -> tuple[Summary, list[Any], dict[str, list[float]]]:
+    """A sweep's summary read back from the store, with its children and each child's seconds per
+    epoch (for a search's story)."""
+    children = sweep_children(client, parent)
+    keys = varying_keys(parent, children)
+    metric, maximize = objective(parent, children)
+    epochs = epoch_seconds(client, children)
+    rows = summary_rows(children, keys, epochs, metric, maximize)
+    return Summary(parent, rows, keys, metric, maximize), children, epochs
+
+
 class Summary:
     """A sweep's answer as people and scripts read it: its rows, grouped by config when the sweep
     varies the seed (replicates.group_rows), the table, the lines under it, the plot."""
 
     def __init__(self, parent: Any, rows: list[dict[str, Any]], keys: list[str], metric: str, maximize: bool):
-        self.parent, self.rows, self.keys, self.metric = parent, rows, keys, metric
+        self.parent, self.rows, self.keys, self.metric, self.maximize = parent, rows, keys, metric, maximize
         seeded = replicates.REPLICATE_KEY in keys
         self.groups = replicates.group_rows(rows, keys, metric, maximize) if seeded else None
         self.config_keys = [k for k in keys if k != replicates.REPLICATE_KEY] if seeded else keys

@@ -102,8 +102,9 @@ def metric_value(metrics: dict[str, Any], name: str) -> float:
     """`name`'s value in a run's metrics; a val/ metric of a run without a validation split
     (dataset.val_size=0) is its test/ metric (the search then chooses on the test split, and its
     summary says so); one line listing what the run logs if it has neither."""
-    if name.startswith("val/") and name not in metrics and not any(k.startswith("val/") for k in metrics):
-        name = "test/" + name.removeprefix("val/")
+    from cifar_exp.evaluation import chosen_metric
+
+    name = chosen_metric(name, [metrics])
     if name not in metrics:
         logged = ", ".join(sorted(k for k in metrics if not k.startswith("test/acc/")))
         raise UserError(
