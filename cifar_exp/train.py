@@ -247,7 +247,7 @@ class Loop:
         if self.progress.epoch > self.epochs:  # whole epochs: a cut-short last one counts
             metrics = self.evaluate_epoch()
             test, confusion = self.evaluate_test(metrics)
-            if self.data.val_images is not None:
+            if not self.test_each_epoch:  # the epochs recorded only the validation split
                 self.on_metrics(test, self.progress.step)
             return {**metrics, **test}, confusion
         metrics: dict[str, float] = {}
@@ -264,7 +264,7 @@ class Loop:
             if self.on_report:
                 self.on_report(epoch * self.reports_per_epoch, metrics, epoch == self.epochs)
         test, confusion = self.evaluate_test(metrics)
-        if self.data.val_images is not None:  # the test split's one evaluation
+        if not self.test_each_epoch:  # the test split's one evaluation (else the last epoch's was)
             log.info(f"test (once, at the end): {describe(test)}")
             self.on_metrics(test, self.progress.step)
         return {**metrics, **test}, confusion
@@ -302,15 +302,17 @@ class Loop:
             split,
         )
 
-    def _report_within_epoch(self) -> None:
+    def _report_within_epoch(self) -> float:
         """A search's report between two of an epoch's ends: the validation metrics now, recorded
-        at this step (evaluation does not touch the training's random draws or BatchNorm's statistics)."""
-        p = self.progress
+        at this step (evaluation does not touch the training's random draws or BatchNorm's
+        statistics); returns the seconds it took, which are not training time."""
+        started, p = time.perf_counter(), self.progress
         metrics = self.evaluate_epoch()
         self.model.train()
         self.on_metrics(metrics, p.step)
         number = (p.epoch - 1) * self.reports_per_epoch + p.epoch_step // self.report_every
         self.on_report(number, metrics, False)
+        return time.perf_counter() - started
 
     def train_epoch(self) -> dict[str, float]:
         """The rest of the current epoch (all of it unless resuming mid-epoch; the last one stops
@@ -326,7 +328,7 @@ class Loop:
         epoch = itertools.islice(epoch, max(0, self.total_steps - p.step))
         losses = LossSums(p, images.device, self.world)
         bar = _progress_bar(p, min(self.steps_per_epoch, self.total_steps - (p.step - p.epoch_step)))
-        started, seen = time.perf_counter(), 0
+        started, seen, reporting = time.perf_counter(), 0, 0.0
         for x, y in epoch:
             losses.add(self.train_step(x, y, p.step))
             p.advance()
@@ -337,10 +339,11 @@ class Loop:
             self._stop_if_signalled(losses, bar)
             if self.report_every and p.epoch_step % self.report_every == 0 and self.on_report:
                 if p.epoch_step < self.steps_per_epoch and p.step < self.total_steps:  # not the epoch's end
-                    self._report_within_epoch()
+                    reporting += self._report_within_epoch()
         bar.close()
         loss_epoch = losses.epoch_mean(p.epoch_step, p.step, self._lr())  # syncs
-        seconds = time.perf_counter() - started  # after the sync above: GPU work included
+        # after the sync above: GPU work included; a search's reports within the epoch left out
+        seconds = time.perf_counter() - started - reporting
         return {
             "train/loss_epoch": loss_epoch,
             "time/epoch_s": seconds,

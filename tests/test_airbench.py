@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -178,8 +179,10 @@ def make_loop(
     data: Tensors | None = None,
     on_metrics: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
     checkpoint: Callable[[dict], None] | None = None,
+    **options: Any,
 ) -> Loop:
-    """A Loop over `data` (tiny_data()) for `network(num_classes)`, built from seed 0."""
+    """A Loop over `data` (tiny_data()) for `network(num_classes)`, built from seed 0; `options`
+    are Loop's keyword arguments."""
     torch.manual_seed(0)
     data = data or tiny_data()
     classes = [str(k) for k in range(int(data.train_labels.max()) + 1)]
@@ -187,7 +190,7 @@ def make_loop(
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=0.05, momentum=0.85, nesterov=True, weight_decay=5e-3)
     generator = torch.Generator().manual_seed(0)
-    return Loop(net, optimizer, data, classes, cfg, generator, on_metrics, checkpoint)
+    return Loop(net, optimizer, data, classes, cfg, generator, on_metrics, checkpoint, **options)
 
 
 def trainer(**changes) -> TrainerConfig:
@@ -355,3 +358,27 @@ def test_anchor_smoke_runs_ours_on_cpu(tmp_path: Path) -> None:
     record = json.loads((tmp_path / "anchor.json").read_text())
     assert set(record["summary"]) == {"airbench94", "airbench94_half"}
     assert all(run["train_s"] > 0 for runs in record["runs"].values() for run in runs)
+
+
+@pytest.mark.parametrize("test_each_epoch", [False, True], ids=["val only", "test named"])
+def test_reports_within_epochs_record_each_point_once(test_each_epoch: bool) -> None:
+    """With a validation split and a search reporting twice an epoch: val/acc at each report, the
+    test split at the end only (or, named by the search, at each report too), no point twice."""
+    data = tiny_data()  # 40 images in batches of 8: 5 steps an epoch, reports after 3 and 5
+    data.val_images, data.val_labels = data.test_images, data.test_labels
+    points: list[tuple[str, int]] = []
+    reports: list[tuple[int, bool]] = []
+    loop = make_loop(
+        trainer(epochs=2),
+        data=data,
+        on_metrics=lambda metrics, step: points.extend((k, step) for k in metrics),
+        on_report=lambda report, metrics, last: reports.append((report, last)),
+        reports_per_epoch=2,
+        test_each_epoch=test_each_epoch,
+    )
+    loop.fit()
+    assert len(points) == len(set(points)), "a metric recorded twice at one step"
+    assert reports == [(1, False), (2, False), (3, False), (4, True)]
+    assert sorted(step for key, step in points if key == "val/acc") == [3, 5, 8, 10]
+    test_steps = sorted(step for key, step in points if key == "test/acc")
+    assert test_steps == ([3, 5, 8, 10] if test_each_epoch else [10])
