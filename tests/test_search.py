@@ -369,6 +369,7 @@ def test_the_search_history_marks_pruned_trials() -> None:
         (["hydra.sweeper.direction=sideways"], "hydra.sweeper.direction"),
         (["hydra.sweeper.metric=test/f1"], "hydra.sweeper.metric=test/f1: no run logs it"),
         (["hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials=0 must be at least 1"),
+        (["hydra.sweeper.reports_per_epoch=0"], "hydra.sweeper.reports_per_epoch=0 must be at least 1"),
         (["hydra.sweeper.params=null"], "the search space is empty"),
         (["optimizer.lr=interval(0.3, 0.001)"], "`low <= high` must hold"),
         (['hydra.sweeper.params={optimizer.lr:"choice(0.1,"}'], "cannot read 'optimizer.lr=choice(0.1,'"),

@@ -172,7 +172,7 @@ def make_pruner(pruner: DictConfig, reports: float) -> Any:
 
 def check_settings(sweeper: DictConfig) -> None:
     """Ranges the schema's types cannot say, one line each, before anything is asked."""
-    for key, least in (("n_trials", 1), ("n_jobs", 1)):
+    for key, least in (("n_trials", 1), ("n_jobs", 1), ("reports_per_epoch", 1)):
         if sweeper[key] < least:
             raise UserError(f"hydra.sweeper.{key}={sweeper[key]} must be at least {least}")
     pruner = sweeper.pruner

@@ -28,8 +28,6 @@ def search(config: DictConfig, launcher: Any, arguments: list[str]) -> list[Any]
     line's overrides (its sweeps join the search space). Returns the trials' job returns."""
     sweeper = config.hydra.sweeper
     study.check_settings(sweeper)
-    if sweeper.reports_per_epoch < 1:
-        raise UserError(f"hydra.sweeper.reports_per_epoch={sweeper.reports_per_epoch} must be at least 1")
     parallel = not str(config.hydra.launcher._target_).endswith(".BasicLauncher")
     if sweeper.n_jobs > 1 and not parallel:
         raise UserError(
