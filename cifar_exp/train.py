@@ -25,6 +25,7 @@ from cifar_exp.evaluation import describe, evaluate, mixed_precision
 from cifar_exp.evaluation import predict_logits as predict_logits  # run.py and tests import it here
 from cifar_exp.precision import sum_loss_hyperparameters
 from cifar_exp.schedules import Lookahead, lr_factor
+from cifar_exp.step_clock import StepClock
 
 log = logging.getLogger(__name__)
 MetricsCallback = Callable[[dict[str, float], int], None]
@@ -140,25 +141,6 @@ def _finite(value: float, step: int, lr: float) -> float:
             f"training loss became {value} by step {step} (lr={lr:g}); lower optimizer.lr or check the data"
         )
     return value
-
-
-class StepClock:
-    """Seconds spent in training steps, and in the syncs that wait for them (`with clock:` around
-    each): what time/epoch_s and images/s count. Whatever runs between steps is left out: the
-    progress bar, logging and recording, checkpoints, a search's reports, and a thread opening
-    the MLflow run. On a GPU the steps run ahead of the host, so the work they queue is counted
-    when a sync waits for it."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._started = 0.0
-
-    def __enter__(self) -> StepClock:
-        self._started = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds += time.perf_counter() - self._started
 
 
 def _progress_bar(progress: Progress, steps: int) -> tqdm:
@@ -364,6 +346,8 @@ class Loop:
             self._stop_if_signalled(losses, bar)
             if self.report_every and p.epoch_step % self.report_every == 0 and self.on_report:
                 if p.epoch_step < self.steps_per_epoch and p.step < self.total_steps:  # not the epoch's end
+                    with clock:  # a GPU's queued steps finish first: training time, not the report's
+                        clock.wait_for(images.device)
                     self._report_within_epoch()
         bar.close()
         with clock:  # the device finishes the epoch's queued steps here: training time

@@ -1,5 +1,5 @@
-"""What a run shows while it trains: throughput that counts training steps only (not the wait
-for the MLflow run, the progress bar, logging or checkpoints), log lines printed above the
+"""What a run shows while it trains: throughput that counts training steps only (not what the
+loop does between them: the progress bar, logging, recording), log lines printed above the
 progress bar instead of through it, and none of MLflow's own start-up chatter."""
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def tiny_loop(on_metrics=lambda metrics, step: None, **changes) -> Loop:
 
 
 def test_images_per_s_counts_the_training_steps_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A pause before the first step (as a thread opening the MLflow run can cause) and one in
-    recording a train/loss point are not training time; the steps themselves are."""
+    """A pause before the first step (setup) and one in recording a train/loss point are not
+    training time; the steps themselves are."""
     epochs: list[dict[str, float]] = []
     pauses = {"recording": True}
 
