@@ -106,3 +106,13 @@ def test_a_tracked_run_shows_none_of_mlflows_start_up_chatter(tmp_path: Path) ->
     assert "MLflow run " in result.stdout, shown  # ours: which run, in which store
     for chatter in MLFLOW_CHATTER:
         assert chatter not in shown, shown
+
+
+@pytest.mark.slow
+def test_a_run_into_a_tracking_server_prints_no_run_links(server, tmp_path: Path) -> None:
+    """MLflow prints "🏃 View run ... at: URL" when a run on a server ends; ours says which run."""
+    small = synthetic(train=40, test=20, epochs=1)
+    result = ok(run_cli(*small, f"mlflow.tracking_uri={server.uri}", cwd=tmp_path))
+    shown = result.stdout + result.stderr
+    assert "MLflow run " in result.stdout, shown
+    assert "View run" not in shown and "View experiment" not in shown, shown
