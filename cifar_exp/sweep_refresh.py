@@ -54,6 +54,7 @@ def refresh(client: Any, run_id: str) -> list[str]:
             if status != parent.info.status:  # e.g. a KILLED child resumed to FINISHED
                 client.update_run(parent.info.run_id, status=status)  # keeps the sweep's end time
             refreshed.append(parent.info.run_id)
+            log.info(f"MLflow: {parent.info.run_name} ({parent.info.run_id}) summarised again")
         return refreshed
     except Exception as e:  # noqa: BLE001 - the run ended already; its sweep's summary is a view
         log.warning(f"MLflow: could not refresh the summary of run {run_id}'s sweep ({first_line(e)})")

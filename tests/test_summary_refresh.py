@@ -163,6 +163,7 @@ def test_resume_of_a_sweeps_child_refreshes_the_ended_sweep_end_to_end(
     other = next(r for r in runs if r.info.run_id not in (parent.info.run_id, best))
     resumed = store.run_cli("resume", other.info.run_id, "trainer.epochs=2")
     assert resumed.returncode == 0, resumed.stderr
+    assert f"({parent.info.run_id}) summarised again" in resumed.stdout
     table = store.download(parent.info.run_id, "sweep/summary.md", tmp_path).read_text()
     assert "| epochs |" in table and "different numbers of epochs" in table
     assert store.run(parent.info.run_id).info.end_time == parent.info.end_time
