@@ -2,11 +2,15 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+# Where pip gets torch and torchvision when it creates .venv; empty: PyPI's default (the CUDA build
+# on Linux). TORCH_INDEX=https://download.pytorch.org/whl/cpu: PyTorch's CPU-only wheels, far smaller.
+TORCH_INDEX ?=
 
 .PHONY: run test test-all lint ui
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
+	$(if $(TORCH_INDEX),$(VENV)/bin/pip install -q torch torchvision --index-url $(TORCH_INDEX))
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
 

@@ -13,7 +13,7 @@ from hydra import version
 from hydra._internal.utils import _run_hydra, get_args_parser
 from omegaconf import DictConfig
 
-from cifar_exp import signals
+from cifar_exp import console, signals
 from cifar_exp.config import register_schemas
 from cifar_exp.errors import report_in_one_line
 from cifar_exp.tracking import store
@@ -61,6 +61,7 @@ def main() -> None:
         sys.path.insert(0, os.getcwd())
     signals.install()
     store.limit_http_retries()
+    console.quiet_mlflow()  # before MLflow is first imported
     try:
         if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
             from cifar_exp import commands

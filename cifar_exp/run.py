@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_exp import checkpoints, reports, signals
+from cifar_exp import checkpoints, reports, signals, sweep_refresh
 from cifar_exp.config import build
 from cifar_exp.data import ImageData
 from cifar_exp.devices import cudnn_autotune, distributed, select_device, wrap_model
@@ -76,7 +76,11 @@ def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     reporter = trial.reporter()  # in a search: reports val/acc each epoch, stops a pruned trial
 
-    with runs.start_run(cfg, device.type, gpus, resume, {"data": data.source, **(tags or {})}) as tracker:
+    continued = resume.run_id if resume else None  # a finished sweep that holds it is summarised again
+    with (
+        sweep_refresh.refreshed_after(cfg.mlflow, continued),
+        runs.start_run(cfg, device.type, gpus, resume, {"data": data.source, **(tags or {})}) as tracker,
+    ):
         path = checkpoints.file_path(cfg.trainer.checkpoint)
         # the run id once the run is open; metrics flushed before each checkpoint, tagged after
         save = checkpoints.writer(path, lambda: tracker.run_id, tracker.flush, tracker.set_checkpoint)

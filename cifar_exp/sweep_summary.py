@@ -1,7 +1,8 @@
 """A sweep's summary, read back from its children in MLflow: the table (what varies against each
 child's final metrics and training time), the plot, the best child, the parent's description, and
 for a search the trials finished and pruned and the epochs pruning saved. Written onto the parent
-when the sweep ends (sweeps.SweepCallback); `cifar-exp compare` prints the same table."""
+when the sweep ends (sweeps.SweepCallback), and again when a child changes after that
+(sweep_refresh.py); `cifar-exp compare` prints the same table."""
 
 from __future__ import annotations
 
@@ -257,11 +258,15 @@ class Summary:
         if self.groups is None:
             return display_rows(self.rows, self.keys, mark, self.metric)
         short = identity.short_keys(self.config_keys)
+        epochs = {r["run_id"]: r["epochs"] for r in self.rows if r["status"] == "FINISHED"}
         out = []
         for g in self.groups:
             row = {"best": mark if g["best"] else ""}
             row.update({short[k]: identity.short_value(str(g[k])) for k in self.config_keys})
             row["n"] = str(g["n"])
+            if len(set(epochs.values())) > 1:  # its finished seeds' epochs: "2", or "2-4" when they differ
+                trained = sorted({epochs[i] for i in g["run_ids"].split() if i in epochs}) or [""]
+                row["epochs"] = "-".join(str(e) for e in dict.fromkeys([trained[0], trained[-1]]))
             for name in dict.fromkeys([self.metric, "test/acc"]):
                 row[name] = _fraction(g[f"{name}_mean"])
                 if name == self.metric:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cifar_exp import signals
 from cifar_exp.config import TrainerConfig
@@ -24,6 +25,7 @@ from cifar_exp.evaluation import describe, evaluate, mixed_precision
 from cifar_exp.evaluation import predict_logits as predict_logits  # run.py and tests import it here
 from cifar_exp.precision import sum_loss_hyperparameters
 from cifar_exp.schedules import Lookahead, lr_factor
+from cifar_exp.step_clock import StepClock
 
 log = logging.getLogger(__name__)
 MetricsCallback = Callable[[dict[str, float], int], None]
@@ -243,7 +245,12 @@ class Loop:
         test split), then the test split once; returns the last epoch's metrics with the test
         metrics, and the test confusion matrix. Resumed with no epoch left (stopped after its last
         checkpoint, while ending), it only evaluates, recording the test metrics if the end had
-        not (the epochs' were recorded already)."""
+        not (the epochs' were recorded already). Log lines meanwhile print above the progress bar
+        (from any thread: the record writer's too), never through it."""
+        with logging_redirect_tqdm():
+            return self._fit()
+
+    def _fit(self) -> tuple[dict[str, float], torch.Tensor]:
         if self.progress.epoch > self.epochs:  # whole epochs: a cut-short last one counts
             metrics = self.evaluate_epoch()
             test, confusion = self.evaluate_test(metrics)
@@ -302,17 +309,16 @@ class Loop:
             split,
         )
 
-    def _report_within_epoch(self) -> float:
+    def _report_within_epoch(self) -> None:
         """A search's report between two of an epoch's ends: the validation metrics now, recorded
         at this step (evaluation does not touch the training's random draws or BatchNorm's
-        statistics); returns the seconds it took, which are not training time."""
-        started, p = time.perf_counter(), self.progress
+        statistics). Not training time: it runs outside the epoch's StepClock."""
+        p = self.progress
         metrics = self.evaluate_epoch()
         self.model.train()
         self.on_metrics(metrics, p.step)
         number = (p.epoch - 1) * self.reports_per_epoch + p.epoch_step // self.report_every
         self.on_report(number, metrics, False)
-        return time.perf_counter() - started
 
     def train_epoch(self) -> dict[str, float]:
         """The rest of the current epoch (all of it unless resuming mid-epoch; the last one stops
@@ -328,26 +334,28 @@ class Loop:
         epoch = itertools.islice(epoch, max(0, self.total_steps - p.step))
         losses = LossSums(p, images.device, self.world)
         bar = _progress_bar(p, min(self.steps_per_epoch, self.total_steps - (p.step - p.epoch_step)))
-        started, seen, reporting = time.perf_counter(), 0, 0.0
+        clock, seen = StepClock(), 0
         for x, y in epoch:
-            losses.add(self.train_step(x, y, p.step))
+            with clock:
+                losses.add(self.train_step(x, y, p.step))
             p.advance()
             seen += len(x) * self.world  # images/s and batch size are the global ones
             bar.update()
             if p.window == cfg.log_every_n_steps:
-                self._log_window(losses, bar, seen, started)
+                self._log_window(losses, bar, seen, clock)
             self._stop_if_signalled(losses, bar)
             if self.report_every and p.epoch_step % self.report_every == 0 and self.on_report:
                 if p.epoch_step < self.steps_per_epoch and p.step < self.total_steps:  # not the epoch's end
-                    reporting += self._report_within_epoch()
+                    with clock:  # a GPU's queued steps finish first: training time, not the report's
+                        clock.wait_for(images.device)
+                    self._report_within_epoch()
         bar.close()
-        loss_epoch = losses.epoch_mean(p.epoch_step, p.step, self._lr())  # syncs
-        # after the sync above: GPU work included; a search's reports within the epoch left out
-        seconds = time.perf_counter() - started - reporting
+        with clock:  # the device finishes the epoch's queued steps here: training time
+            loss_epoch = losses.epoch_mean(p.epoch_step, p.step, self._lr())  # syncs
         return {
             "train/loss_epoch": loss_epoch,
-            "time/epoch_s": seconds,
-            "throughput/images_per_s": seen / seconds,
+            "time/epoch_s": clock.seconds,
+            "throughput/images_per_s": seen / max(clock.seconds, 1e-9),
         }
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
@@ -368,12 +376,13 @@ class Loop:
             self.lookahead.update(self.model, step + 1)
         return loss.detach()
 
-    def _log_window(self, losses: LossSums, bar: tqdm, seen: int, started: float) -> None:
+    def _log_window(self, losses: LossSums, bar: tqdm, seen: int, clock: StepClock) -> None:
         """A train/loss point: the mean of the window's steps (this syncs the device)."""
         p = self.progress
-        mean = losses.window_mean(p.window, p.step, self._lr())
+        with clock:  # waiting for the device's queued steps is training time
+            mean = losses.window_mean(p.window, p.step, self._lr())
         log.info(f"[{p.epoch}, {p.epoch_step:5d}] loss: {mean:.3f}")
-        images_per_s = seen / (time.perf_counter() - started)  # after the sync: GPU work included
+        images_per_s = seen / max(clock.seconds, 1e-9)
         bar.set_postfix(loss=f"{mean:.3f}", img_s=f"{images_per_s:,.0f}")
         self.on_metrics({"train/loss": mean}, p.step)
         p.window = 0
