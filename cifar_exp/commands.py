@@ -356,7 +356,8 @@ def rerun(
         check_code(uri, original, tmp)
         tags = None
         if not resume:
-            tags = {"rerun_of": run_id, "mlflow.runName": f"rerun:{original.info.run_name}"}
+            recorded = json.loads(original.data.tags.get("overrides", "[]"))  # named by its own values
+            tags = {"rerun_of": run_id, "mlflow.runName": identity.rerun_name(recorded, overrides)}
         hydra_main(["--config-dir", tmp, "--config-name", "rerun", *overrides], tags)
     return 0
 
