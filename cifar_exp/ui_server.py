@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Callable
 
 from cifar_exp.errors import UserError
+from cifar_exp.signals import Terminated
 
 LEAN = ["--workers", "1"]  # one browser, one user: more workers only add processes and memory
 LEAN_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner, no huey consumers
@@ -53,8 +54,8 @@ def answers(base: str) -> bool:
 
 def serve(command: list[str], base: str, on_ready: Callable[[float], None]) -> int:
     """Runs the server `command` in its own process group until it ends or Ctrl-C; calls
-    on_ready(seconds) once `base` answers. Returns the exit status: 130 after Ctrl-C (all of the
-    server's processes stopped), the server's own if it stopped by itself."""
+    on_ready(seconds) once `base` answers. Returns the exit status: 130 after Ctrl-C, 143 after
+    SIGTERM (all of the server's processes stopped), the server's own if it stopped by itself."""
     start = time.monotonic()
     # Its own session: the terminal's Ctrl-C reaches only this process, which then stops the
     # server's whole group (its uvicorn child too), instead of leaving it serving.
@@ -65,9 +66,9 @@ def serve(command: list[str], base: str, on_ready: Callable[[float], None]) -> i
         if server.poll() is None:
             on_ready(time.monotonic() - start)
         return server.wait()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (signals.Terminated)
         print("stopping the MLflow UI", file=sys.stderr)
-        return 130
+        return 143 if isinstance(stop, Terminated) else 130
     finally:
         stop_group(server)
 

@@ -174,7 +174,8 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
 
 DRIVER = """
 import sys
-from cifar_exp import ui_server
+from cifar_exp import signals, ui_server
+signals.install()  # as cifar-exp does: SIGTERM raised like Ctrl-C
 ui_server.STOP_GRACE_S = 1
 port, pids, fake = sys.argv[1:]
 command = [sys.executable, fake, port, pids]
@@ -182,7 +183,8 @@ sys.exit(ui_server.serve(command, f"http://127.0.0.1:{port}", lambda s: print("r
 """
 
 
-def test_ctrl_c_stops_the_server_and_its_children(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sent", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_stops_the_server_and_its_children(tmp_path: Path, sent: signal.Signals, status: int) -> None:
     """Ctrl-C from a terminal reaches its foreground process group: here, the driver's."""
     (tmp_path / "fake.py").write_text(FAKE_SERVER)
     pids, port = tmp_path / "pids", free_port()
@@ -197,8 +199,8 @@ def test_ctrl_c_stops_the_server_and_its_children(tmp_path: Path) -> None:
         assert driver.stdout.readline() == "ready\n"  # only once /health answered
         server, child = map(int, pids.read_text().split())
         assert living([server, child]) == [server, child]
-        os.killpg(driver.pid, signal.SIGINT)
-        assert driver.wait(30) == 130
+        os.killpg(driver.pid, sent)
+        assert driver.wait(30) == status
         assert living([server, child]) == []
     finally:
         driver.kill()
