@@ -75,7 +75,7 @@ class Links:
         self.root = str(root)
         self.claimed: dict[str, str] = {os.path.realpath(root): "the dataset folder"}
         for split in ("train", "test"):  # a split may itself be a link to a folder elsewhere
-            self.claimed.setdefault(os.path.realpath(root / split), f"{split}/")
+            self.claimed.setdefault(os.path.realpath(root / split), f"the {split}/ folder")
 
     def follow(self, path: str, link: str) -> None:
         """Claims the target of `link` (a listed path), or refuses it in one line."""
@@ -88,7 +88,7 @@ class Links:
                     "twice or under another class; remove the link, or link only to images outside "
                     "the dataset folder"
                 )
-        self.claimed[target] = link
+        self.claimed[target] = f"what {printable(link)} links to"
 
 
 def _within(path: str, folder: str) -> bool:
@@ -96,13 +96,10 @@ def _within(path: str, folder: str) -> bool:
 
 
 def _overlap(target: str, real: str, owner: str) -> str:
-    if owner == "the dataset folder" and target == real:
-        return "the dataset folder itself"
-    if owner == "the dataset folder" and _within(real, target):
-        return "a folder that holds the dataset folder"
-    if owner == "the dataset folder" or owner.endswith("/"):
-        return "inside the dataset folder"
-    return f"which overlaps what {printable(owner)} links to"
+    """How a link's target meets what is claimed: `owner` names it ("the dataset folder")."""
+    if target == real:
+        return f"{owner} itself" if owner.startswith("the ") else f"the same as {owner}"
+    return f"a folder that holds {owner}" if _within(real, target) else f"inside {owner}"
 
 
 def list_splits(root: Path, splits: Sequence[str] = ("train", "test")) -> dict[str, Listing]:

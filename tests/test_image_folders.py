@@ -293,14 +293,26 @@ def test_two_links_to_the_same_images_stop_naming_the_second(root: Path, tmp_pat
     os.symlink(tmp_path / "shared", root / "train/cat/shared")
     os.symlink(tmp_path / "shared" / "0.png", root / second)
     message = one_line_error(root)
-    assert f"{second} is a symbolic link to" in message and "what train/cat/shared links to" in message
+    assert f"{second} is a symbolic link to" in message and "inside what train/cat/shared links to" in message
 
 
 def test_a_link_inside_a_linked_folder_back_to_it_stops(root: Path, tmp_path: Path) -> None:
-    save(solid(COLOURS["dog"]), tmp_path / "dogs" / "0.png")
-    os.symlink(tmp_path / "dogs", root / "train/dog/more")
-    os.symlink("..", tmp_path / "dogs" / "up")  # holds the folder it is in: a loop outside the data
-    assert "train/dog/more/up is a symbolic link to" in one_line_error(root)
+    save(solid(COLOURS["dog"]), tmp_path / "outside" / "dogs" / "0.png")
+    os.symlink(tmp_path / "outside" / "dogs", root / "train/dog/more")
+    os.symlink("..", tmp_path / "outside" / "dogs" / "up")  # holds the folder it is in: a loop outside
+    message = one_line_error(root)
+    assert "train/dog/more/up is a symbolic link to" in message
+    assert "a folder that holds what train/dog/more links to" in message
+
+
+def test_a_split_that_is_a_link_still_refuses_a_loop(root: Path, tmp_path: Path) -> None:
+    """train/ itself elsewhere (a big disk): a link from its class folders back up is still a loop."""
+    (root / "train").rename(tmp_path / "train_elsewhere")
+    os.symlink(tmp_path / "train_elsewhere", root / "train")
+    assert_clean(load(root))
+    os.symlink("..", tmp_path / "train_elsewhere/cat/loop")
+    assert "train/cat/loop is a symbolic link to" in (message := one_line_error(root))
+    assert "the train/ folder itself" in message
 
 
 def test_a_broken_link_stops_naming_it(root: Path, tmp_path: Path) -> None:
