@@ -105,3 +105,14 @@ def test_a_rerun_is_named_by_its_own_values(monkeypatch: pytest.MonkeyPatch, tmp
     commands.rerun(uri, "0" * 32, ["trainer.epochs=3"], lambda argv, tags: started.append(tags), False, False)
     (tags,) = started
     assert body(tags["mlflow.runName"]) == "rerun:epochs=3,lr=0.01" and tags["rerun_of"] == "0" * 32
+
+
+def test_without_an_experiment_the_last_overrides_typed_stay() -> None:
+    """What test_tracking's run types: eight settings of a small run, then what it tries."""
+    typed = [f"dataset.size{i}=100" for i in range(8)] + [
+        "model.conv1_out=8",
+        "optimizer=adam",
+        "optimizer.lr=0.01",
+    ]
+    name = body(identity.run_name(typed, []))
+    assert name.startswith("…+") and name.endswith(",conv1_out=8,optimizer=adam,lr=0.01"), name

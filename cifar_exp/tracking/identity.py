@@ -111,11 +111,12 @@ def single_run_name(overrides: list[str], prefix: str = "") -> str:
     """`prefix`, the experiment, the overrides without mlflow.* and hydra.* ones (short keys, a
     path as its last part), then ' #' and 6 random characters (MLflow's habit of a random
     suffix): two runs of the same overrides, `make run` twice, are told apart; two names are the
-    same once in 2 billion. At most NAME_CHARS characters: past them the first override and the
-    last ones typed (what is being tried, usually) stay, the count of those left out between them:
-    'synthetic,…+3…,conv1_out=8,lr=0.01 #k3x9a2'. 'default' without overrides."""
+    same once in 2 billion. At most NAME_CHARS characters: past them the experiment and the last
+    overrides typed (what is being tried, usually) stay, the count of those left out between them:
+    'tutorial_fast,…+3…,conv1_out=8,lr=0.01 #k3x9a2'. 'default' without overrides."""
     token = " #" + "".join(secrets.choice(TOKEN_CHARS) for _ in range(6))
-    return prefix + _capped(name_parts(overrides), NAME_CHARS - len(prefix) - len(token)) + token
+    parts, experiment = name_parts(overrides)
+    return prefix + _capped(parts, NAME_CHARS - len(prefix) - len(token), experiment) + token
 
 
 def rerun_name(recorded: list[str], overrides: list[str]) -> str:
@@ -127,37 +128,40 @@ def rerun_name(recorded: list[str], overrides: list[str]) -> str:
     return single_run_name(list(merged.values()), prefix="rerun:")
 
 
-def name_parts(overrides: list[str]) -> list[str]:
+def name_parts(overrides: list[str]) -> tuple[list[str], int]:
     """'experiment=tutorial_fast' -> 'tutorial_fast' (first); 'dataset.root=/data/cifar10' ->
     'root=cifar10': a name never holds a path (a path's last part says which folder; '/' or '.'
-    says nothing and is left out)."""
+    says nothing and is left out). Also how many of the parts name the experiment (0 or 1)."""
     named = [
         (key, value)
         for key, value in map(split_override, overrides)
         if not key.startswith(("mlflow.", "hydra.", "hydra/"))
     ]
     short = short_keys([key for key, _ in named])
-    experiment = [value for key, value in named if key == "experiment"]
-    parts = []
+    experiment, parts = [], []
     for key, value in named:
         if "/" in value or "\\" in value:
             value = value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].strip(".")
             if not value:
                 continue
-        if key != "experiment":
+        if key == "experiment":
+            experiment = [value]  # the last one given is the one composed
+        else:
             parts.append(f"{short[key]}={short_value(value)}")
-    return [*experiment, *parts]
+    return [*experiment, *parts], len(experiment)
 
 
-def _capped(parts: list[str], chars: int) -> str:
+def _capped(parts: list[str], chars: int, head: int) -> str:
+    """`parts` joined, in at most `chars`: past them the first `head` parts (the experiment) and the
+    last ones (what is being tried, usually) stay, the count of those left out between them."""
     if len(",".join(parts)) <= chars:
         return ",".join(parts) or "default"
-    tail: list[str] = []
-    for part in reversed(parts[1:]):
-        if len(",".join([parts[0], "…+99…", part, *tail])) > chars:
+    kept, tail = [part[: chars - 8] for part in parts[:head]], []
+    for part in reversed(parts[head:]):
+        if len(",".join([*kept, "…+999…", part, *tail])) > chars:
             break
         tail.insert(0, part)
-    return ",".join([parts[0][: chars - 6], f"…+{len(parts) - 1 - len(tail)}…", *tail])
+    return ",".join([*kept, f"…+{len(parts) - head - len(tail)}…", *tail])
 
 
 def _git(*args: str, strip: bool = True) -> str:
