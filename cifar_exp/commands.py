@@ -139,9 +139,13 @@ def ui(uri: str, port: int) -> int:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         command += ["--default-artifact-root", artifacts, "--artifacts-destination", artifacts]
     print(f"starting the MLflow UI on {base} for {uri} ...", flush=True)
+    # A SQLite file the server is about to create is not read meanwhile (its tables half made).
+    recorded = not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
 
     def links() -> list[str]:
         try:
+            if not recorded:
+                raise UserError(f"nothing recorded yet: no MLflow store at {uri.removeprefix('sqlite:///')}")
             client = open_store(uri)
             if store.local_store_folder(uri) is not None:
                 store.hide_default_experiment(client)  # a store made before the project hid it

@@ -211,7 +211,8 @@ def test_the_real_ui_is_lean_says_ready_when_it_answers_and_stops_whole(tmp_path
     port = free_port()
     ui = start_cli("ui", "--port", str(port), cwd=tmp_path, env={"PYTHONUNBUFFERED": "1"})
     try:
-        ui.wait_for(r"^MLflow UI ready on http://127.0.0.1:\d+ after \d+ s", timeout=240)
+        ready = r"^MLflow UI ready on http://127.0.0.1:\d+ after \d+ s.*\n  \(nothing recorded yet"
+        ui.wait_for(ready, timeout=240)  # the links (here: no store yet) once it answers
         assert ui_server.answers(f"http://127.0.0.1:{port}")
         started = descendants(ui.proc.pid)
         assert len(started) <= 2, started  # `mlflow ui` and one uvicorn worker: no job runner
