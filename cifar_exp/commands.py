@@ -7,10 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
+import typing
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from cifar_exp import reports, sweep_summary
+from cifar_exp import reports, sweep_summary, ui_server
 from cifar_exp.config import TrackingConfig
 from cifar_exp.errors import UserError, first_line
 from cifar_exp.tracking import identity, resumption, runs, store
@@ -39,30 +39,53 @@ USAGE = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a bad flag said in one line (not the usage block, then the error)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def counting(least: int, most: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from `least` (to `most`)."""
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least or (most is not None and value > most):
+            allowed = f"from {least} to {most}" if most is not None else f"at least {least}"
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number, {allowed}")
+        return value
+
+    return whole_number
+
+
 def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
     """Runs one subcommand; `hydra_main(argv, tags)` is the training command line."""
-    parser = argparse.ArgumentParser(prog=f"cifar-exp {command}", description=USAGE[command])
+    parser = OneLineParser(prog=f"cifar-exp {command}", description=USAGE[command])
     parser.add_argument(
         "--tracking-uri",
         default=None,
         help="MLflow store (default: $MLFLOW_TRACKING_URI, else mlruns/mlflow.db; for sync, the run's)",
     )
     if command == "ui":
-        parser.add_argument("--port", type=int, default=5000)
+        parser.add_argument("--port", type=counting(1, 65535), default=5000, help="on 127.0.0.1")
     elif command == "compare":
         parser.add_argument(
             "sweep", nargs="?", default="latest", help="the parent run's id (or its start), or latest"
         )
         parser.add_argument("--csv", action="store_true", help="CSV with full keys and values, for scripts")
     elif command == "runs":
-        parser.add_argument("--limit", type=int, default=20, help="how many runs, newest first")
+        parser.add_argument("--limit", type=counting(1), default=20, help="how many runs, newest first")
     elif command == "sync":
         parser.add_argument("output_dir", type=Path, help="a run's Hydra output folder, or a sweep's")
     else:
         parser.add_argument("run_id", help="the MLflow run id (see the UI or the end of a run's log)")
     if command == "predict":
         parser.add_argument("images", nargs="+", help="image files (any size; resized to 32x32)")
-        parser.add_argument("--top", type=int, default=3, help="classes to show per image")
+        parser.add_argument("--top", type=counting(1), default=3, help="classes to show per image")
     if command in ("rerun", "resume", "predict"):
         parser.add_argument(
             "--trust",
@@ -102,26 +125,41 @@ def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
 
 
 def ui(uri: str, port: int) -> int:
-    """`mlflow ui` on the store, bound to 127.0.0.1; a SQLite store's new artifacts go beside it.
-    Prints the links that land on the runs (model-training view) and the latest sweep's compare
-    view: MLflow 3 opens an experiment in its GenAI view (traces) unless told otherwise."""
+    """`mlflow ui` on the store, bound to 127.0.0.1, lean (cifar_exp/ui_server.py); a SQLite
+    store's new artifacts go beside it. Once the server answers, says so with the links that land
+    on the runs (model-training view) and the latest sweep's compare view: MLflow 3 opens an
+    experiment in its GenAI view (traces) unless told otherwise. Ctrl-C stops all of it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ui_server.check_port(port)  # before anything is made, started or printed
     base = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, *ui_server.LEAN]
     command += ["--host", "127.0.0.1", "--port", str(port)]
     if (artifacts := store.artifact_root(uri)) is not None:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         command += ["--default-artifact-root", artifacts, "--artifacts-destination", artifacts]
-    print(f"MLflow UI on {base} for {uri} (Ctrl-C stops it)")
-    try:
-        client = open_store(uri)
-        if store.local_store_folder(uri) is not None:
-            store.hide_default_experiment(client)  # a store made before the project hid it
-        for what, url in ui_links(client, base).items():
-            print(f"  {what:<22} {url}")
-    except UserError as e:
-        print(f"  ({e})")
-    sys.stdout.flush()
-    return subprocess.call(command)
+    print(f"starting the MLflow UI on {base} for {uri} ...", flush=True)
+    # A SQLite file the server is about to create is not read meanwhile (its tables half made).
+    recorded = not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
+
+    def links() -> list[str]:
+        try:
+            if not recorded:
+                raise UserError(f"nothing recorded yet: no MLflow store at {uri.removeprefix('sqlite:///')}")
+            client = open_store(uri)
+            if store.local_store_folder(uri) is not None:
+                store.hide_default_experiment(client)  # a store made before the project hid it
+            return [f"  {what:<22} {url}" for what, url in ui_links(client, base).items()]
+        except UserError as e:
+            return [f"  ({e})"]
+
+    def ready(seconds: float) -> None:
+        print(f"MLflow UI ready on {base} after {seconds:.0f} s (Ctrl-C stops it)")
+        print("\n".join(reading.result()), flush=True)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the store is read while the server starts
+        reading = pool.submit(links)
+        return ui_server.serve(command, base, ready)
 
 
 def ui_links(client: Any, base: str, experiment_name: str | None = None) -> dict[str, str]:
@@ -322,7 +360,8 @@ def rerun(
         check_code(uri, original, tmp)
         tags = None
         if not resume:
-            tags = {"rerun_of": run_id, "mlflow.runName": f"rerun:{original.info.run_name}"}
+            recorded = json.loads(original.data.tags.get("overrides", "[]"))  # named by its own values
+            tags = {"rerun_of": run_id, "mlflow.runName": identity.rerun_name(recorded, overrides)}
         hydra_main(["--config-dir", tmp, "--config-name", "rerun", *overrides], tags)
     return 0
 
@@ -366,6 +405,10 @@ def predict(uri: str, run_id: str, images: list[str], top: int, trust: bool) -> 
     from cifar_exp.config import build
     from cifar_exp.data import normalise, read_image
 
+    missing = [path for path in images if not Path(path).is_file()]
+    if missing:  # before the run's files are fetched
+        more = f" (and {len(missing) - 1} more)" if missing[1:] else ""
+        raise UserError(f"no image file {missing[0]}{more}")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = OmegaConf.create(yaml.safe_load(_download(uri, run_id, runs.CONFIG_ARTIFACT, tmp).read_text()))
         classes = json.loads(_download(uri, run_id, reports.CLASSES_ARTIFACT, tmp).read_text())
@@ -374,8 +417,6 @@ def predict(uri: str, run_id: str, images: list[str], top: int, trust: bool) -> 
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.eval()
     for path in images:
-        if not Path(path).is_file():
-            raise UserError(f"no image file {path}")
         x = normalise(
             read_image(Path(path))[None],
             tuple(cfg.dataset.mean),

@@ -189,7 +189,7 @@ def load_imagefolder(
                 f"dataset.root={root}: no folder {os.path.abspath(base / split)}; imagefolder needs "
                 f"{root}/train/<class>/ and {root}/test/<class>/"
             )
-    splits = {split: image_files.list_split(base, split) for split in ("train", "test")}
+    splits = image_files.list_splits(base)  # links checked across both splits
     listed = _listed_classes(root, splits)
     classes = sorted(listed["train"])
 

@@ -392,9 +392,32 @@ def figure_png(fig: Any) -> bytes:
     return out.getvalue()
 
 
+GRID_IMAGES = 32  # images in the sample and prediction grids: 4 rows of 8
+GRID_SEED = 0  # the grids' own draw: the same images for the same data, whatever the run's seed
+
+
+def grid_indices(labels: torch.Tensor, count: int = GRID_IMAGES) -> torch.Tensor:
+    """Which images a grid shows: a fixed, seeded draw across classes, taken a round at a time
+    (one image of each class, in class order, then another of each, ...), so every class is there
+    when there are at least `count` images and at most `count` classes. Data sorted by class (image
+    folders, the bundled sample) would otherwise show `count` images of its first class. Drawn with
+    its own generator: the training's random state is not touched."""
+    generator = torch.Generator().manual_seed(GRID_SEED)
+    labels = labels.cpu()
+    per_class = [
+        members[torch.randperm(len(members), generator=generator)]
+        for label in labels.unique(sorted=True)
+        if len(members := (labels == label).nonzero().flatten())
+    ]
+    rounds = max((len(members) for members in per_class), default=0)
+    drawn = [members[r] for r in range(rounds) for members in per_class if r < len(members)]
+    return torch.stack(drawn[:count]) if drawn else torch.zeros(0, dtype=torch.int64)
+
+
 def sample_files(images: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, bytes]:
-    """A grid of the first 32 training images with their labels."""
-    return {TRAIN_SAMPLES_ARTIFACT: png(image_grid(images[:32], labels[:32], classes))}
+    """A grid of training images drawn across classes (grid_indices), with their labels."""
+    shown = grid_indices(labels)
+    return {TRAIN_SAMPLES_ARTIFACT: png(image_grid(images[shown], labels[shown], classes))}
 
 
 def result_files(
@@ -405,15 +428,15 @@ def result_files(
     confusion: torch.Tensor,
     state_dict: dict[str, torch.Tensor],
 ) -> dict[str, str | bytes]:
-    """Test predictions (for the first len(predicted) test images) and the confusion matrix as
-    figures, the per-class table, and the final weights (loadable into the plain model)."""
-    n = len(predicted)
+    """Test predictions (`predicted`: for the test images grid_indices draws) and the confusion
+    matrix as figures, the per-class table, and the final weights (loadable into the plain model)."""
+    shown = grid_indices(test_labels)
     rows = per_class_rows(confusion, classes)
     weights = io.BytesIO()
     torch.save({k: v.cpu() for k, v in state_dict.items()}, weights)
     return {
         "figures/test_predictions.png": png(
-            image_grid(test_images[:n], test_labels[:n], classes, predicted.cpu())
+            image_grid(test_images[shown], test_labels[shown], classes, predicted.cpu())
         ),
         "figures/confusion_matrix.png": png(confusion_image(confusion, classes)),
         "tables/per_class_accuracy.md": markdown_table(rows),

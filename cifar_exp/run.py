@@ -131,10 +131,11 @@ def build_network(
 def result_files(
     net: torch.nn.Module, data: ImageData, tensors: Tensors, confusion: torch.Tensor
 ) -> dict[str, str | bytes]:
-    """The trained model's predictions on the first 32 test images, with the figures, tables and
-    weights they go into."""
+    """The trained model's predictions on the test images its grid shows (a draw across classes),
+    with the figures, tables and weights they go into."""
     net.eval()
-    predicted = predict_logits(net, tensors.test_images[:32]).argmax(1)
+    shown = reports.grid_indices(data.test_labels).to(tensors.test_images.device)
+    predicted = predict_logits(net, tensors.test_images[shown]).argmax(1)
     test = (data.test_images, data.test_labels, data.classes)
     return reports.result_files(*test, predicted, confusion, net.state_dict())
 

@@ -27,10 +27,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from omegaconf.nodes import BooleanNode
 
 from cifar_exp.config import build
 from cifar_exp.devices import select_device
-from cifar_exp.errors import UserError
+from cifar_exp.errors import UserError, compact_message
 from cifar_exp.run import param_groups
 from cifar_exp.validation import RANGES, hinted_ranges, validate
 
@@ -177,6 +178,11 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def node_at(cfg: DictConfig, key: str) -> Any:
+    parent, _, name = key.rpartition(".")
+    return (OmegaConf.select(cfg, parent) if parent else cfg)._get_node(name)
+
+
 def value_at(cfg: DictConfig, key: str) -> Any:
     value = OmegaConf.select(cfg, key)
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
@@ -244,3 +250,23 @@ def test_the_shortcut_agrees_with_compose_for_every_key(offline_data: dict[str, 
     for composition, cfg in distinct(offline_data).items():
         cases = [(key, BAD_VALUES[i % len(BAD_VALUES)]) for i, key in enumerate(leaves(cfg))]
         agree_with_compose(composition, cfg, cases, offline_data)
+
+
+@pytest.mark.parametrize("composition", ["", "model=airbench94", "experiment=tutorial_fast"])
+def test_a_bool_key_takes_true_or_false_only(composition: str) -> None:
+    """OmegaConf alone would read -1 and 2 as true and yes/on as words for it: a bool key given
+    anything but true or false is refused at compose time, naming the key."""
+    cfg = compose_config(*([composition] if composition else []))
+    bools = [key for key in leaves(cfg) if isinstance(node_at(cfg, key), BooleanNode)]
+    assert "trainer.flip" in bools, bools
+    for key in bools:
+        original = value_at(cfg, key)
+        for value in ("-1", "2", "1", "0", "maybe", "yes", "off", "0.5"):
+            with pytest.raises(HydraException) as refused:
+                override(cfg, key, value)
+            message = compact_message(refused.value)  # what the user reads
+            assert f"override {key}={value}: " in message and "use true or false" in message
+        for value in ("true", "false", "True"):
+            override(cfg, key, value)
+            assert value_at(cfg, key) is (value.lower() == "true")
+        OmegaConf.update(cfg, key, original, merge=False)

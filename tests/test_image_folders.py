@@ -244,15 +244,75 @@ def test_several_unreadable_images_are_one_line(root: Path) -> None:
 
 
 # ---------------------------------------------------------------- links
-def test_links_to_images_and_class_folders_are_followed(root: Path, tmp_path: Path) -> None:
+def test_links_to_images_and_folders_outside_are_followed(root: Path, tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     save(solid(COLOURS["cat"]), elsewhere / "cats" / "linked.png")
     os.symlink(elsewhere / "cats" / "linked.png", root / "train/cat/link.png")
     save(solid(COLOURS["dog"]), elsewhere / "dogs" / "0.png")
     os.symlink(elsewhere / "dogs", root / "train/dog/more")  # a linked folder inside a class
-    os.symlink(root / "train/cat", root / "train/cat/loop")  # a loop: entered once, not forever
+    os.symlink(elsewhere / "far", elsewhere / "near")  # a chain of links that ends outside
+    save(solid(COLOURS["dog"]), elsewhere / "far" / "0.png")
+    os.symlink(elsewhere / "near", root / "test/dog/chain")
     data = load(root)
     assert data.train_labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert data.test_labels.tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("link", "target", "why"),
+    [
+        ("train/cat/loop", "..", "inside the dataset folder"),  # train/: the other classes as cats
+        ("train/cat/loop", "../..", "the dataset folder itself"),
+        ("train/cat/loop", "../../..", "a folder that holds the dataset folder"),
+        ("train/cat/loop", ".", "inside the dataset folder"),  # itself
+        ("train/cat/dogs", "../dog", "inside the dataset folder"),  # a sibling class
+        ("train/cat/dog.png", "../dog/0.png", "inside the dataset folder"),  # a file of another class
+        ("train/cat/again.png", "0.png", "inside the dataset folder"),  # the same image twice
+        ("test/cat/leak", "../../train/cat", "inside the dataset folder"),  # training images tested
+        ("train/kitten", "cat", "inside the dataset folder"),  # a class folder that is another class
+    ],
+)
+def test_a_link_back_into_the_data_stops_naming_it(root: Path, link: str, target: str, why: str) -> None:
+    os.symlink(target, root / link)
+    message = one_line_error(root)
+    assert message.startswith(f"dataset.root={root}: {link} is a symbolic link to ")
+    assert why in message and "remove the link" in message
+
+
+def test_a_chain_of_links_back_up_stops_naming_the_first(root: Path, tmp_path: Path) -> None:
+    os.symlink(root / "train", tmp_path / "hop")  # outside, but it leads back into the data
+    os.symlink(tmp_path / "hop", root / "train/cat/a")
+    message = one_line_error(root)
+    assert f"train/cat/a is a symbolic link to {os.path.realpath(root / 'train')}" in message
+
+
+@pytest.mark.parametrize("second", ["train/dog/same.png", "test/dog/same.png"])
+def test_two_links_to_the_same_images_stop_naming_the_second(root: Path, tmp_path: Path, second: str) -> None:
+    """Outside the dataset, but one folder under two classes (or in both splits) is read twice."""
+    save(solid(COLOURS["cat"]), tmp_path / "shared" / "0.png")
+    os.symlink(tmp_path / "shared", root / "train/cat/shared")
+    os.symlink(tmp_path / "shared" / "0.png", root / second)
+    message = one_line_error(root)
+    assert f"{second} is a symbolic link to" in message and "inside what train/cat/shared links to" in message
+
+
+def test_a_link_inside_a_linked_folder_back_to_it_stops(root: Path, tmp_path: Path) -> None:
+    save(solid(COLOURS["dog"]), tmp_path / "outside" / "dogs" / "0.png")
+    os.symlink(tmp_path / "outside" / "dogs", root / "train/dog/more")
+    os.symlink("..", tmp_path / "outside" / "dogs" / "up")  # holds the folder it is in: a loop outside
+    message = one_line_error(root)
+    assert "train/dog/more/up is a symbolic link to" in message
+    assert "a folder that holds what train/dog/more links to" in message
+
+
+def test_a_split_that_is_a_link_still_refuses_a_loop(root: Path, tmp_path: Path) -> None:
+    """train/ itself elsewhere (a big disk): a link from its class folders back up is still a loop."""
+    (root / "train").rename(tmp_path / "train_elsewhere")
+    os.symlink(tmp_path / "train_elsewhere", root / "train")
+    assert_clean(load(root))
+    os.symlink("..", tmp_path / "train_elsewhere/cat/loop")
+    assert "train/cat/loop is a symbolic link to" in (message := one_line_error(root))
+    assert "the train/ folder itself" in message
 
 
 def test_a_broken_link_stops_naming_it(root: Path, tmp_path: Path) -> None:

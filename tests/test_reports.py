@@ -3,12 +3,15 @@ matplotlib (importing it alone cost a tracked run ~0.3 s; it is for the sweep pl
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import ok, start
+from PIL import Image
 
 from cifar_exp import reports
 
@@ -58,3 +61,64 @@ def test_figures_do_not_import_matplotlib(tmp_path: Path) -> None:
         "assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
     )
     ok(start([sys.executable, "-c", code], tmp_path).result())
+
+
+# ---------------------------------------------------------------- which images the grids show
+def class_sorted(per_class: int, classes: int = 10) -> torch.Tensor:
+    """Labels as image folders and the bundled sample hold them: all of class 0, then class 1, ..."""
+    return torch.arange(classes).repeat_interleave(per_class)
+
+
+def test_the_grids_draw_every_class_the_same_way_each_time() -> None:
+    labels = class_sorted(100)
+    rng = torch.random.get_rng_state()
+    shown = reports.grid_indices(labels)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the training's random state is untouched
+    assert len(shown) == 32 and len(set(shown.tolist())) == 32
+    assert sorted(set(labels[shown].tolist())) == list(range(10))
+    assert labels[shown[:10]].tolist() == list(range(10))  # a round: one of each class, in order
+    assert torch.equal(reports.grid_indices(labels.clone()), shown)  # the same data, the same images
+    assert shown.tolist() != list(range(32))  # drawn, not the first of each class's folder order
+
+
+@pytest.mark.parametrize(
+    ("labels", "classes_shown"),
+    [
+        (class_sorted(2), 10),  # 20 images: all of them
+        (class_sorted(1, classes=32), 32),  # 32 classes of one image: each once
+        (class_sorted(3, classes=40), 32),  # more classes than tiles: 32 of them, one image each
+        (torch.tensor([3, 3, 3, 3, 3, 0] * 10), 2),  # unbalanced: the rare class still shows
+    ],
+)
+def test_the_grid_draw_covers_classes_at_every_size(labels: torch.Tensor, classes_shown: int) -> None:
+    shown = reports.grid_indices(labels)
+    assert len(shown) == min(32, len(labels)) and len(set(shown.tolist())) == len(shown)
+    assert len(set(labels[shown].tolist())) == classes_shown
+
+
+def test_the_figures_show_every_class_and_predictions_for_the_images_shown() -> None:
+    """Each class one flat colour, sorted by class: the sample grid and the prediction grid hold
+    all ten colours, and run.result_files predicts on the very images the grid shows (a network
+    that reads the colour is right on all of them: no red caption)."""
+    from cifar_exp.data import ImageData
+    from cifar_exp.run import result_files
+    from cifar_exp.train import Tensors
+
+    labels = class_sorted(50)
+    colours = solid_images(10)
+    images = colours[labels]
+    samples = reports.sample_files(images, labels, CLASSES)[reports.TRAIN_SAMPLES_ARTIFACT]
+    found = {tuple(c) for c in np.asarray(Image.open(io.BytesIO(samples))).reshape(-1, 3).tolist()}
+    assert all(tuple(colour[:, 0, 0].tolist()) in found for colour in colours)
+
+    class ColourReader(torch.nn.Module):  # logits: 1 for the class whose colour the image has
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x[:, :, :1, :1].flatten(1)[:, None] == colours[None, :, :, 0, 0].float()).all(-1).float()
+
+    data = ImageData(images, labels, images, labels, CLASSES, (0.0,) * 3, (1.0,) * 3, "synthetic")
+    tensors = Tensors(images.float(), labels, images.float(), labels)
+    files = result_files(ColourReader(), data, tensors, torch.eye(10, dtype=torch.int64))
+    pixels = np.asarray(Image.open(io.BytesIO(files["figures/test_predictions.png"])))
+    assert (pixels == reports.GREEN).all(-1).any() and not (pixels == reports.RED).all(-1).any()
+    found = {tuple(c) for c in pixels.reshape(-1, 3).tolist()}
+    assert all(tuple(colour[:, 0, 0].tolist()) in found for colour in colours)

@@ -58,17 +58,6 @@ def test_a_sweeps_job_is_named_by_its_swept_values_only() -> None:
     assert identity.run_name(["model=airbench94", "seed=3"], ["model", "seed"]) == "model=airbench94,seed=3"
 
 
-def test_a_single_runs_name_lists_its_overrides_capped() -> None:
-    assert identity.run_name(["model.conv1_out=8", "mlflow.tracking_uri=x", "optimizer.lr=0.01"], []) == (
-        "conv1_out=8,lr=0.01"
-    )
-    assert identity.run_name([], []) == "default"
-    long = [*SMALL, "trainer.log_every_n_steps=5", "model.conv1_out=8", "optimizer.lr=0.01"]
-    name = identity.run_name(long, [])
-    assert len(name) <= identity.NAME_CHARS
-    assert name.startswith("dataset=synthetic,…+") and name.endswith(",conv1_out=8,lr=0.01"), name
-
-
 def test_sweep_overrides_split_what_varies_from_what_is_fixed() -> None:
     from omegaconf import OmegaConf
 

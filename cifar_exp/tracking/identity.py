@@ -7,6 +7,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import secrets
+import string
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ HASH_TAG = "config_hash"
 CHECKPOINT_TAG = "checkpoint"
 PRUNED_TAG = "pruned"  # a search's pruner stopped the run early (its status: KILLED); says when
 DIFF_ARTIFACT = "code/uncommitted.diff"  # `git diff HEAD` of a dirty checkout, beside the run
-NAME_CHARS = 80  # a single run's name lists its overrides up to this many characters
+NAME_CHARS = 60  # a single run's name, its distinguishing token included, is at most this long
 # This process's sweep, set by the callback: the parent run, and the keys the sweep varies.
 _sweep: dict[str, Any] = {"parent": None, "keys": ()}
 
@@ -89,30 +91,77 @@ def short_value(value: str) -> str:
     return value
 
 
+TOKEN_CHARS = string.ascii_lowercase + string.digits  # a single run's distinguishing token
+
+
 def run_name(overrides: list[str], swept: tuple[str, ...] | list[str] | None = None) -> str:
-    """Readable and deterministic. A sweep's job is named by what the sweep varies only
-    ('conv1_out=16,lr=0.01'; `swept` defaults to this process's sweep's keys). A single run by
-    its overrides without mlflow.* and hydra.* ones, short keys; past NAME_CHARS characters the
-    first one and the last ones typed (what is being tried, usually) stay, the count of those left
-    out between them: 'dataset=synthetic,…+3…,conv1_out=8,lr=0.01'. 'default' without overrides."""
+    """Readable, and never shared by two runs. A sweep's job is named by what the sweep varies only
+    ('conv1_out=16,lr=0.01'; `swept` defaults to this process's sweep's keys): its parent tells
+    its jobs apart. A single run by its experiment and its overrides (single_run_name), with a
+    token of its own: 'tutorial_fast,epochs=1,root=cifar10 #k3x9a2', 'default #p0q7zt'."""
     swept = _sweep["keys"] if swept is None else swept
     values = dict(split_override(item) for item in overrides)
     if swept and any(key in values for key in swept):
         short = short_keys(list(swept))
         return ",".join(f"{short[k]}={short_value(values[k])}" for k in swept if k in values)
-    parts = [
-        f"{key.rsplit('.', 1)[-1]}={value}"
+    return single_run_name(overrides)
+
+
+def single_run_name(overrides: list[str], prefix: str = "") -> str:
+    """`prefix`, the experiment, the overrides without mlflow.* and hydra.* ones (short keys, a
+    path as its last part), then ' #' and 6 random characters (MLflow's habit of a random
+    suffix): two runs of the same overrides, `make run` twice, are told apart; two names are the
+    same once in 2 billion. At most NAME_CHARS characters: past them the experiment and the last
+    overrides typed (what is being tried, usually) stay, the count of those left out between them:
+    'tutorial_fast,…+3…,conv1_out=8,lr=0.01 #k3x9a2'. 'default' without overrides."""
+    token = " #" + "".join(secrets.choice(TOKEN_CHARS) for _ in range(6))
+    parts, experiment = name_parts(overrides)
+    return prefix + _capped(parts, NAME_CHARS - len(prefix) - len(token), experiment) + token
+
+
+def rerun_name(recorded: list[str], overrides: list[str]) -> str:
+    """A rerun's name: the recorded run's overrides with the rerun's own on top, a key given
+    again taking its new value ('rerun:epochs=3,lr=0.01 #...' from epochs=1,lr=0.01 and
+    trainer.epochs=3)."""
+    merged = {split_override(item)[0]: item for item in recorded}
+    merged.update({split_override(item)[0]: item for item in overrides})
+    return single_run_name(list(merged.values()), prefix="rerun:")
+
+
+def name_parts(overrides: list[str]) -> tuple[list[str], int]:
+    """'experiment=tutorial_fast' -> 'tutorial_fast' (first); 'dataset.root=/data/cifar10' ->
+    'root=cifar10': a name never holds a path (a path's last part says which folder; '/' or '.'
+    says nothing and is left out). Also how many of the parts name the experiment (0 or 1)."""
+    named = [
+        (key, value)
         for key, value in map(split_override, overrides)
         if not key.startswith(("mlflow.", "hydra.", "hydra/"))
     ]
-    if len(",".join(parts)) <= NAME_CHARS:
+    short = short_keys([key for key, _ in named])
+    experiment, parts = [], []
+    for key, value in named:
+        if "/" in value or "\\" in value:
+            value = value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].strip(".")
+            if not value:
+                continue
+        if key == "experiment":
+            experiment = [value]  # the last one given is the one composed
+        else:
+            parts.append(f"{short[key]}={short_value(value)}")
+    return [*experiment, *parts], len(experiment)
+
+
+def _capped(parts: list[str], chars: int, head: int) -> str:
+    """`parts` joined, in at most `chars`: past them the first `head` parts (the experiment) and the
+    last ones (what is being tried, usually) stay, the count of those left out between them."""
+    if len(",".join(parts)) <= chars:
         return ",".join(parts) or "default"
-    tail: list[str] = []
-    for part in reversed(parts[1:]):
-        if len(",".join([parts[0], "…+99…", part, *tail])) > NAME_CHARS:
+    kept, tail = [part[: chars - 8] for part in parts[:head]], []
+    for part in reversed(parts[head:]):
+        if len(",".join([*kept, "…+999…", part, *tail])) > chars:
             break
         tail.insert(0, part)
-    return ",".join([parts[0], f"…+{len(parts) - 1 - len(tail)}…", *tail])
+    return ",".join([*kept, f"…+{len(parts) - head - len(tail)}…", *tail])
 
 
 def _git(*args: str, strip: bool = True) -> str:
