@@ -82,8 +82,7 @@ def run(
     net, model, gpus = build_network(cfg, len(data.classes), tensors, device)
     optimizer = build(cfg.optimizer, cfg.trust)(param_groups(net, cfg.optimizer))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    # in a search: reports val/acc each epoch, stops a pruned trial
-    reporter = trial.Reporter(context.trial) if context.trial else None
+    reporter = trial.Reporter(context.trial) if context.trial else None  # a search reports each epoch
     extra_tags = {"data": data.source, **(tags or {})}
     with runs.start_run(cfg, device.type, gpus, resume, extra_tags, context) as tracker:
         path = checkpoints.file_path(cfg.trainer.checkpoint)

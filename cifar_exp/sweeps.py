@@ -103,7 +103,7 @@ class SweepCallback(Callback):
         """Hands the job its context: the parent run, the swept keys and the store (in a job that runs
         in another process, this callback is the sweep's, unpickled: the job finds them whatever
         environment it inherited, as with sbatch --export=NONE), and a search's trial."""
-        if isinstance(task_function, Job):  # set once the parent run is open (else: no parent)
+        if isinstance(task_function, Job):  # each job's own: the next one's start replaces it
             trial = search_trial.link(config)
             task_function.context = JobContext(self.parent_id, tuple(self.swept), self.uri or None, trial)
         # Parallel jobs (hydra/launcher=joblib) on several GPUs: one GPU per worker, so keep
@@ -112,12 +112,6 @@ class SweepCallback(Callback):
             from cifar_exp.devices import claim_gpu
 
             claim_gpu(config.hydra.job.num, Path(config.hydra.sweep.dir) / ".gpu_locks")
-
-    def on_job_end(
-        self, config: DictConfig, job_return: Any, task_function: Any = None, **kwargs: Any
-    ) -> None:
-        if isinstance(task_function, Job):
-            task_function.context = None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self.close()
