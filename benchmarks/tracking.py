@@ -8,8 +8,8 @@ measured in the same process, alternating, and medians are reported).
   B. Per-job overhead in a sweep: a tiny job (200 images, batch 32, one epoch) with tracking on
      minus the same job with tracking off, after one tracked warm-up job (so imports and the
      store's set-up are paid once, as in a sweep). Target: < 1 s. Measured three ways: a plain
-     job, a sweep job (a parent run joined with tracking.identity.join_sweep, as the sweep callback does
-     it), and a plain job with the figures replaced by 1-pixel images (where the time goes).
+     job, a sweep job (run with a parent run's JobContext, as the sweep callback hands it), and a
+     plain job with the figures replaced by 1-pixel images (where the time goes).
   Also printed: the one-off cost of importing what tracking imports (mlflow, the figure code),
   timed in fresh subprocesses, and a breakdown of one tracked tiny job's tracking steps.
 
@@ -85,9 +85,10 @@ JOBS = 0  # output folders made so far
 EPOCH_SECONDS: dict[bool, list[float]] = {True: [], False: []}  # by tracking on/off
 
 
-def timed_run(overrides: list[str], tracking: bool) -> float:
+def timed_run(overrides: list[str], tracking: bool, job: Any = None) -> float:
     """Seconds of one cifar_exp.run.run(cfg), its printed report swallowed. The training loop's
-    own time of its last epoch (the time/epoch_s metric) goes to EPOCH_SECONDS[tracking]."""
+    own time of its last epoch (the time/epoch_s metric) goes to EPOCH_SECONDS[tracking]; `job`: the
+    JobContext of a sweep's job."""
     from cifar_exp.run import run
 
     global JOBS
@@ -96,7 +97,7 @@ def timed_run(overrides: list[str], tracking: bool) -> float:
     cfg = hydra_job([*overrides, f"mlflow.enabled={str(tracking).lower()}"], output_dir)
     started = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
-        metrics = run(cfg)
+        metrics = run(cfg, None, job)
     seconds = time.perf_counter() - started
     EPOCH_SECONDS[tracking].append(metrics.get("time/epoch_s", float("nan")))
     return seconds
@@ -118,16 +119,16 @@ def alternate(overrides: list[str], repeats: int, context: Callable[[], Any] = c
     for i in range(repeats):
         for tracking in (True, False) if i % 2 == 0 else (False, True):
             if tracking:
-                with context():
-                    on.append(timed_run(overrides, True))
+                with context() as job:
+                    on.append(timed_run(overrides, True, job))
             else:
                 off.append(timed_run(overrides, False))
     return on, off
 
 
 @contextlib.contextmanager
-def sweep_parent() -> Iterator[None]:
-    """A parent run and its id in the environment, as the sweep callback leaves them for a job."""
+def sweep_parent() -> Iterator[Any]:
+    """A parent run, and the JobContext the sweep callback hands a job of it."""
     from mlflow.tracking import MlflowClient
 
     from cifar_exp.config import TrackingConfig
@@ -136,11 +137,9 @@ def sweep_parent() -> Iterator[None]:
     config = TrackingConfig()
     client = MlflowClient(store.tracking_uri(config))
     parent = client.create_run(store.ensure_experiment(config), run_name="sweep:benchmark")
-    identity.join_sweep(parent.info.run_id)
     try:
-        yield
+        yield identity.JobContext(parent.info.run_id)
     finally:
-        identity.join_sweep(None)
         client.set_terminated(parent.info.run_id, "FINISHED")
 
 

@@ -8,33 +8,31 @@ import os
 import sys
 from pathlib import Path
 
-import hydra._internal.utils
 from hydra import version
-from hydra._internal.utils import _run_hydra, get_args_parser
 from omegaconf import DictConfig
 
 from cifar_exp import console, signals
 from cifar_exp.config import register_schemas
-from cifar_exp.errors import report_in_one_line
+from cifar_exp.hydra_private import run_command_line
+from cifar_exp.sweeps import Job
 from cifar_exp.tracking import store
+from cifar_exp.tracking.identity import JobContext
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 COMMANDS = ("ui", "compare", "runs", "rerun", "resume", "predict", "sync")
 register_schemas()
-# _run_hydra reports errors through this module-level function: ours prints user errors in one line
-hydra._internal.utils.run_and_report = report_in_one_line(hydra._internal.utils.run_and_report)
 
 
-def train(cfg: DictConfig, tags: dict[str, str] | None = None) -> float:
-    """The task function: trains one composed config; returns what a sweeper maximises. Preempted
-    under submitit, the run checkpoints and ends KILLED, then submitit requeues the job, which
-    resumes into the same run."""
+def train(cfg: DictConfig, context: JobContext | None = None, tags: dict[str, str] | None = None) -> float:
+    """The task function: trains one composed config (`context`: its sweep and trial, if any);
+    returns what a sweeper maximises. Preempted under submitit, the run checkpoints and ends
+    KILLED, then submitit requeues the job, which resumes into the same run."""
     from cifar_exp.run import run
     from cifar_exp.search import trial
 
     signals.hold_preemption()
-    try:
-        return trial.objective(run(cfg, tags))  # val/acc, or the metric a search optimises
+    try:  # val/acc, or the metric a search optimises
+        return trial.objective(run(cfg, tags, context), context.trial if context else None)
     except signals.Preempted as stop:
         stop.requeue()  # exits
         raise
@@ -44,14 +42,11 @@ def hydra_main(argv: list[str], tags: dict[str, str] | None = None) -> None:
     """Hydra's command line (overrides, -m, --help, --config-dir, ...) on `argv`, as @hydra.main
     does on sys.argv; `tags` go on every run it opens."""
     version.setbase("1.3")
-    parser = get_args_parser()
 
-    def task(cfg: DictConfig) -> float:
-        return train(cfg, tags)
+    def task(cfg: DictConfig, context: JobContext | None) -> float:
+        return train(cfg, context, tags)
 
-    # Hydra names the job after the task function's module: this one, as with @hydra.main
-    args = parser.parse_args(argv)
-    _run_hydra(args=args, args_parser=parser, task_function=task, config_path=CONF_DIR, config_name="config")
+    run_command_line(argv, Job(task), CONF_DIR, "config")
 
 
 def main() -> None:

@@ -18,6 +18,8 @@ from cifar_exp.holdout import hold_out
 from cifar_exp.precision import to_half
 from cifar_exp.search import trial
 from cifar_exp.tracking import identity, resumption, runs
+from cifar_exp.tracking.identity import JobContext
+from cifar_exp.tracking.store import tracking_uri
 from cifar_exp.train import Loop, Tensors, predict_logits, prepare
 from cifar_exp.validation import check_batch_size, validate
 
@@ -46,11 +48,17 @@ def prepare_data(dataset_yaml: str, device: str, channels_last: bool, half: bool
     return prepare(load_data(dataset_yaml, trust), torch.device(device), channels_last, dtype)
 
 
-def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]:
+def run(
+    cfg: DictConfig, tags: dict[str, str] | None = None, context: JobContext | None = None
+) -> dict[str, float]:
     """Trains and evaluates one configuration (or continues an interrupted one); returns the
-    final metrics. `tags` go on a new MLflow run (`mlflow.runName` names it)."""
+    final metrics. `tags` go on a new MLflow run (`mlflow.runName` names it); `context`: the sweep
+    and search trial the job belongs to."""
+    context = context or JobContext()
+    if context.store_uri and context.store_uri != tracking_uri(cfg.mlflow):  # the sweep's store
+        cfg = OmegaConf.merge(cfg, {"mlflow": {"tracking_uri": context.store_uri}})
     validate(cfg)  # every range, before anything is built or recorded
-    previous = identity.previous_run(cfg)  # in a re-run sweep: this config's earlier run, if any
+    previous = identity.previous_run(cfg, context.parent_run_id)  # in a re-run sweep: its earlier run
     if previous and previous.status == "FINISHED":
         log.info(f"skipped: run {previous.run_id} already finished this config")
         return previous.metrics
@@ -74,12 +82,12 @@ def run(cfg: DictConfig, tags: dict[str, str] | None = None) -> dict[str, float]
     net, model, gpus = build_network(cfg, len(data.classes), tensors, device)
     optimizer = build(cfg.optimizer, cfg.trust)(param_groups(net, cfg.optimizer))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    reporter = trial.reporter()  # in a search: reports val/acc each epoch, stops a pruned trial
-
+    reporter = trial.Reporter(context.trial) if context.trial else None  # a search reports each epoch
+    extra_tags = {"data": data.source, **(tags or {})}
     continued = resume.run_id if resume else None  # a finished sweep that holds it is summarised again
     with (
         sweep_refresh.refreshed_after(cfg.mlflow, continued),
-        runs.start_run(cfg, device.type, gpus, resume, {"data": data.source, **(tags or {})}) as tracker,
+        runs.start_run(cfg, device.type, gpus, resume, extra_tags, context) as tracker,
     ):
         path = checkpoints.file_path(cfg.trainer.checkpoint)
         # the run id once the run is open; metrics flushed before each checkpoint, tagged after

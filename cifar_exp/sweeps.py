@@ -6,10 +6,10 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +20,30 @@ from cifar_exp.errors import UserError
 from cifar_exp.search import space
 from cifar_exp.search import study as search_study
 from cifar_exp.search import trial as search_trial
+from cifar_exp.search import trials as search_trials
 from cifar_exp.sweep_summary import summarise
 from cifar_exp.tracking import identity, store
+from cifar_exp.tracking.identity import JobContext
 
 log = logging.getLogger(__name__)
 
 STUDY_TAG = "search/study"  # a search's parent: the Optuna study it runs (a re-run reopens it)
 PARAM_KEY = re.compile(r"^[\w\-. /:]+$")  # the characters MLflow accepts in a param's name
 PARAM_CHARS = 6000  # MLflow's longest param value
+
+
+class Job:
+    """Hydra's task function: `train(cfg, context)` with the JobContext the sweep callback hands it
+    as each job starts. Hydra gives on_job_start the task function beside the job's config (the one
+    the task gets is copied before), and pickles both to a job that runs elsewhere (joblib,
+    submitit): the one way into a job on every launcher."""
+
+    def __init__(self, train: Callable[[DictConfig, JobContext | None], float]) -> None:
+        self.__wrapped__ = train  # Hydra names the job after the function it wraps, as @hydra.main's
+        self.context: JobContext | None = None
+
+    def __call__(self, cfg: DictConfig) -> float:
+        return self.__wrapped__(cfg, self.context)
 
 
 class SweepCallback(Callback):
@@ -40,16 +56,24 @@ class SweepCallback(Callback):
         self.uri = ""
         self.search = False  # the sweeper picks trials from earlier results (Optuna), not a grid
         self.swept: list[str] = []  # the keys the sweep varies; its jobs are named by them
-        self.pid = 0  # the process that owns the parent run
+        self.claim: search_study.Claim | None = None  # a search's study, held while the sweep runs
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled to a job that runs elsewhere: without the study's lock, which stays here."""
+        return {**self.__dict__, "claim": None}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            claim = search_study.claim(config) if search_study.is_search(config) else None
+            search = search_study.is_search(config)
+            if search:  # its settings and space, before anything is written
+                search_trials.check(config, list(config.hydra.overrides.task))
             if not config.mlflow.enabled:
                 return
             swept, fixed = sweep_overrides(config)
+            self.claim = claim = search_study.claim(config) if search else None
             experiment_id = store.ensure_experiment(config.mlflow)
         except UserError as e:  # a bad store, a busy study, an unreadable search space: before any job
+            self.release()
             print(e, file=sys.stderr)
             sys.exit(1)
         from mlflow.tracking import MlflowClient
@@ -72,28 +96,22 @@ class SweepCallback(Callback):
             earlier = search_parent(client, experiment_id, claim.name)
         name = sweep_name(swept, self.search, time.time())
         self.parent_id = open_parent(client, experiment_id, name, tags, {**fixed, **swept}, earlier)
-        self.pid = os.getpid()
-        identity.join_sweep(self.parent_id, self.swept)
         atexit.register(self.close)
         log.info(f"MLflow parent run {self.parent_id} for this sweep ({name})")
 
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """In a job that runs in another process (submitit, joblib), this callback is the sweep's,
-        unpickled: its parent id and store go to the job whatever environment the job inherited
-        (a cluster may start jobs with a clean one, as sbatch --export=NONE does)."""
-        search_trial.join(config)  # a search's trial: it reports each epoch to the study
-        if self.parent_id and os.getpid() != self.pid:
-            identity.join_sweep(self.parent_id, self.swept)
-            os.environ["MLFLOW_TRACKING_URI"] = self.uri  # unless mlflow.tracking_uri names it
+    def on_job_start(self, config: DictConfig, task_function: Any = None, **kwargs: Any) -> None:
+        """Hands the job its context: the parent run, the swept keys and the store (in a job that runs
+        in another process, this callback is the sweep's, unpickled: the job finds them whatever
+        environment it inherited, as with sbatch --export=NONE), and a search's trial."""
+        if isinstance(task_function, Job):  # each job's own: the next one's start replaces it
+            trial = search_trial.link(config)
+            task_function.context = JobContext(self.parent_id, tuple(self.swept), self.uri or None, trial)
         # Parallel jobs (hydra/launcher=joblib) on several GPUs: one GPU per worker, so keep
         # hydra.launcher.n_jobs at most the GPU count. Does nothing on CPU or with one GPU.
         if "joblib" in str(config.hydra.launcher.get("_target_")) and config.device.name != "cpu":
             from cifar_exp.devices import claim_gpu
 
             claim_gpu(config.hydra.job.num, Path(config.hydra.sweep.dir) / ".gpu_locks")
-
-    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        search_trial.leave()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self.close()
@@ -103,7 +121,7 @@ class SweepCallback(Callback):
         if self.parent_id is None:
             return
         parent_id, self.parent_id = self.parent_id, None
-        identity.join_sweep(None)
+        self.release()
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.uri)
@@ -113,6 +131,11 @@ class SweepCallback(Callback):
         finally:
             client.set_terminated(parent_id, status)
         print(f"\n{text}", end="", flush=True)  # the sweep's answer, as `cifar-exp compare` prints it
+
+    def release(self) -> None:
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
 
 
 def search_parent(client: Any, experiment_id: str, study_name: str) -> str | None:

@@ -34,7 +34,6 @@ RUN_ERRORS = [
     (["dataset.std=[0,0.5,0.5]"], ["dataset.std=[0.0, 0.5, 0.5]", "(0, 1]"]),
     (["mlflow.tracking_uri=abc"], ["mlflow.tracking_uri=abc: not a URI"]),  # trained, then failed
 ]
-HYDRA_FRAME = ("Error executing job with overrides:", "Set the environment variable HYDRA_FULL_ERROR=1")
 
 
 def assert_user_error(result, expected: list[str]) -> None:
@@ -43,6 +42,11 @@ def assert_user_error(result, expected: list[str]) -> None:
     for text in expected:
         assert text in result.stderr, f"{text!r} not in stderr:\n{result.stderr}"
     assert "Accuracy of the network" not in result.stdout
+
+
+def said(result: CompletedProcess[str]) -> list[str]:
+    """What the command said on stderr, without MLflow's own start-up lines as it creates a store."""
+    return [line for line in result.stderr.splitlines() if line.strip() and " INFO mlflow." not in line]
 
 
 BAD_VALUES = COMPOSE_ERRORS + RUN_ERRORS
@@ -61,6 +65,7 @@ COMMANDS = {
     "full error at compose time": ([*TINY, "trainer.epochs=two"], FULL_ERROR),
     "full error in the run": ([*TINY, "trainer.batch_size=-1"], FULL_ERROR),
     "resume of nothing": ([*TINY, "resume=abc"], {}),
+    "in a sweep's job": ([*TINY, "model.conv1_out=0", "mlflow.enabled=false", "-m"], {}),
     "batch larger than the data": ([*TINY, "trainer.batch_size=1000000000", "mlflow.enabled=false"], {}),
 }
 
@@ -81,14 +86,20 @@ def test_bad_value_is_one_message(ran, overrides: list[str], expected: list[str]
     cwd, result = ran[" ".join(overrides)]
     assert_user_error(result, expected)
     assert not (cwd / "mlflow.db").exists()  # failed before a run was opened
-    if (overrides, expected) in RUN_ERRORS:  # ours, not Hydra's compose messages: exactly one line
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert len([line for line in lines if not line.startswith(HYDRA_FRAME)]) == 1, result.stderr
+    if (overrides, expected) in RUN_ERRORS:  # raised inside the job: exactly one line, no Hydra frame
+        assert len(said(result)) == 1, result.stderr
+
+
+def test_a_user_error_in_a_sweeps_job_is_one_line(ran) -> None:
+    _, result = ran["in a sweep's job"]
+    assert_user_error(result, ["model.conv1_out=0"])
+    assert len(said(result)) == 1, result.stderr
 
 
 def test_resume_of_nothing_is_one_line_and_records_nothing(ran) -> None:
     cwd, result = ran["resume of nothing"]
     assert_user_error(result, ["resume=abc: neither a checkpoint file nor a run"])
+    assert len(said(result)) == 1, result.stderr
     store = cwd / "mlflow.db"
     if store.exists():  # looking the run up may create the store; it holds no run
         with sqlite3.connect(store) as db:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import pickle
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import cloudpickle
 import pytest
 import yaml
 from conftest import PNG, Command, Server, Store, Sweep, finished_sweep, ok, start, synthetic
@@ -139,25 +138,27 @@ def test_slurm_preset_asks_slurm_for_a_gpu_a_job(
 def test_a_job_started_with_a_clean_environment_still_finds_the_parent_run(
     compose_config, tmp_path: Path
 ) -> None:
-    """A launcher that runs jobs elsewhere pickles the sweep callback; unpickled in a process whose
-    environment lacks the sweep's variables (sbatch --export=NONE), it sets them before the job."""
-    from cifar_exp.sweeps import SweepCallback
+    """A launcher that runs jobs elsewhere pickles the sweep callback and the task function;
+    unpickled in a process whose environment lacks the sweep's store (sbatch --export=NONE), the
+    callback hands the task its parent run, swept keys and store as the job starts."""
+    from cifar_exp.sweeps import Job, SweepCallback
 
     callback = SweepCallback()
-    callback.parent_id, callback.uri, callback.pid = "parent123", "sqlite:////shared/mlflow.db", os.getpid()
+    callback.parent_id, callback.uri, callback.swept = "parent123", "sqlite:////shared/mlflow.db", ["seed"]
     config = compose_config("experiment=slurm", *TINY, hydra_config=True)  # what a SLURM job gets
     job = tmp_path / "job.pkl"
-    job.write_bytes(pickle.dumps((callback, config)))
+    # as joblib and submitit pickle them: with cloudpickle (a task defined in __main__ goes by value)
+    job.write_bytes(cloudpickle.dumps((callback, config, Job(lambda cfg, context: context))))
     code = (
-        "import os, pickle, sys\n"
-        "from cifar_exp.tracking import identity\n"
-        "callback, config = pickle.loads(open(sys.argv[1], 'rb').read())\n"
-        "callback.on_job_start(config=config)\n"
-        "print(identity.sweep_parent(), os.environ.get('MLFLOW_TRACKING_URI'))\n"
+        "import pickle, sys\n"
+        "callback, config, task = pickle.loads(open(sys.argv[1], 'rb').read())\n"
+        "callback.on_job_start(config=config, task_function=task)\n"
+        "context = task(config)\n"
+        "print(context.parent_run_id, context.swept_keys, context.store_uri, context.trial)\n"
     )
     command = start([sys.executable, "-c", code, str(job)], tmp_path, env={"MLFLOW_TRACKING_URI": None})
     result = ok(command.result())
-    assert result.stdout.split() == ["parent123", "sqlite:////shared/mlflow.db"]
+    assert result.stdout.split() == ["parent123", "('seed',)", "sqlite:////shared/mlflow.db", "None"]
 
 
 @pytest.mark.slow

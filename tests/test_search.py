@@ -104,10 +104,9 @@ class StandIn:
 @pytest.fixture
 def searching(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., DictConfig]:
     """searching(*overrides): the composed config of `experiment=search` with a store and sweep
-    folder of this test's own, as the sweeper receives it (a fresh process: no study claimed)."""
+    folder of this test's own, as the sweeper receives it."""
 
     def config(*overrides: str) -> DictConfig:
-        study.release()
         return compose_config(
             "experiment=search",
             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
@@ -124,8 +123,8 @@ def states(config: DictConfig) -> dict[int, str]:
     """The study's trials by number: their state's name."""
     import optuna
 
-    claim = study.claim(config)
-    found = optuna.load_study(study_name=claim.name, storage=study.open_storage(claim.storage))
+    name, storage = study.study_name(config), study.storage_of(config)
+    found = optuna.load_study(study_name=name, storage=study.open_storage(storage))
     return {t.number: t.state.name for t in found.get_trials(deepcopy=False)}
 
 
@@ -134,11 +133,11 @@ def test_each_trial_is_one_job_that_finds_its_study(searching) -> None:
     launcher = StandIn(lambda number, params: float(params["optimizer.momentum"]))
     returns = search(config, launcher, ["dataset=synthetic"])
     assert launcher.numbers() == [0, 1, 2, 3, 4] and len(returns) == 5
-    claim = study.claim(config)
+    name, storage = study.study_name(config), study.storage_of(config)
     for _, overrides in launcher.launched:
         assert overrides[0] == "dataset=synthetic"  # the command line's fixed overrides come first
-        assert f"hydra.sweeper.study_name='{claim.name}'" in overrides
-        assert f"hydra.sweeper.storage='{claim.storage}'" in overrides
+        assert f"hydra.sweeper.study_name='{name}'" in overrides
+        assert f"hydra.sweeper.storage='{storage}'" in overrides
         assert {o.split("=")[0] for o in overrides} >= {
             "optimizer.lr",
             "optimizer.momentum",
@@ -218,14 +217,18 @@ def test_a_free_slot_starts_the_next_trial_without_waiting_for_the_others(search
     assert states(searching()) == dict.fromkeys(range(5), "COMPLETE")
 
 
-def test_one_controller_per_study(searching, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_controller_per_study(searching, tmp_path: Path) -> None:
+    from filelock import FileLock
+
     config = searching()
     claim = study.claim(config)
     assert Path(claim.storage) == tmp_path / study.JOURNAL  # beside the MLflow store
-    monkeypatch.setattr(study, "_claimed", None)  # as another process: it holds no claim
-    with pytest.raises(UserError, match=r"is being searched by another process \(pid \d+\)"):
+    study.claim(config).release()  # the sweep callback and the sweeper of one process share it
+    claim.release()
+    assert not claim.lock.is_locked  # released by every holder: free for another search
+    other = FileLock(tmp_path / f"optuna-{claim.name}.lock")  # another process's lock (its own file handle)
+    with other, pytest.raises(UserError, match=r"is being searched by another process \(pid \d+\)"):
         study.claim(config)
-    claim.lock.release()
 
 
 def test_the_same_command_names_the_same_study(searching) -> None:
@@ -375,13 +378,15 @@ def test_the_search_history_marks_pruned_trials() -> None:
         (['hydra.sweeper.params={optimizer.lr:"choice(0.1,"}'], "cannot read 'optimizer.lr=choice(0.1,'"),
     ],
 )
-def test_bad_search_input_is_one_line_before_any_trial(new_store, overrides: list[str], says: str) -> None:
+def test_bad_search_input_is_one_line_before_anything_is_written(
+    new_store, overrides: list[str], says: str
+) -> None:
     store = new_store("bad")
     result = store.run_cli("experiment=search", *TINY, *overrides, "-m")
     assert result.returncode != 0
-    assert says in result.stderr.strip().splitlines()[0], result.stderr
-    assert "Traceback" not in result.stderr
-    assert not [r for r in store.runs() if r.data.tags.get("sweep") != "true"]  # no trial ran
+    [line] = result.stderr.strip().splitlines()
+    assert says in line, result.stderr
+    assert store.runs() == []  # not even the search's parent run
 
 
 # ---------------------------------------------------------------- slow: a real Ctrl-C, real workers

@@ -42,29 +42,30 @@ def is_search(config: DictConfig) -> bool:
 
 @dataclass
 class Claim:
-    """A study this process runs: its name, storage, and the lock held until the process ends."""
+    """A study taken by its holder (the sweep callback, the sweeper): its name, storage, and the
+    lock, held until the holder releases it or the process ends."""
 
     name: str
     storage: str
     lock: BaseFileLock
 
-
-_claimed: Claim | None = None
+    def release(self) -> None:
+        """Lets the study go; another process may search it once every holder here released it."""
+        self.lock.release()
 
 
 def claim(config: DictConfig) -> Claim:
-    """Takes the study this sweep config names (once per process): one line if another search
-    runs it now. The lock is a file lock: a crashed controller leaves none behind. The holder's pid
-    is in optuna-<study>.pid beside it, for that line."""
-    global _claimed
-    if _claimed is not None:
-        return _claimed
+    """Takes the study this sweep config names: one line if another process searches it now. Holders
+    in this process share one lock (a singleton, counted: the sweep callback and the sweeper both
+    hold it); a file lock, so a crashed controller leaves none behind. The holder's pid is in
+    optuna-<study>.pid beside it, for that line."""
     from filelock import FileLock, Timeout
 
     name, storage = study_name(config), storage_of(config)
     folder = _store_folder(config.mlflow)
     folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(folder / f"optuna-{name}.lock", thread_local=False)  # the process's, not a thread's
+    # the process's lock, not a thread's; one object per file, so this process may take it again
+    lock = FileLock(folder / f"optuna-{name}.lock", thread_local=False, is_singleton=True)
     holder = folder / f"optuna-{name}.pid"
     try:
         lock.acquire(blocking=False)
@@ -75,16 +76,7 @@ def claim(config: DictConfig) -> Claim:
         ) from None
     with replacing(holder) as f:
         f.write(str(os.getpid()).encode())
-    _claimed = Claim(name, storage, lock)
-    return _claimed
-
-
-def release() -> None:
-    """Lets the study go (the search ended); another process may search it now."""
-    global _claimed
-    if _claimed is not None:
-        _claimed.lock.release()
-        _claimed = None
+    return Claim(name, storage, lock)
 
 
 def study_name(config: DictConfig) -> str:

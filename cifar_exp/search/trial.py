@@ -1,7 +1,7 @@
 """A search trial's side, in the job's process (in-process, a joblib worker or a submitit job):
 after every epoch (or `reports_per_epoch` times an epoch) it reports the chosen metric (val/acc
-by default) to the study and stops the trial when the pruner says so. The sweep callback joins
-the trial when the job starts (see sweeps.SweepCallback)."""
+by default) to the study and stops the trial when the pruner says so. The sweep callback hands
+the job its trial as it starts (see sweeps.SweepCallback)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from cifar_exp.search import study
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrialLink:
     """Which trial of which study this job is: enough for a job in any process to find it."""
 
@@ -36,29 +36,21 @@ class TrialLink:
         return math.ceil(self.epochs) * self.reports_per_epoch
 
 
-_joined: TrialLink | None = None
-
-
-def join(config: DictConfig) -> None:
-    """Called as a job starts, with its full config: is the job a trial of a search?"""
-    global _joined
-    _joined = None
-    if study.is_search(config) and config.hydra.sweeper.study_name:  # the sweeper names the study
-        sweeper = config.hydra.sweeper
-        _joined = TrialLink(
-            str(sweeper.storage),
-            str(sweeper.study_name),
-            int(config.hydra.job.num),
-            str(sweeper.metric),
-            sweeper.pruner,
-            float(config.trainer.epochs),
-            int(sweeper.reports_per_epoch),
-        )
-
-
-def leave() -> None:
-    global _joined
-    _joined = None
+def link(config: DictConfig) -> TrialLink | None:
+    """The trial a job is, from its full config (the sweeper names the study in each trial's
+    overrides); None outside a search."""
+    if not study.is_search(config) or not config.hydra.sweeper.study_name:
+        return None
+    sweeper = config.hydra.sweeper
+    return TrialLink(
+        str(sweeper.storage),
+        str(sweeper.study_name),
+        int(config.hydra.job.num),
+        str(sweeper.metric),
+        sweeper.pruner,
+        float(config.trainer.epochs),
+        int(sweeper.reports_per_epoch),
+    )
 
 
 class Reporter:
@@ -88,14 +80,9 @@ class Reporter:
             raise TrialPruned(f"after epoch {epochs:g} of {self.link.epochs:g}: {name} {value:.4f}")
 
 
-def reporter() -> Reporter | None:
-    """The current job's reporter, None outside a search."""
-    return Reporter(_joined) if _joined else None
-
-
-def objective(metrics: dict[str, Any]) -> float:
+def objective(metrics: dict[str, Any], trial: TrialLink | None) -> float:
     """What the task returns to the sweeper: the search's metric (val/acc outside a search)."""
-    return metric_value(metrics, _joined.metric if _joined else "val/acc")
+    return metric_value(metrics, trial.metric if trial else "val/acc")
 
 
 def metric_value(metrics: dict[str, Any], name: str) -> float:

@@ -14,10 +14,11 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.utils import JobReturn
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp.errors import TrialPruned, UserError, first_line
+from cifar_exp.hydra_private import job_error
 from cifar_exp.search import space, study
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,23 @@ def search(config: DictConfig, launcher: Any, arguments: list[str]) -> list[Any]
     """Runs the search `config.hydra.sweeper` describes on `launcher`; `arguments` are the command
     line's overrides (its sweeps join the search space). Returns the trials' job returns."""
     sweeper = config.hydra.sweeper
+    distributions, fixed = check(config, arguments)
+    if sweeper.metric.startswith("test/"):
+        log.warning(
+            f"hydra.sweeper.metric={sweeper.metric}: the search chooses on the test split, so its best "
+            "test score is optimistic; val/acc (the default) chooses on the validation split"
+        )
+    claim = study.claim(config)  # the sweep callback may hold it too: the same lock, counted
+    try:
+        return Trials(config, claim, distributions, fixed).run(launcher, sweeper.n_jobs)
+    finally:
+        claim.release()
+
+
+def check(config: DictConfig, arguments: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Every search setting and the search space (distributions, fixed overrides), one line for the
+    first mistake: run by the sweep callback before it writes anything, and by the search."""
+    sweeper = config.hydra.sweeper
     study.check_settings(sweeper)
     parallel = not str(config.hydra.launcher._target_).endswith(".BasicLauncher")
     if sweeper.n_jobs > 1 and not parallel:
@@ -35,12 +53,7 @@ def search(config: DictConfig, launcher: Any, arguments: list[str]) -> list[Any]
             "(or submitit_local, submitit_slurm)"
         )
     check_metric(sweeper.metric)
-    distributions, fixed = space.parse(space.items(sweeper.params, arguments))
-    try:
-        trials = Trials(config, study.claim(config), distributions, fixed)
-        return trials.run(launcher, sweeper.n_jobs)
-    finally:
-        study.release()
+    return space.parse(space.items(sweeper.params, arguments))
 
 
 def check_metric(metric: str) -> None:
@@ -52,11 +65,6 @@ def check_metric(metric: str) -> None:
         raise UserError(
             f"hydra.sweeper.metric={metric}: no run logs it; each epoch logs {', '.join(EPOCH_METRICS)} "
             f"(choosing on the test split, by name: {', '.join(TEST_METRICS)}, test/acc/<class>)"
-        )
-    if metric.startswith("test/"):
-        log.warning(
-            f"hydra.sweeper.metric={metric}: the search chooses on the test split, so its best test "
-            "score is optimistic; val/acc (the default) chooses on the validation split"
         )
 
 
@@ -162,7 +170,8 @@ class Trials:
         error = ret if isinstance(ret, BaseException) else None
         if isinstance(ret, JobReturn):
             self.returns.append(ret)
-            if ret.status == JobStatus.COMPLETED:
+            error = job_error(ret)
+            if error is None:
                 try:
                     value = float(ret.return_value)
                 except (TypeError, ValueError):
@@ -171,8 +180,6 @@ class Trials:
                     self.study.tell(number, value)
                     log.info(f"trial {number} finished: {self.sweeper.metric} {value:.4f}")
                     return
-            else:
-                error = ret._return_value  # the exception the job raised
         if isinstance(error, TrialPruned):
             self.study.tell(number, state=states.PRUNED)
             log.info(f"trial {number} pruned {error}")  # "after epoch 1 of 5: test/acc 0.2762"

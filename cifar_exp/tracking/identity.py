@@ -12,7 +12,7 @@ import string
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -21,24 +21,26 @@ from cifar_exp.config import TrackingConfig
 from cifar_exp.errors import UserError
 from cifar_exp.tracking.store import PROJECT_ROOT, tracking_uri
 
+if TYPE_CHECKING:
+    from cifar_exp.search.trial import TrialLink
+
 HASH_TAG = "config_hash"
 CHECKPOINT_TAG = "checkpoint"
 PRUNED_TAG = "pruned"  # a search's pruner stopped the run early (its status: KILLED); says when
 DIFF_ARTIFACT = "code/uncommitted.diff"  # `git diff HEAD` of a dirty checkout, beside the run
 NAME_CHARS = 60  # a single run's name, its distinguishing token included, is at most this long
-# This process's sweep, set by the callback: the parent run, and the keys the sweep varies.
-_sweep: dict[str, Any] = {"parent": None, "keys": ()}
 
 
-def join_sweep(parent_run_id: str | None, swept_keys: tuple[str, ...] | list[str] = ()) -> None:
-    """Runs opened from now on in this process are children of `parent_run_id` (None: of no sweep),
-    named by their values of `swept_keys`. Set by the sweep callback in the process that runs the
-    jobs, whichever launcher started it."""
-    _sweep["parent"], _sweep["keys"] = parent_run_id, tuple(swept_keys)
+@dataclass(frozen=True)
+class JobContext:
+    """What a job of a sweep is handed (by sweeps.SweepCallback as the job starts) and passes on as
+    an argument: the parent run its run goes under, the keys the sweep varies (they name its run),
+    the store the sweep records in (a job started elsewhere may not inherit it), its search trial."""
 
-
-def sweep_parent() -> str | None:
-    return _sweep["parent"]
+    parent_run_id: str | None = None
+    swept_keys: tuple[str, ...] = ()
+    store_uri: str | None = None
+    trial: TrialLink | None = None
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, str]:
@@ -94,12 +96,11 @@ def short_value(value: str) -> str:
 TOKEN_CHARS = string.ascii_lowercase + string.digits  # a single run's distinguishing token
 
 
-def run_name(overrides: list[str], swept: tuple[str, ...] | list[str] | None = None) -> str:
+def run_name(overrides: list[str], swept: tuple[str, ...] | list[str] = ()) -> str:
     """Readable, and never shared by two runs. A sweep's job is named by what the sweep varies only
-    ('conv1_out=16,lr=0.01'; `swept` defaults to this process's sweep's keys): its parent tells
+    ('conv1_out=16,lr=0.01'; `swept`: the keys it varies): its parent tells
     its jobs apart. A single run by its experiment and its overrides (single_run_name), with a
     token of its own: 'tutorial_fast,epochs=1,root=cifar10 #k3x9a2', 'default #p0q7zt'."""
-    swept = _sweep["keys"] if swept is None else swept
     values = dict(split_override(item) for item in overrides)
     if swept and any(key in values for key in swept):
         short = short_keys(list(swept))
@@ -217,11 +218,11 @@ class PreviousRun:
     checkpoint: str | None
 
 
-def previous_run(cfg: DictConfig) -> PreviousRun | None:
-    """In a sweep, the earlier run of this same config: a FINISHED one (the job is skipped and
-    linked to this sweep's parent), else an interrupted one with a checkpoint (it is resumed and
-    moved under this sweep's parent). None outside sweeps, with tracking off or resume set."""
-    parent = sweep_parent()
+def previous_run(cfg: DictConfig, parent: str | None) -> PreviousRun | None:
+    """In a sweep (`parent`: its parent run), the earlier run of this same config: a FINISHED one
+    (the job is skipped and linked to this sweep's parent), else an interrupted one with a
+    checkpoint (it is resumed and moved under the parent). None outside sweeps, with tracking off
+    or resume set."""
     if not parent or not cfg.mlflow.enabled or cfg.resume:
         return None
     from mlflow.tracking import MlflowClient

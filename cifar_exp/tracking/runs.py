@@ -22,12 +22,12 @@ from cifar_exp.tracking.identity import (
     CHECKPOINT_TAG,
     HASH_TAG,
     PRUNED_TAG,
+    JobContext,
     code_files,
     config_hash,
     flatten,
     git_state,
     run_name,
-    sweep_parent,
     task_overrides,
 )
 from cifar_exp.tracking.records import UNRECORDED_ARTIFACTS, UNRECORDED_METRICS, Opener, RecordWriter
@@ -187,7 +187,9 @@ def _folder_of(files: Files) -> Path:
     return folder
 
 
-def run_tags(cfg: DictConfig, device: str, gpus: int, folder: Path | None) -> dict[str, str]:
+def run_tags(
+    cfg: DictConfig, device: str, gpus: int, folder: Path | None, parent: str | None
+) -> dict[str, str]:
     """What a new run is tagged with: overrides, device, config hash, output folder, sweep (the
     code's git state is added when the run opens)."""
     tags = {
@@ -198,7 +200,7 @@ def run_tags(cfg: DictConfig, device: str, gpus: int, folder: Path | None) -> di
     }
     if folder is not None:
         tags["hydra_output_dir"] = str(folder)
-    if parent := sweep_parent():
+    if parent:
         tags["mlflow.parentRunId"] = parent
     return tags
 
@@ -240,13 +242,15 @@ def start_run(
     gpus: int,
     resume: Resume | None = None,
     extra_tags: dict[str, str] | None = None,
+    sweep: JobContext | None = None,
 ) -> Iterator[Tracker]:
     """Opens the MLflow run for one job (or reopens `resume.run_id` to continue it) from a background
     thread, so training starts at once; ends it FINISHED, FAILED (error as a tag) or KILLED, also
     when that happens before the run was even open (it is opened first, with its params).
-    `extra_tags` may name the run (`mlflow.runName`). A local store that cannot take the run stops
-    the job here, before training; one that does not answer stops it at its first metrics; one
-    that stops answering later never stops training (see RecordWriter, Tracker)."""
+    `extra_tags` may name the run (`mlflow.runName`); in a `sweep` it is its parent's child. A local
+    store that cannot take the run stops the job here, before training; one that does not answer
+    stops it at its first metrics; one that stops answering later never stops training (see
+    RecordWriter, Tracker)."""
     if not cfg.mlflow.enabled:
         yield Tracker()
         return
@@ -254,8 +258,10 @@ def start_run(
     if (local := local_store_folder(uri)) is not None:
         check_store(local, uri, cfg.mlflow.min_free_mb)  # cheap: no MLflow import
     folder = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
-    tags = {**run_tags(cfg, device, gpus, folder), **(extra_tags or {}), **(resume.tags if resume else {})}
-    name = tags.pop("mlflow.runName", run_name(task_overrides()))
+    parent, swept = (sweep.parent_run_id, sweep.swept_keys) if sweep else (None, ())
+    tags = {**run_tags(cfg, device, gpus, folder, parent), **(extra_tags or {})}
+    tags.update(resume.tags if resume else {})
+    name = tags.pop("mlflow.runName", run_name(task_overrides(), swept))
     spill = folder / UNRECORDED_METRICS if folder is not None else None
     run_id = resume.run_id if resume else None
     writer = RecordWriter(spill_path=spill, opener=opener(cfg.mlflow, name, tags, run_id))

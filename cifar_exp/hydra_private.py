@@ -1,0 +1,48 @@
+"""Every use of Hydra's private API, in this one module, each with its reason; tests/test_hydra_private.py
+fails if Hydra changes what we rely on. Importing it makes Hydra print user errors in one line."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import hydra._internal.utils
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import CompactHydraException
+
+from cifar_exp.errors import report_in_one_line
+
+
+def run_command_line(argv: list[str], task: Callable[[Any], Any], config_path: str, config_name: str) -> None:
+    """Hydra's command line (overrides, -m, --help, --config-dir, ...) on `argv`, as @hydra.main does
+    on sys.argv: @hydra.main reads only sys.argv, and our subcommands (rerun, resume) pass their own."""
+    parser = hydra._internal.utils.get_args_parser()  # private: the parser @hydra.main builds
+    args = parser.parse_args(argv)
+    # private: what @hydra.main calls; Hydra names the job after the task function's module
+    hydra._internal.utils._run_hydra(
+        args=args, args_parser=parser, task_function=task, config_path=config_path, config_name=config_name
+    )
+
+
+def job_error(job: JobReturn) -> BaseException | None:
+    """The exception a failed job raised; None if it completed. Read without Hydra's public
+    `return_value`, which prints "Error executing job with overrides: [...]" before raising it."""
+    return None if job.status == JobStatus.COMPLETED else job._return_value  # private: no print
+
+
+def _one_line_return_value(job: JobReturn) -> Any:
+    """JobReturn.return_value, with a job's user error raised without Hydra's "Error executing job
+    with overrides" line first (HYDRA_FULL_ERROR=1: as Hydra does)."""
+    error = job_error(job)
+    if isinstance(error, CompactHydraException) and os.environ.get("HYDRA_FULL_ERROR") != "1":
+        raise error
+    return _hydra_return_value(job)
+
+
+# Hydra reports a failed run or sweep through this property (run(), BasicSweeper): ours keeps a
+# user error raised inside a job to one line, as compose-time ones are
+_hydra_return_value = JobReturn.return_value.fget
+JobReturn.return_value = property(_one_line_return_value, JobReturn.return_value.fset)  # type: ignore[method-assign]
+# _run_hydra reports errors through this module-level function: ours prints user errors in one line
+hydra._internal.utils.run_and_report = report_in_one_line(hydra._internal.utils.run_and_report)
