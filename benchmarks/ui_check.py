@@ -7,6 +7,12 @@ websocket client, no other dependency), with real mouse events. Nothing leaves 1
 Prints what each step showed (URL, the text that matters) and where its screenshot is; exits
 non-zero if a step did not find what the README promises.
 
+Also checked (issue 22 items 1, 4, 7): a child's sample and prediction grids (screenshots to look at:
+every class should be there); a child resumed further after the sweep (`resume CHILD
+trainer.epochs=4`) refreshes the parent's best, description and summary, which marks the epochs
+that differ; `cifar-exp ui` says ready only once /health answers, and Ctrl-C stops its whole
+process group.
+
 usage: python benchmarks/ui_check.py [--out DIR]     (apt-get install chromium)
 """
 
@@ -19,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -213,7 +220,9 @@ def choose(browser: Browser, select_index: int, option: str) -> bool:
     return browser.click_text(option, ".du-bois-light-select-item-option-content")
 
 
-def walk(browser: Browser, links: dict[str, str], base: str, out: Path) -> int:
+def walk(browser: Browser, links: dict[str, str], base: str, out: Path, after: dict[str, Any]) -> int:
+    """The README's clicks; `after`: what the sweep looks like after a child was resumed further
+    (its run id and experiment, the best by `cifar-exp compare`)."""
     w = Walk(browser, out)
     names = [f"conv1_out={width}" for width in WIDTHS]
 
@@ -350,8 +359,48 @@ def walk(browser: Browser, links: dict[str, str], base: str, out: Path) -> int:
         bool(size),
     )
     browser.click_text("summary.md", wait=3)
-    w.step("parent_summary", "sweep/summary.md previewed", "test/acc" in browser.text())
+    text = browser.text()
+    w.step("parent_summary", "sweep/summary.md previewed", "test/acc" in text)
+    # item 4: the resumed child trained 4 epochs, the others 2: the refreshed summary says so
+    marked = re.search(r"[^\n]*different[^\n]*epochs[^\n]*|[^\n]*epochs[^\n]*differ[^\n]*", text)
+    w.step(
+        "parent_refreshed",
+        f"best in the description {best and best[1].split(',')[0]!r}, by compare {after['best']!r}; "
+        f"epochs line: {marked and marked[0].strip()!r}",
+        bool(best) and best[1].split(",")[0] == after["best"] and bool(marked),
+    )
+    for figure in ("train_samples.png", "test_predictions.png"):  # item 1: every class in the grids
+        page = f"{base}/#/experiments/{after['experiment']}/runs/{after['child']}/artifacts"
+        browser.go(page, until="figures")
+        if figure not in browser.text():  # the folder may still be open from the last figure
+            browser.click_text("figures", wait=2)
+        shown = browser.click_text(figure, wait=3)
+        w.step(f"child_{figure[:-4]}", f"{after['child'][:8]}: figures/{figure} (look at it)", shown)
     return w.failed
+
+
+def resume_a_child(env: dict[str, str], cwd: Path) -> dict[str, Any]:
+    """Resumes the sweep's weakest child to 4 epochs, as a user would after the sweep; returns its
+    run id, its experiment, and the best config `cifar-exp compare` names afterwards."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("cifar_exp").experiment_id
+    children = [r for r in client.search_runs([experiment]) if "mlflow.parentRunId" in r.data.tags]
+    weakest = min(children, key=lambda r: r.data.metrics.get("val/acc", 0.0))
+    resumed = subprocess.run(
+        [sys.executable, "-m", "cifar_exp", "resume", weakest.info.run_id, "trainer.epochs=4"],
+        cwd=cwd, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    if resumed.returncode:
+        raise RuntimeError(f"resume failed: {resumed.stderr[-2000:]}")
+    print(f"resumed {weakest.data.tags.get('mlflow.runName')} to 4 epochs; compare now says:")
+    compare = subprocess.run(
+        [sys.executable, "-m", "cifar_exp", "compare"], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    print(compare.stdout)
+    star = next(line for line in compare.stdout.splitlines() if line.startswith("*"))
+    return {"child": weakest.info.run_id, "experiment": experiment, "best": f"conv1_out={star.split()[1]}"}
 
 
 def main() -> int:
@@ -382,18 +431,29 @@ def main() -> int:
         return 1
     print(f"sweep: {time.monotonic() - started:.0f} s; its table, from `cifar-exp compare`:")
     subprocess.run([sys.executable, "-m", "cifar_exp", "compare"], cwd=cwd, env=env)
+    after = resume_a_child(env, cwd)
 
     port = free_port()
     ui = subprocess.Popen(
         [sys.executable, "-m", "cifar_exp", "ui", "--port", str(port)],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        start_new_session=True,  # its own process group, to see that Ctrl-C leaves nothing of it
     )  # fmt: skip
+    asked = time.monotonic()
     browser = None
+    failed_ready = False
     try:
         links: dict[str, str] = {}
         print("`cifar-exp ui` printed:")
         for line in ui.stdout:
             print("  " + line.rstrip())
+            if "ready" in line:  # item 7: said only once the server answers
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                    print(f"  (ready after {time.monotonic() - asked:.1f} s; /health answers: ok)")
+                except OSError:
+                    print("  FAIL: said ready, but /health does not answer")
+                    failed_ready = True
             if match := re.match(r"\s+(\S.*?:)\s+(http\S+)$", line):
                 links[match[1]] = match[2]
             if "its runs compared:" in links:
@@ -409,18 +469,25 @@ def main() -> int:
                     raise RuntimeError("the MLflow UI did not start") from None
                 time.sleep(0.5)
         browser = Browser(root / "profile")
-        failed = walk(browser, links, base, out)
+        failed = walk(browser, links, base, out, after)
     finally:
         if browser is not None:
             browser.close()
-        ui.terminate()
+        ui.send_signal(signal.SIGINT)  # Ctrl-C
         ui.wait(20)
+    time.sleep(1)
+    try:
+        os.killpg(ui.pid, 0)
+        left = subprocess.run(["pgrep", "-g", str(ui.pid)], capture_output=True, text=True).stdout.split()
+    except ProcessLookupError:
+        left = []
+    print(f"Ctrl-C on `cifar-exp ui`: exit {ui.returncode}, {len(left)} processes of it left {left}")
     strays = [p.name for p in cwd.iterdir() if p.name in ("mlruns", "mlartifacts")]
     print(f"working folder: {'stray ' + str(strays) if strays else 'no mlruns/ or mlartifacts/ created'}")
     print(f"screenshots: {out}")
     for name in ("cwd", "store", "profile"):
         shutil.rmtree(root / name, ignore_errors=True)
-    return 1 if failed or strays else 0
+    return 1 if failed or strays or left or failed_ready else 0
 
 
 if __name__ == "__main__":
