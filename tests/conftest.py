@@ -254,6 +254,46 @@ def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[
     return result
 
 
+# ---------------------------------------------------------------- commands in this process
+@dataclass
+class Ended:
+    """How a command ended in this process: its exit status (0: it returned), what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def main_in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[Callable[..., Ended]]:
+    """`python -m cifar_exp ARGS` from tmp_path into this test's store, run in this process: the
+    same command line, compose, task and one-line report (cifar_exp.__main__.hydra_main), without a
+    new interpreter's ~4 s of imports. What only a real process shows (the exit status the shell
+    gets, signals, a clean environment) needs start_cli. Hydra configures logging for each job:
+    the handlers it leaves behind are taken away after."""
+    import logging
+
+    from cifar_exp.__main__ import hydra_main
+
+    monkeypatch.chdir(tmp_path)
+    handlers = logging.getLogger().handlers[:]
+
+    def run(*args: str) -> Ended:
+        capsys.readouterr()
+        try:
+            hydra_main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        out, err = capsys.readouterr()
+        return Ended(code, out, err)
+
+    yield run
+    logging.getLogger().handlers[:] = handlers
+
+
 def signal_ignored(signum: int) -> bool:
     """Inherited as ignored (e.g. pytest started with `&`): a command would ignore it too."""
     return signal.getsignal(signum) is signal.SIG_IGN

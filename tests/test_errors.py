@@ -9,19 +9,15 @@ tests/test_bad_values.py; the messages of validation.validate: tests/test_config
 
 from __future__ import annotations
 
-import logging
 import sqlite3
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from subprocess import CompletedProcess
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import Ended, run_cli
 from hydra.errors import ConfigCompositionException
 
-from cifar_exp.__main__ import hydra_main
 from cifar_exp.errors import UserError
 
 # Valid everywhere, so each case below has exactly one mistake; tiny, should one run by accident.
@@ -51,39 +47,6 @@ BAD_VALUES = COMPOSE_ERRORS + RUN_ERRORS
 NO_GPU = not torch.cuda.is_available()
 
 
-@dataclass
-class Ended:
-    """How a command ended in this process: its exit status (0: it returned), what it printed."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-@pytest.fixture
-def command(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> Iterator[Callable[..., Ended]]:
-    """`python -m cifar_exp ARGS` from an empty folder with its own store, run in this process: the
-    same command line, compose, task and one-line report, without a new interpreter's imports.
-    Hydra configures logging for each job: the handlers it leaves behind are taken away after."""
-    monkeypatch.chdir(tmp_path)
-    handlers = logging.getLogger().handlers[:]
-
-    def run(*args: str) -> Ended:
-        capsys.readouterr()
-        try:
-            hydra_main(list(args))
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        out, err = capsys.readouterr()
-        return Ended(code, out, err)
-
-    yield run
-    logging.getLogger().handlers[:] = handlers
-
-
 def assert_user_error(result: Ended | CompletedProcess[str], expected: list[str]) -> None:
     assert result.returncode != 0, result.stdout
     assert "Traceback" not in result.stderr, result.stderr
@@ -107,8 +70,10 @@ def test_a_bad_value_is_one_line_and_exit_1_and_records_nothing(tmp_path: Path) 
 
 
 @pytest.mark.parametrize(("overrides", "expected"), BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
-def test_bad_value_is_one_message(command, tmp_path: Path, overrides: list[str], expected: list[str]) -> None:
-    result = command(*TINY, *overrides)
+def test_bad_value_is_one_message(
+    main_in_process, tmp_path: Path, overrides: list[str], expected: list[str]
+) -> None:
+    result = main_in_process(*TINY, *overrides)
     assert_user_error(result, expected)
     assert result.returncode == 1
     assert not (tmp_path / "mlflow.db").exists()  # failed before a run was opened
@@ -116,8 +81,8 @@ def test_bad_value_is_one_message(command, tmp_path: Path, overrides: list[str],
         assert len(one_line(result.stderr)) == 1, result.stderr
 
 
-def test_resume_of_nothing_is_one_line_and_records_nothing(command, tmp_path: Path) -> None:
-    result = command(*TINY, "resume=abc")
+def test_resume_of_nothing_is_one_line_and_records_nothing(main_in_process, tmp_path: Path) -> None:
+    result = main_in_process(*TINY, "resume=abc")
     assert_user_error(result, ["resume=abc: neither a checkpoint file nor a run"])
     store = tmp_path / "mlflow.db"
     if store.exists():  # looking the run up may create the store; it holds no run
@@ -125,30 +90,30 @@ def test_resume_of_nothing_is_one_line_and_records_nothing(command, tmp_path: Pa
             assert db.execute("SELECT count(*) FROM runs").fetchone() == (0,)
 
 
-def test_a_batch_larger_than_the_data_is_the_whole_set(command) -> None:
+def test_a_batch_larger_than_the_data_is_the_whole_set(main_in_process) -> None:
     """A huge value that is not an error: the run trains and finishes, and says what it did."""
-    result = command(*TINY, "trainer.batch_size=1000000000", "mlflow.enabled=false")
+    result = main_in_process(*TINY, "trainer.batch_size=1000000000", "mlflow.enabled=false")
     assert result.returncode == 0, result.stderr
     # 20 generated, 2 of them held out for validation (dataset.val_size's default tenth)
     assert "larger than the 18 training images: every epoch is one batch of 18" in result.stdout
     assert "Accuracy of the network on the 10 test images" in result.stdout
 
 
-def test_missing_imagefolder_names_the_path(command, tmp_path: Path) -> None:
-    result = command("dataset=imagefolder", "dataset.root=nothing")
+def test_missing_imagefolder_names_the_path(main_in_process, tmp_path: Path) -> None:
+    result = main_in_process("dataset=imagefolder", "dataset.root=nothing")
     assert_user_error(result, [str(tmp_path / "nothing" / "train"), "train/<class>/", "test/<class>/"])
 
 
-def test_missing_cifar10_names_the_path_and_remedies(command, tmp_path: Path) -> None:
-    result = command(
+def test_missing_cifar10_names_the_path_and_remedies(main_in_process, tmp_path: Path) -> None:
+    result = main_in_process(
         "dataset=cifar10", "dataset.root=empty", "dataset.download=false", "dataset.fallback=false"
     )
     assert_user_error(result, [str(tmp_path / "empty"), "dataset.download=true", "cifar-10-python.tar.gz"])
 
 
 @pytest.mark.skipif(not NO_GPU, reason="a GPU is present, so device=cuda is valid")
-def test_cuda_without_a_gpu(command) -> None:
-    assert_user_error(command(*TINY, "device=cuda"), ["device=cuda", "device=cpu"])
+def test_cuda_without_a_gpu(main_in_process) -> None:
+    assert_user_error(main_in_process(*TINY, "device=cuda"), ["device=cuda", "device=cpu"])
 
 
 @pytest.mark.parametrize(
@@ -160,10 +125,10 @@ def test_cuda_without_a_gpu(command) -> None:
     ids=["at compose time", "in the run"],
 )
 def test_full_error_shows_the_traceback(
-    command, monkeypatch: pytest.MonkeyPatch, overrides: list[str], raised: type, said: str
+    main_in_process, monkeypatch: pytest.MonkeyPatch, overrides: list[str], raised: type, said: str
 ) -> None:
     """HYDRA_FULL_ERROR=1: the error is raised, not reported, so Python prints its traceback."""
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     with pytest.raises(raised) as excinfo:
-        command(*TINY, *overrides)
+        main_in_process(*TINY, *overrides)
     assert said in f"{excinfo.value} {excinfo.value.__cause__}"
