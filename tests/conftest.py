@@ -271,8 +271,10 @@ def main_in_process(
     """`python -m cifar_exp ARGS` from tmp_path into this test's store, run in this process: the
     same command line, compose, task and one-line report (cifar_exp.__main__.hydra_main), without a
     new interpreter's ~4 s of imports. What only a real process shows (the exit status the shell
-    gets, signals, a clean environment) needs start_cli. Hydra configures logging for each job:
-    the handlers it leaves behind are taken away after."""
+    gets, signals, a clean environment) needs start_cli. What the command leaves for its process's
+    exit (atexit: a failed sweep's parent run is closed then) runs when it ends; Hydra configures
+    logging for each job: the handlers it leaves behind are taken away after."""
+    import atexit
     import logging
 
     from cifar_exp.__main__ import hydra_main
@@ -282,11 +284,17 @@ def main_in_process(
 
     def run(*args: str) -> Ended:
         capsys.readouterr()
-        try:
-            hydra_main(list(args))
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
+        at_exit: list[Callable[[], Any]] = []
+        with monkeypatch.context() as patch:
+            patch.setattr(atexit, "register", lambda f, *a, **k: at_exit.append(lambda: f(*a, **k)) or f)
+            try:
+                hydra_main(list(args))
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            finally:
+                for hook in reversed(at_exit):
+                    hook()
         out, err = capsys.readouterr()
         return Ended(code, out, err)
 
