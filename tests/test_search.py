@@ -8,6 +8,7 @@ parent's story, and one line for every bad input."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import threading
 from collections.abc import Callable
@@ -375,12 +376,19 @@ def test_the_search_history_marks_pruned_trials() -> None:
         (['hydra.sweeper.params={optimizer.lr:"choice(0.1,"}'], "cannot read 'optimizer.lr=choice(0.1,'"),
     ],
 )
-def test_bad_search_input_is_one_line_before_any_trial(new_store, overrides: list[str], says: str) -> None:
-    store = new_store("bad")
-    result = store.run_cli("experiment=search", *TINY, *overrides, "-m")
+def test_bad_search_input_is_one_line_before_any_trial(
+    main_in_process, empty_store_file: Path, tmp_path: Path, overrides: list[str], says: str
+) -> None:
+    """Through the front door in this process (tests/test_errors.py runs one mistake as a command)."""
+    shutil.copy(empty_store_file, tmp_path / "mlflow.db")  # the test's store (MLFLOW_TRACKING_URI)
+    try:
+        result = main_in_process("experiment=search", *TINY, *overrides, "-m")
+    finally:
+        study.release()  # a process's claim on its study: this test's process runs more searches
     assert result.returncode != 0
     assert says in result.stderr.strip().splitlines()[0], result.stderr
     assert "Traceback" not in result.stderr
+    store = Store(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
     assert not [r for r in store.runs() if r.data.tags.get("sweep") != "true"]  # no trial ran
 
 
