@@ -51,9 +51,9 @@ def test_experiment_group_is_the_experiments_folder() -> None:
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 
 
-def test_help_lists_only_real_options(run_cli, tmp_path: Path) -> None:
+def test_help_lists_only_real_options(main_in_process) -> None:
     """The schemas are registered outside the groups, so --help offers only the YAML options."""
-    result = run_cli("--help", cwd=tmp_path, timeout=60)
+    result = main_in_process("--help")
     assert result.returncode == 0, result.stderr
     section = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     listed = dict(line.split(": ", 1) for line in section.splitlines() if ": " in line)
