@@ -9,6 +9,7 @@ tests/test_bad_values.py; the messages of validation.validate: tests/test_config
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from pathlib import Path
 from subprocess import CompletedProcess
@@ -81,13 +82,15 @@ def test_bad_value_is_one_message(
         assert len(one_line(result.stderr)) == 1, result.stderr
 
 
-def test_resume_of_nothing_is_one_line_and_records_nothing(main_in_process, tmp_path: Path) -> None:
+def test_resume_of_nothing_is_one_line_and_records_nothing(
+    main_in_process, empty_store_file: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "mlflow.db"  # the test's store, where the run is looked up: made, with no run
+    shutil.copy(empty_store_file, store)
     result = main_in_process(*TINY, "resume=abc")
     assert_user_error(result, ["resume=abc: neither a checkpoint file nor a run"])
-    store = tmp_path / "mlflow.db"
-    if store.exists():  # looking the run up may create the store; it holds no run
-        with sqlite3.connect(store) as db:
-            assert db.execute("SELECT count(*) FROM runs").fetchone() == (0,)
+    with sqlite3.connect(store) as db:
+        assert db.execute("SELECT count(*) FROM runs").fetchone() == (0,)
 
 
 def test_a_batch_larger_than_the_data_is_the_whole_set(main_in_process) -> None:
