@@ -268,16 +268,17 @@ class Ended:
 def main_in_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> Iterator[Callable[..., Ended]]:
-    """`python -m cifar_exp ARGS` from tmp_path into this test's store, run in this process: the
-    same command line, compose, task and one-line report (cifar_exp.__main__.hydra_main), without a
-    new interpreter's ~4 s of imports. What only a real process shows (the exit status the shell
-    gets, signals, a clean environment) needs start_cli. What the command leaves for its process's
-    exit (atexit: a failed sweep's parent run is closed then) runs when it ends; Hydra configures
-    logging for each job: the handlers it leaves behind are taken away after."""
+    """`cifar-exp ARGS` from tmp_path into this test's store, run in this process: the same entry
+    point (cifar_exp.__main__.main: Hydra's command line or a subcommand, compose, the task, the
+    one-line report) without a new interpreter's ~4 s of imports. What only a real process shows
+    (the exit status the shell gets, signals, a clean environment) needs start_cli. What a command
+    changes of its process is put back when it ends: sys.argv and sys.path, the environment, the
+    SIGINT/SIGTERM handlers; its exit hooks (atexit: a failed sweep's parent run is closed then) run
+    then, as at a process's exit; and Hydra's logging handlers are taken away after the test."""
     import atexit
     import logging
 
-    from cifar_exp.__main__ import hydra_main
+    from cifar_exp.__main__ import main
 
     monkeypatch.chdir(tmp_path)
     handlers = logging.getLogger().handlers[:]
@@ -285,16 +286,24 @@ def main_in_process(
     def run(*args: str) -> Ended:
         capsys.readouterr()
         at_exit: list[Callable[[], Any]] = []
+        environ = dict(os.environ)
+        signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         with monkeypatch.context() as patch:
+            patch.setattr(sys, "argv", ["cifar-exp", *args])
+            patch.setattr(sys, "path", sys.path[:])
             patch.setattr(atexit, "register", lambda f, *a, **k: at_exit.append(lambda: f(*a, **k)) or f)
             try:
-                hydra_main(list(args))
+                main()
                 code = 0
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 1
             finally:
                 for hook in reversed(at_exit):
                     hook()
+                os.environ.clear()
+                os.environ.update(environ)
+                for signum, handler in signals.items():
+                    signal.signal(signum, handler)
         out, err = capsys.readouterr()
         return Ended(code, out, err)
 
