@@ -343,8 +343,12 @@ def test_the_parent_tells_the_searchs_story(pruned_search, tmp_path: Path) -> No
     assert sorted(r["status"] for r in rows) == sorted(["PRUNED"] * pruned + ["FINISHED"] * (6 - pruned))
 
 
-def test_compare_tells_pruned_from_finished(pruned_search) -> None:
-    result = ok(pruned_search.store.run_cli("compare", "latest"))
+def test_compare_tells_pruned_from_finished(
+    pruned_search, main_in_process, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", pruned_search.store.uri)
+    result = main_in_process("compare", "latest")
+    assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     pruned = sum("pruned" in c.data.tags for c in pruned_search.children)
     assert sum(" PRUNED " in line for line in lines) == pruned
