@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Store, compose_config, finished_sweep, ok, signal_ignored, synthetic
+import yaml
+from conftest import PNG, Store, compose_config, finished_sweep, ok, signal_ignored, synthetic
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import DictConfig
 
@@ -341,6 +342,26 @@ def test_the_parent_tells_the_searchs_story(pruned_search, tmp_path: Path) -> No
     assert "search/history.png" in store.artifacts(parent.info.run_id)
     rows = pruned_search.summary(tmp_path)
     assert sorted(r["status"] for r in rows) == sorted(["PRUNED"] * pruned + ["FINISHED"] * (6 - pruned))
+
+
+def test_the_parent_records_the_best_trial_beside_the_sweep(pruned_search, tmp_path: Path) -> None:
+    """The best trial's values as tags, the same best value the sweeper wrote beside the sweep (as
+    hydra-optuna-sweeper did), every trial inside experiments/search.yaml's space, the history plot a
+    PNG. (Moved from test_scale_out.py, which ran a search of its own for them.)"""
+    parent, store = pruned_search.parent, pruned_search.store
+    assert "best trial" in pruned_search.result.stdout + pruned_search.result.stderr  # our sweeper ran
+    for child in pruned_search.children:  # the space PRUNING leaves as experiments/search.yaml has it
+        assert 0.5 <= float(child.data.params["optimizer.momentum"]) <= 0.95
+        assert child.data.params["model.conv1_out"] in {"6", "16", "32"}
+    best_child = store.run(parent.data.tags["best_run_id"])
+    for key in ("optimizer.lr", "optimizer.momentum", "model.conv1_out"):
+        assert float(parent.data.tags[f"best/{key}"]) == pytest.approx(float(best_child.data.params[key]))
+    sweep_dir = pruned_search.cwd / parent.data.tags["hydra_sweep_dir"]
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(parent.data.metrics["best/val/acc"])
+    assert json.loads(parent.data.tags["sweep_params"]).keys() == results["best_params"].keys()
+    history = store.download(parent.info.run_id, "search/history.png", tmp_path)
+    assert history.read_bytes()[:8] == PNG
 
 
 def test_compare_tells_pruned_from_finished(
