@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -118,16 +119,14 @@ class Scenario:
 def started(new_store) -> Iterator[dict[str, Scenario]]:
     """The scenarios below, started together so that they share the cores. The two interrupted
     runs get their signal here, mid-training (statuses_at_ctrl_c: the runs just before it); what
-    follows a command starts as soon as that has ended: the resumes and the sweep run again."""
+    follows a command starts as soon as that has ended: the resume."""
     first = {
         "whole": [*train(), "hydra.run.dir=whole"],  # the run that "cut" is resumed to match
         "cut": [*train(), "hydra.run.dir=cut"],
         "ctrl_c": [*train(epochs=100), "hydra.run.dir=cut"],  # still training whenever it comes
-        "sweep": SWEEP,
     }
     then = {
         "cut": lambda runs: ["resume", runs[-1].info.run_id],
-        "sweep": lambda runs: SWEEP,
     }
     scenarios = {}
     for name, args in first.items():
@@ -195,12 +194,17 @@ def test_ctrl_c_exits_130_and_the_run_ends_killed_with_what_it_logged(started: d
     assert checkpoints.load(ctrl_c.store.cwd / "cut" / "checkpoint.pt")["progress"]["step"] >= 50
 
 
-def test_rerunning_a_sweep_skips_finished_jobs(started: dict[str, Scenario]) -> None:
-    sweep = started["sweep"]
-    ok(sweep.result)
-    second = ok(sweep.then.result())  # the same sweep again
+def test_rerunning_a_sweep_skips_finished_jobs(
+    main_in_process, empty_store_file: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    """Both sweeps in this process (conftest's main_in_process), one after the other."""
+    shutil.copy(empty_store_file, tmp_path / "mlflow.db")  # the test's store (MLFLOW_TRACKING_URI)
+    first = main_in_process(*SWEEP)
+    assert first.returncode == 0, first.stderr
+    second = main_in_process(*SWEEP)  # the same sweep again
+    assert second.returncode == 0, second.stderr
     assert second.stdout.count("already finished") + second.stderr.count("already finished") == 2
-    runs = sweep.store.runs()
+    runs = Store(mlflow_store).runs()
     children = [r for r in runs if r.data.tags.get("sweep") != "true"]
     assert len(children) == 2, "no job ran twice"
     parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
