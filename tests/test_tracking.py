@@ -14,6 +14,7 @@ import io
 import json
 import math
 import re
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,7 +39,6 @@ from conftest import (
     Store,
     Sweep,
     accuracy_report,
-    finished_sweep,
     ok,
     synthetic,
 )
@@ -84,12 +84,10 @@ def resolved(compose_config, overrides: list[str]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the commands, started together
 @pytest.fixture(scope="module")
 def launched(new_store) -> Iterator[dict[str, tuple[Store, Command]]]:
-    """The one run (into a folder with no store yet) and the sweep with a failing job, started
-    together."""
+    """The one run, into a folder with no store yet."""
     started = {}
     for name, args, created in [
         ("single", SINGLE, False),
-        ("failing_sweep", FAILING_SWEEP, True),
     ]:
         store = new_store(name, created=created)
         started[name] = (store, store.start_cli(*args))
@@ -330,9 +328,15 @@ def test_predict_prints_top_classes_per_image(single: Recorded, use, tmp_path: P
 
 
 # ---------------------------------------------------------------- a sweep with a failing job
-@pytest.fixture(scope="module")
-def failing_sweep(launched: dict[str, tuple[Store, Command]]) -> Sweep:
-    return finished_sweep(*launched["failing_sweep"])
+@pytest.fixture
+def failing_sweep(main_in_process, empty_store_file: Path, tmp_path: Path, mlflow_store: str) -> Sweep:
+    """The sweep, in this process (conftest's main_in_process), into a copy of the empty store."""
+    shutil.copy(empty_store_file, tmp_path / "mlflow.db")  # the test's store (MLFLOW_TRACKING_URI)
+    result = main_in_process(*FAILING_SWEEP)
+    store = Store(mlflow_store)
+    [parent] = [r for r in store.runs() if r.data.tags.get("sweep") == "true"]
+    children = [r for r in store.runs() if r.info.run_id != parent.info.run_id]
+    return Sweep(store, tmp_path, result, parent, children)
 
 
 def test_a_job_whose_loss_is_not_finite_fails_and_the_sweep_goes_on(
