@@ -273,10 +273,15 @@ def main_in_process(
     one-line report) without a new interpreter's ~4 s of imports. What only a real process shows
     (the exit status the shell gets, signals, a clean environment) needs start_cli. What a command
     changes of its process is put back when it ends: sys.argv and sys.path, the environment, the
-    SIGINT/SIGTERM handlers; its exit hooks (atexit: a failed sweep's parent run is closed then) run
-    then, as at a process's exit; and Hydra's logging handlers are taken away after the test."""
+    SIGINT/SIGTERM handlers, Hydra's record of the job it ran (HydraConfig: run() called directly
+    would take it for its own job); its exit hooks (atexit: a failed sweep's parent run is closed
+    then) run then, as at a process's exit; and Hydra's logging handlers are taken away after the
+    test."""
     import atexit
     import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
     from cifar_exp.__main__ import main
 
@@ -304,6 +309,8 @@ def main_in_process(
                 os.environ.update(environ)
                 for signum, handler in signals.items():
                     signal.signal(signum, handler)
+                HydraConfig.instance().cfg = None
+                GlobalHydra.instance().clear()
         out, err = capsys.readouterr()
         return Ended(code, out, err)
 
