@@ -254,6 +254,70 @@ def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[
     return result
 
 
+# ---------------------------------------------------------------- commands in this process
+@dataclass
+class Ended:
+    """How a command ended in this process: its exit status (0: it returned), what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def main_in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[Callable[..., Ended]]:
+    """`cifar-exp ARGS` from tmp_path into this test's store, run in this process: the same entry
+    point (cifar_exp.__main__.main: Hydra's command line or a subcommand, compose, the task, the
+    one-line report) without a new interpreter's ~4 s of imports. What only a real process shows
+    (the exit status the shell gets, signals, a clean environment) needs start_cli. What a command
+    changes of its process is put back when it ends: sys.argv and sys.path, the environment, the
+    SIGINT/SIGTERM handlers, Hydra's record of the job it ran (HydraConfig: run() called directly
+    would take it for its own job); its exit hooks (atexit: a failed sweep's parent run is closed
+    then) run then, as at a process's exit; and Hydra's logging handlers are taken away after the
+    test."""
+    import atexit
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from cifar_exp.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    handlers = logging.getLogger().handlers[:]
+
+    def run(*args: str) -> Ended:
+        capsys.readouterr()
+        at_exit: list[Callable[[], Any]] = []
+        environ = dict(os.environ)
+        signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, "argv", ["cifar-exp", *args])
+            patch.setattr(sys, "path", sys.path[:])
+            patch.setattr(atexit, "register", lambda f, *a, **k: at_exit.append(lambda: f(*a, **k)) or f)
+            try:
+                main()
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            finally:
+                for hook in reversed(at_exit):
+                    hook()
+                os.environ.clear()
+                os.environ.update(environ)
+                for signum, handler in signals.items():
+                    signal.signal(signum, handler)
+                HydraConfig.instance().cfg = None
+                GlobalHydra.instance().clear()
+        out, err = capsys.readouterr()
+        return Ended(code, out, err)
+
+    yield run
+    logging.getLogger().handlers[:] = handlers
+
+
 def signal_ignored(signum: int) -> bool:
     """Inherited as ignored (e.g. pytest started with `&`): a command would ignore it too."""
     return signal.getsignal(signum) is signal.SIG_IGN

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, compose_config, ok, run_cli, synthetic
+from conftest import REPO, compose_config, synthetic
 from omegaconf import OmegaConf
 
 from cifar_exp import train
@@ -138,8 +138,8 @@ HALF = ["trainer.half=true", "trainer.autocast=false"]
 
 
 @pytest.mark.parametrize("precision", [[], HALF], ids=["autocast", "half"])
-def test_airbench94_experiment_trains_a_few_batches_on_cpu(tmp_path: Path, precision: list[str]) -> None:
-    result = run_cli(
+def test_airbench94_experiment_trains_a_few_batches_on_cpu(main_in_process, precision: list[str]) -> None:
+    result = main_in_process(
         "experiment=airbench94",
         *synthetic(train=256, test=100, epochs=1.5, batch=128, log_every=None),  # 3 steps, epoch 2 cut short
         "model.block1=16",
@@ -147,9 +147,8 @@ def test_airbench94_experiment_trains_a_few_batches_on_cpu(tmp_path: Path, preci
         "model.block3=32",
         "mlflow.enabled=false",
         *precision,
-        cwd=tmp_path,
     )
-    ok(result)
+    assert result.returncode == 0, result.stderr
     assert "epoch 2/2:" in result.stdout
     assert re.search(r"Accuracy of the network on the 100 test images: \d+ %", result.stdout)
 

@@ -51,9 +51,9 @@ def test_experiment_group_is_the_experiments_folder() -> None:
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 
 
-def test_help_lists_only_real_options(run_cli, tmp_path: Path) -> None:
+def test_help_lists_only_real_options(main_in_process) -> None:
     """The schemas are registered outside the groups, so --help offers only the YAML options."""
-    result = run_cli("--help", cwd=tmp_path, timeout=60)
+    result = main_in_process("--help")
     assert result.returncode == 0, result.stderr
     section = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     listed = dict(line.split(": ", 1) for line in section.splitlines() if ": " in line)
@@ -251,73 +251,54 @@ def test_experiment_sets_only_what_differs_from_the_defaults(compose_config, nam
         assert lookup(base, path) != value, f"{name}: {'.'.join(path)}={value} is already the default"
 
 
-# The recipes as they stood when experiments became pure diffs: a change of the defaults they
-# build on (sgd's momentum, the CNN's widths, 2 epochs, ...) must not change them unnoticed.
-RECIPES = {
-    "tutorial_fast": {
-        "model._target_": "cifar_exp.models.CNN",
-        "model.conv1_out": 6,
-        "model.conv2_out": 16,
-        "model.fc1_out": 120,
-        "model.fc2_out": 84,
-        "model.kernel_size": 5,
-        "optimizer._target_": "torch.optim.SGD",
-        "optimizer.lr": 0.05,
-        "optimizer.momentum": 0.9,
-        "optimizer.nesterov": True,
-        "optimizer.weight_decay": 0.0,
-        "trainer.epochs": 2,
-        "trainer.batch_size": 128,
-        "trainer.log_every_n_steps": 100,
-        "trainer.lr_schedule": "onecycle",
-        "trainer.warmup_fraction": 0.2,
-        "trainer.channels_last": True,
-        "trainer.label_smoothing": 0.0,
-    },
-    "airbench94": {
-        "model._target_": "cifar_exp.models.Airbench94",
-        "model.whiten_width": 24,
-        "model.block1": 64,
-        "model.block2": 256,
-        "model.block3": 256,
-        "model.batchnorm_momentum": 0.6,
-        "model.whiten_bias_epochs": 3,
-        "dataset.mean": [0.4914, 0.4822, 0.4465],
-        "dataset.std": [0.2470, 0.2435, 0.2616],
-        "dataset.val_size": 0,
-        "optimizer._target_": "torch.optim.SGD",
-        "optimizer.lr": 1.5,
-        "optimizer.momentum": 0.85,
-        "optimizer.nesterov": True,
-        "optimizer.weight_decay": 0.00133,
-        "optimizer.norm_bias_lr_scale": 64,
-        "trainer.epochs": 9.9,
-        "trainer.batch_size": 1024,
-        "trainer.test_batch_size": 2000,
-        "trainer.lr_schedule": "onecycle",
-        "trainer.warmup_fraction": 0.23,
-        "trainer.label_smoothing": 0.2,
-        "trainer.flip": True,
-        "trainer.alternate_flip": True,
-        "trainer.translate": 2,
-        "trainer.channels_last": True,
-        "trainer.autocast": True,
-        "trainer.half": False,
-        "trainer.autocast_dtype": "float16",
-        "trainer.drop_last": True,
-        "trainer.compile": False,
-        "trainer.tta": 2,
-        "trainer.lookahead": True,
-        "device.name": "auto",
-    },
-}
+def recipe(name: str) -> tuple[dict[str, str], dict[tuple[str, ...], Any]]:
+    """What experiments/NAME.yaml asks for, read from the YAMLs: the group options it chooses and
+    every key it sets, after the experiments it builds on (in its defaults order, `_self_` last
+    unless placed) and the keys of each config group option it chooses (conf/GROUP/OPTION.yaml)."""
+    body = yaml.safe_load((REPO / "experiments" / f"{name}.yaml").read_text()) or {}
+    defaults = body.pop("defaults", [])
+    if "_self_" not in defaults:
+        defaults = [*defaults, "_self_"]
+    groups: dict[str, str] = {}
+    keys: dict[tuple[str, ...], Any] = {}
+    for entry in defaults:
+        if entry == "_self_":
+            keys.update(leaves(body))
+        elif isinstance(entry, str):  # another experiment it builds on
+            built_groups, built_keys = recipe(entry)
+            groups.update(built_groups)
+            keys.update(built_keys)
+        else:
+            for key, option in entry.items():
+                group = key.removeprefix("override ").strip("/")
+                groups[group] = option
+                option_file = CONF_DIR / group / f"{option}.yaml"
+                if option_file.exists():  # a group of ours (hydra/sweeper's options are Hydra plugins')
+                    option_body = yaml.safe_load(option_file.read_text())
+                    option_body.pop("defaults", None)
+                    keys.update({(*group.split("/"), *path): v for path, v in leaves(option_body).items()})
+    return groups, keys
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
-def test_experiment_recipe(compose_config, name: str) -> None:
-    cfg = compose_config(f"experiment={name}")
-    composed = {key: lookup(cfg, tuple(key.split("."))) for key in RECIPES[name]}
-    assert composed == RECIPES[name]
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_to_its_recipe(compose_config, name: str) -> None:
+    """The composed config holds every group option and key the experiment's YAMLs set: none lost
+    to the defaults order, an experiment it builds on or a group option it chooses."""
+    cfg = compose_config(f"experiment={name}", hydra_config=True)
+    groups, keys = recipe(name)
+    assert {group: cfg.hydra.runtime.choices[group] for group in groups} == groups
+    assert {".".join(path): lookup(cfg, path) for path in keys} == {
+        ".".join(path): value for path, value in keys.items()
+    }
+
+
+def test_tutorial_fast_is_the_tutorial_s_network_and_optimizer(compose_config) -> None:
+    """tutorial_fast changes the tutorial's schedule and batches, never its layers or momentum
+    (its header's promise: same layers, same widths)."""
+    fast, tutorial = compose_config("experiment=tutorial_fast"), compose_config("experiment=tutorial")
+    assert fast.model == tutorial.model and fast.trainer.epochs == tutorial.trainer.epochs
+    unchanged = ("_target_", "momentum", "weight_decay")
+    assert {k: fast.optimizer[k] for k in unchanged} == {k: tutorial.optimizer[k] for k in unchanged}
 
 
 def test_tutorial_is_the_pytorch_tutorial(compose_config) -> None:

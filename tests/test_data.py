@@ -345,14 +345,14 @@ def test_every_dataset_holds_out_a_stratified_validation_split(
 
 
 def test_the_split_depends_on_split_seed_only(request: pytest.FixtureRequest) -> None:
-    _, first = split_of("synthetic", request, val_size=100)
-    _, again = split_of("synthetic", request, val_size=100)
-    _, other = split_of("synthetic", request, val_size=100, split_seed=1)
+    _, first = split_of("synthetic", request, train_size=1000, val_size=100)
+    _, again = split_of("synthetic", request, train_size=1000, val_size=100)
+    _, other = split_of("synthetic", request, train_size=1000, val_size=100, split_seed=1)
     assert len(first.val_labels) == 100
     assert torch.equal(first.val_images, again.val_images) and first.split == again.split
     assert first.split["val_index_sha256"] != other.split["val_index_sha256"]
     torch.manual_seed(123)  # the run's `seed` seeds torch's global generator: the split ignores it
-    _, reseeded = split_of("synthetic", request, val_size=100)
+    _, reseeded = split_of("synthetic", request, train_size=1000, val_size=100)
     assert reseeded.split == first.split
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, ok, run_cli, start, synthetic
+from conftest import compose_config, ok, start, synthetic
 
 from cifar_exp.config import build
 
@@ -39,8 +39,8 @@ def test_two_gloo_processes_match_one_process(new_store, tmp_path: Path) -> None
     build(compose_config().model, True, num_classes=10).load_state_dict(state)  # the default CNN
 
 
-def test_ddp_without_torchrun_says_how_to_start_it(tmp_path: Path) -> None:
-    result = run_cli("device=ddp", *ARGS, cwd=tmp_path)
+def test_ddp_without_torchrun_says_how_to_start_it(main_in_process) -> None:
+    result = main_in_process("device=ddp", *ARGS)
     assert result.returncode != 0
     assert "torchrun --nproc_per_node=N" in result.stderr
     assert "Traceback" not in result.stderr

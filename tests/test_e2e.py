@@ -1,13 +1,13 @@
 """The whole program, end to end, on generated data: what a user sees after `python -m cifar_exp`.
-Commands run in temporary folders (Hydra writes outputs/ and multirun/ there) with tracking off:
-one tracked run's output, and that tracking leaves its numbers alone, are tests/test_tracking.py's.
+Commands run in temporary folders (Hydra writes outputs/ and multirun/ there) with tracking off,
+in this process through the front door's own code (conftest's main_in_process), but for one real
+command: a fresh clone offline, on the bundled sample. (One tracked run's output, and that
+tracking leaves its numbers alone, are tests/test_tracking.py's.)
 Hydra's job logging (loss lines, epoch summaries) goes to stdout, as do the report's prints."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-from subprocess import CompletedProcess
 
 import pytest
 import torch
@@ -19,44 +19,56 @@ from conftest import (
     PER_CLASS,
     SYNTHETIC_CLASSES,
     TOTAL,
-    Command,
+    Ended,
     accuracy_report,
     ok,
     run_cli,
-    start_cli,
     synthetic,
 )
 
 from cifar_exp.run import report, run
 
 UNTRACKED = "mlflow.enabled=false"
+# Small enough that the three runs below take a second or two each in this process.
+SMALL = [
+    *synthetic(train=100, test=50, epochs=1, batch=32, log_every=4),
+    "optimizer=adam",
+    "optimizer.lr=0.01",
+]
 
 
-def clean_exit(command: Command) -> CompletedProcess[str]:
-    result = ok(command.result())
+def clean_exit(result: Ended) -> Ended:
+    assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     return result
 
 
-@pytest.fixture(scope="module")
-def launched(png_folder, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Command]]:
-    """Every command of this file, each in a folder of its own, started together so that they share
-    the cores."""
+def test_sweep_runs_every_job(main_in_process, tmp_path: Path) -> None:
+    # Tracking off: the sweep's MLflow parent run and summary are tests/test_scale_out.py's.
+    result = clean_exit(main_in_process(*SMALL, UNTRACKED, "model.conv1_out=4,8", "-m"))
+    assert len(TOTAL.findall(result.stdout)) == 2
+    assert all(n == "50" for n, _ in TOTAL.findall(result.stdout))
+    assert len(PER_CLASS.findall(result.stdout)) == 2 * 10
+    jobs = sorted(tmp_path.glob("multirun/*/*/[0-9]*/.hydra/config.yaml"))
+    assert [yaml.safe_load(p.read_text())["model"]["conv1_out"] for p in jobs] == [4, 8]
 
-    def folder(name: str) -> Path:
-        return tmp_path_factory.mktemp(name)
 
-    small = [
-        *synthetic(train=100, test=50, epochs=1, batch=32, log_every=4),
-        "optimizer=adam",
-        "optimizer.lr=0.01",
-    ]
+def test_tutorial_experiment_runs(main_in_process, tmp_path: Path) -> None:
     # The tutorial's own batch size, learning rate and logging interval; tiny data, one epoch.
     tutorial = ["experiment=tutorial", "dataset=synthetic", "dataset.train_size=200", "dataset.test_size=50"]
-    started = {
-        "sweep": start_cli(*small, UNTRACKED, "model.conv1_out=4,8", "-m", cwd=folder("sweep")),
-        "tutorial": start_cli(*tutorial, "trainer.epochs=1", UNTRACKED, cwd=folder("tutorial")),
-        "imagefolder": start_cli(
+    result = clean_exit(main_in_process(*tutorial, "trainer.epochs=1", UNTRACKED))
+    n_test, _, per_class = accuracy_report(result.stdout)
+    assert n_test == 50 and list(per_class) == SYNTHETIC_CLASSES
+    assert not LOSS.findall(result.stdout)  # 50 steps of 4 images: no 2000-step window completes
+    (snapshot,) = tmp_path.glob("outputs/*/*/.hydra/config.yaml")
+    cfg = yaml.safe_load(snapshot.read_text())
+    assert cfg["trainer"]["batch_size"] == 4 and cfg["trainer"]["epochs"] == 1
+    assert cfg["optimizer"]["lr"] == 0.001 and cfg["optimizer"]["momentum"] == 0.9
+
+
+def test_imagefolder_run(main_in_process, png_folder) -> None:
+    result = clean_exit(
+        main_in_process(
             "dataset=imagefolder",
             f"dataset.root={png_folder.root}",
             "trainer.epochs=5",
@@ -64,39 +76,8 @@ def launched(png_folder, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
             "optimizer=adam",
             "optimizer.lr=0.01",
             UNTRACKED,
-            cwd=folder("imagefolder"),
-        ),
-    }
-    yield started
-    for command in started.values():
-        command.stop()
-
-
-def test_sweep_runs_every_job(launched) -> None:
-    # Tracking off: the sweep's MLflow parent run and summary are tests/test_scale_out.py's.
-    command = launched["sweep"]
-    result = clean_exit(command)
-    assert len(TOTAL.findall(result.stdout)) == 2
-    assert all(n == "50" for n, _ in TOTAL.findall(result.stdout))
-    assert len(PER_CLASS.findall(result.stdout)) == 2 * 10
-    jobs = sorted(command.cwd.glob("multirun/*/*/[0-9]*/.hydra/config.yaml"))
-    assert [yaml.safe_load(p.read_text())["model"]["conv1_out"] for p in jobs] == [4, 8]
-
-
-def test_tutorial_experiment_runs(launched) -> None:
-    command = launched["tutorial"]
-    result = clean_exit(command)
-    n_test, _, per_class = accuracy_report(result.stdout)
-    assert n_test == 50 and list(per_class) == SYNTHETIC_CLASSES
-    assert not LOSS.findall(result.stdout)  # 50 steps of 4 images: no 2000-step window completes
-    (snapshot,) = command.cwd.glob("outputs/*/*/.hydra/config.yaml")
-    cfg = yaml.safe_load(snapshot.read_text())
-    assert cfg["trainer"]["batch_size"] == 4 and cfg["trainer"]["epochs"] == 1
-    assert cfg["optimizer"]["lr"] == 0.001 and cfg["optimizer"]["momentum"] == 0.9
-
-
-def test_imagefolder_run(launched, png_folder) -> None:
-    result = clean_exit(launched["imagefolder"])
+        )
+    )
     n_test, overall, per_class = accuracy_report(result.stdout)
     assert n_test == 3 * 4
     assert list(per_class) == png_folder.classes

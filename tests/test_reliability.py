@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -118,16 +119,14 @@ class Scenario:
 def started(new_store) -> Iterator[dict[str, Scenario]]:
     """The scenarios below, started together so that they share the cores. The two interrupted
     runs get their signal here, mid-training (statuses_at_ctrl_c: the runs just before it); what
-    follows a command starts as soon as that has ended: the resumes and the sweep run again."""
+    follows a command starts as soon as that has ended: the resume."""
     first = {
         "whole": [*train(), "hydra.run.dir=whole"],  # the run that "cut" is resumed to match
         "cut": [*train(), "hydra.run.dir=cut"],
         "ctrl_c": [*train(epochs=100), "hydra.run.dir=cut"],  # still training whenever it comes
-        "sweep": SWEEP,
     }
     then = {
         "cut": lambda runs: ["resume", runs[-1].info.run_id],
-        "sweep": lambda runs: SWEEP,
     }
     scenarios = {}
     for name, args in first.items():
@@ -195,12 +194,17 @@ def test_ctrl_c_exits_130_and_the_run_ends_killed_with_what_it_logged(started: d
     assert checkpoints.load(ctrl_c.store.cwd / "cut" / "checkpoint.pt")["progress"]["step"] >= 50
 
 
-def test_rerunning_a_sweep_skips_finished_jobs(started: dict[str, Scenario]) -> None:
-    sweep = started["sweep"]
-    ok(sweep.result)
-    second = ok(sweep.then.result())  # the same sweep again
+def test_rerunning_a_sweep_skips_finished_jobs(
+    main_in_process, empty_store_file: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    """Both sweeps in this process (conftest's main_in_process), one after the other."""
+    shutil.copy(empty_store_file, tmp_path / "mlflow.db")  # the test's store (MLFLOW_TRACKING_URI)
+    first = main_in_process(*SWEEP)
+    assert first.returncode == 0, first.stderr
+    second = main_in_process(*SWEEP)  # the same sweep again
+    assert second.returncode == 0, second.stderr
     assert second.stdout.count("already finished") + second.stderr.count("already finished") == 2
-    runs = sweep.store.runs()
+    runs = Store(mlflow_store).runs()
     children = [r for r in runs if r.data.tags.get("sweep") != "true"]
     assert len(children) == 2, "no job ran twice"
     parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
@@ -227,17 +231,6 @@ def _env(store: Path) -> dict[str, str]:
     return cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{store}/mlflow.db")
 
 
-def _cli(args: list[str], cwd: Path, store: Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cifar_exp", *args],
-        cwd=cwd,
-        env=_env(store),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def _runs(store: Path) -> list:
     client = MlflowClient(f"sqlite:///{store}/mlflow.db")
     experiment = client.get_experiment_by_name("cifar_exp")
@@ -249,22 +242,26 @@ def _history(store: Path, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
 
 
-def test_resume_leaves_a_finished_run_alone_unless_asked_to_train_it_further(tmp_path: Path) -> None:
+def test_resume_leaves_a_finished_run_alone_unless_asked_to_train_it_further(
+    tmp_path: Path, main_in_process, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each command in this process (conftest's main_in_process), one after another on one store."""
     store = tmp_path / "store"
-    short = _cli(TRAIN + ["trainer.epochs=1"], tmp_path, store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
+    short = main_in_process(*TRAIN, "trainer.epochs=1")
     assert short.returncode == 0, short.stderr
     (run,) = _runs(store)
     client = MlflowClient(f"sqlite:///{store}/mlflow.db")
     before = _snapshot(client, run.info.run_id)
 
-    again = _cli(["resume", run.info.run_id], tmp_path, store)  # the typo of issue 12
+    again = main_in_process("resume", run.info.run_id)  # the typo of issue 12
     assert again.returncode != 0
     said = [line for line in again.stderr.splitlines() if "already FINISHED" in line]
     assert len(said) == 1 and "trainer.epochs=2" in said[0], again.stderr
     assert "Traceback" not in again.stderr
     assert _snapshot(client, run.info.run_id) == before, "a refused resume changes nothing"
 
-    longer = _cli(["resume", run.info.run_id, "trainer.epochs=2"], tmp_path, store)
+    longer = main_in_process("resume", run.info.run_id, "trainer.epochs=2")
     assert longer.returncode == 0, longer.stderr
     after = client.get_run(run.info.run_id)
     assert after.info.status == "FINISHED"
@@ -274,7 +271,7 @@ def test_resume_leaves_a_finished_run_alone_unless_asked_to_train_it_further(tmp
     assert losses == list(range(25, 401, 25)), "each step once"
     assert after.data.params == before[2], "params stay as first recorded"
     assert after.data.tags[resumption.EPOCHS_TAG] == "2"
-    again = _cli(["resume", run.info.run_id], tmp_path, store)  # it ran 2 epochs now
+    again = main_in_process("resume", run.info.run_id)  # it ran 2 epochs now
     assert "already FINISHED its 2 epoch(s)" in again.stderr, again.stderr
 
 

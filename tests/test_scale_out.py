@@ -1,15 +1,14 @@
 """Scale out, read back the way a user would: a sweep whose jobs run as submitit jobs
 (hydra/launcher=submitit_local: the path a SLURM sweep takes, on this machine) and what
 experiment=slurm asks SLURM for; a sweep into a team's `mlflow server`, with its parent run,
-children and summary; and an Optuna search whose parent run records the best trial.
+children and summary. (A search end to end, its parent run and best trial: test_search.py.)
 
 Every command runs as a subprocess (`python -m cifar_exp ... -m`) from a temporary folder on tiny
-generated data. The submitit sweep, the search and the server start together, so their imports and
+generated data. The submitit sweep and the server start together, so their imports and
 training share the cores instead of queueing; the sweep into the server starts once it answers."""
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Iterator
@@ -23,7 +22,6 @@ from conftest import PNG, Command, Server, Store, Sweep, finished_sweep, ok, sta
 
 TINY = synthetic(train=320, test=100, epochs=1, batch=32, log_every=None)  # 10 steps: a job is ~1 s
 WIDTHS = "model.conv1_out=4,8"  # the two jobs of a sweep
-SEARCH_TRIALS = 3
 
 
 def assert_parent_and_finished_children(sweep: Sweep, count: int) -> None:
@@ -52,16 +50,13 @@ class Launched:
 
 @pytest.fixture(scope="module")
 def launched(new_store, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
-    """The submitit sweep, the search and a tracking server start together; once the server
+    """The submitit sweep and a tracking server start together; once the server
     answers, a sweep into it. Each sweep has its own folder and store."""
     server = Server(tmp_path_factory.mktemp("server")).start()
     started: dict[str, tuple[Store, Command]] = {}
     try:
         store = new_store("submitit")
         started["submitit"] = (store, store.start_cli("hydra/launcher=submitit_local", *TINY, WIDTHS, "-m"))
-        store = new_store("search")
-        search = ["experiment=search", f"hydra.sweeper.n_trials={SEARCH_TRIALS}", *TINY, "-m"]
-        started["search"] = (store, store.start_cli(*search))
         # The server by mlflow.tracking_uri, while $MLFLOW_TRACKING_URI names a decoy store.
         decoy = new_store("decoy", created=False)
         try:
@@ -245,41 +240,6 @@ def test_sweep_parent_holds_the_summary(server_sweep: Sweep, tmp_path: Path) -> 
 
 
 # ---------------------------------------------------------------- hyperparameter search
-@pytest.fixture(scope="module")
-def search(launched: Launched) -> Sweep:
-    return finished_sweep(*launched.commands["search"])
-
-
-def test_search_runs_its_trials_as_children(search: Sweep) -> None:
-    assert_parent_and_finished_children(search, SEARCH_TRIALS)
-    for child in search.children:  # every trial inside experiments/search.yaml's space
-        assert 0.001 <= float(child.data.params["optimizer.lr"]) <= 0.3
-        assert 0.5 <= float(child.data.params["optimizer.momentum"]) <= 0.95
-        assert child.data.params["model.conv1_out"] in {"6", "16", "32"}
-    assert "best trial" in search.result.stdout + search.result.stderr  # our Optuna sweeper ran
-
-
-def test_search_parent_records_the_best_trial(search: Sweep) -> None:
-    parent = search.parent
-    best = max(child.data.metrics["test/acc"] for child in search.children)
-    assert parent.data.metrics["best/test/acc"] == pytest.approx(best)
-    best_child = next(c for c in search.children if c.info.run_id == parent.data.tags["best_run_id"])
-    assert best_child.data.metrics["test/acc"] == pytest.approx(best)
-    for key in ("optimizer.lr", "optimizer.momentum", "model.conv1_out"):
-        assert float(parent.data.tags[f"best/{key}"]) == pytest.approx(float(best_child.data.params[key]))
-    # The same best value the sweeper wrote beside the sweep (as hydra-optuna-sweeper did).
-    sweep_dir = search.cwd / parent.data.tags["hydra_sweep_dir"]
-    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
-    assert results["best_value"] == pytest.approx(best)
-    assert json.loads(parent.data.tags["sweep_params"]).keys() == results["best_params"].keys()
-
-
-def test_search_parent_holds_the_history_plot(search: Sweep, tmp_path: Path) -> None:
-    parent_id = search.parent.info.run_id
-    assert "search/history.png" in search.store.artifacts(parent_id)
-    assert search.store.download(parent_id, "search/history.png", tmp_path).read_bytes()[:8] == PNG
-
-
 def test_search_history_figure_marks_failed_trials() -> None:
     from cifar_exp import reports
 

@@ -8,6 +8,7 @@ parent's story, and one line for every bad input."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import threading
 from collections.abc import Callable
@@ -15,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Store, compose_config, finished_sweep, ok, signal_ignored, synthetic
+import yaml
+from conftest import PNG, Store, compose_config, finished_sweep, ok, signal_ignored, synthetic
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import DictConfig
 
@@ -345,8 +347,32 @@ def test_the_parent_tells_the_searchs_story(pruned_search, tmp_path: Path) -> No
     assert sorted(r["status"] for r in rows) == sorted(["PRUNED"] * pruned + ["FINISHED"] * (6 - pruned))
 
 
-def test_compare_tells_pruned_from_finished(pruned_search) -> None:
-    result = ok(pruned_search.store.run_cli("compare", "latest"))
+def test_the_parent_records_the_best_trial_beside_the_sweep(pruned_search, tmp_path: Path) -> None:
+    """The best trial's values as tags, the same best value the sweeper wrote beside the sweep (as
+    hydra-optuna-sweeper did), every trial inside experiments/search.yaml's space, the history plot a
+    PNG. (Moved from test_scale_out.py, which ran a search of its own for them.)"""
+    parent, store = pruned_search.parent, pruned_search.store
+    assert "best trial" in pruned_search.result.stdout + pruned_search.result.stderr  # our sweeper ran
+    for child in pruned_search.children:  # the space PRUNING leaves as experiments/search.yaml has it
+        assert 0.5 <= float(child.data.params["optimizer.momentum"]) <= 0.95
+        assert child.data.params["model.conv1_out"] in {"6", "16", "32"}
+    best_child = store.run(parent.data.tags["best_run_id"])
+    for key in ("optimizer.lr", "optimizer.momentum", "model.conv1_out"):
+        assert float(parent.data.tags[f"best/{key}"]) == pytest.approx(float(best_child.data.params[key]))
+    sweep_dir = pruned_search.cwd / parent.data.tags["hydra_sweep_dir"]
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(parent.data.metrics["best/val/acc"])
+    assert json.loads(parent.data.tags["sweep_params"]).keys() == results["best_params"].keys()
+    history = store.download(parent.info.run_id, "search/history.png", tmp_path)
+    assert history.read_bytes()[:8] == PNG
+
+
+def test_compare_tells_pruned_from_finished(
+    pruned_search, main_in_process, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", pruned_search.store.uri)
+    result = main_in_process("compare", "latest")
+    assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     pruned = sum("pruned" in c.data.tags for c in pruned_search.children)
     assert sum(" PRUNED " in line for line in lines) == pruned
@@ -379,13 +405,15 @@ def test_the_search_history_marks_pruned_trials() -> None:
     ],
 )
 def test_bad_search_input_is_one_line_before_anything_is_written(
-    new_store, overrides: list[str], says: str
+    main_in_process, empty_store_file: Path, tmp_path: Path, overrides: list[str], says: str
 ) -> None:
-    store = new_store("bad")
-    result = store.run_cli("experiment=search", *TINY, *overrides, "-m")
+    """Through the front door in this process (tests/test_errors.py runs one mistake as a command)."""
+    shutil.copy(empty_store_file, tmp_path / "mlflow.db")  # the test's store (MLFLOW_TRACKING_URI)
+    result = main_in_process("experiment=search", *TINY, *overrides, "-m")
     assert result.returncode != 0
     [line] = result.stderr.strip().splitlines()
     assert says in line, result.stderr
+    store = Store(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
     assert store.runs() == []  # not even the search's parent run
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Command, Server, Store, start_cli, synthetic, wait_until
+from conftest import Server, Store, start_cli, synthetic, wait_until
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
@@ -318,30 +318,28 @@ def test_only_local_stores_are_checked() -> None:
     assert tracking_store.local_store_folder("postgresql://user@host/db") is None
 
 
-@pytest.fixture(scope="module")
-def refused(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any]]:
-    """A run against a store under a regular file, and a sweep that asks for more free space than
-    any disk has, started together. (The messages of each check: the tests above.)"""
-    started: dict[str, tuple[Path, Command]] = {}
-    root = tmp_path_factory.mktemp("unwritable")
-    (root / "a_file").write_text("")
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root}/a_file/mlruns/mlflow.db"}
-    started["unwritable"] = (root, start_cli(*TINY, cwd=root, env=env))
-    root = tmp_path_factory.mktemp("sweep_full")
-    full = [*TINY, "mlflow.min_free_mb=1000000000", "seed=0,1", "-m"]  # more than any disk has free
-    started["sweep_full"] = (
-        root,
-        start_cli(*full, cwd=root, env={"MLFLOW_TRACKING_URI": f"sqlite:///{root}/s/mlflow.db"}),
-    )
-    return {name: (root, command.result(180)) for name, (root, command) in started.items()}
+REFUSED = {
+    # a run against a store under a regular file
+    "unwritable": ("a_file/mlruns/mlflow.db", TINY),
+    # a sweep that asks for more free space than any disk has
+    "sweep_full": ("s/mlflow.db", [*TINY, "mlflow.min_free_mb=1000000000", "seed=0,1", "-m"]),
+}
 
 
 @pytest.mark.parametrize(
     ("case", "said"),
     [("unwritable", "cannot be written"), ("sweep_full", "MB free")],
 )
-def test_a_bad_store_stops_the_run_before_training(refused: dict, case: str, said: str) -> None:
-    root, result = refused[case]
+def test_a_bad_store_stops_the_run_before_training(
+    main_in_process, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, said: str
+) -> None:
+    """Through the front door in this process (tests/test_errors.py runs one mistake as a command).
+    (The messages of each check: the tests above.)"""
+    (tmp_path / "a_file").write_text("")
+    store, args = REFUSED[case]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / store}")
+    result = main_in_process(*args)
+    root = tmp_path
     assert result.returncode != 0, result.stdout
     assert "Traceback" not in result.stderr and "Warning" not in result.stderr, result.stderr
     assert said in result.stderr and "mlflow.tracking_uri" in result.stderr, result.stderr

@@ -14,8 +14,9 @@ import io
 import json
 import math
 import re
+import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,10 @@ from conftest import (
     SYNTHETIC_CLASSES,
     TOTAL,
     Command,
+    Ended,
     Store,
     Sweep,
     accuracy_report,
-    finished_sweep,
     ok,
     synthetic,
 )
@@ -83,14 +84,10 @@ def resolved(compose_config, overrides: list[str]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the commands, started together
 @pytest.fixture(scope="module")
 def launched(new_store) -> Iterator[dict[str, tuple[Store, Command]]]:
-    """The one run (into a folder with no store yet), the same run untracked and with another seed,
-    and the sweep with a failing job, started together."""
+    """The one run, into a folder with no store yet."""
     started = {}
     for name, args, created in [
         ("single", SINGLE, False),
-        ("untracked", [*SINGLE, UNTRACKED], True),
-        ("other_seed", [*SINGLE, "seed=1", UNTRACKED], True),
-        ("failing_sweep", FAILING_SWEEP, True),
     ]:
         store = new_store(name, created=created)
         started[name] = (store, store.start_cli(*args))
@@ -136,18 +133,21 @@ def test_run_prints_the_tutorials_report(single: Recorded) -> None:
     assert "Traceback" not in single.result.stderr
 
 
-def test_tracking_leaves_the_numbers_alone(single: Recorded, launched) -> None:
-    """The same run untracked prints the same numbers; another seed, others."""
+def test_tracking_leaves_the_numbers_alone(single: Recorded, main_in_process) -> None:
+    """The same run untracked prints the same numbers; another seed, others. (Both in this
+    process: the numbers do not depend on which process computes them.)"""
 
     def numbers(stdout: str) -> list[str]:
         """Loss lines, epoch summaries without their throughput, the report."""
         lines = LOSS.findall(stdout) + EPOCH.findall(stdout)
         return lines + TOTAL.findall(stdout) + PER_CLASS.findall(stdout)
 
-    untracked = ok(launched["untracked"][1].result())
+    untracked = main_in_process(*SINGLE, UNTRACKED)
+    assert untracked.returncode == 0, untracked.stderr
     assert LOSS.findall(single.result.stdout)
     assert numbers(untracked.stdout) == numbers(single.result.stdout)
-    other_seed = ok(launched["other_seed"][1].result())
+    other_seed = main_in_process(*SINGLE, "seed=1", UNTRACKED)
+    assert other_seed.returncode == 0, other_seed.stderr
     assert LOSS.findall(other_seed.stdout) != LOSS.findall(single.result.stdout)
 
 
@@ -279,35 +279,17 @@ def test_weights_load_into_a_plain_cnn_and_give_the_logged_accuracy(
 
 
 # ---------------------------------------------------------------- rerun and predict
-@dataclass
-class Uses:
-    rerun: Command
-    predict: Command
-    images: list[str]
+@pytest.fixture
+def use(single: Recorded, main_in_process, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Ended]:
+    """`cifar-exp COMMAND ARGS` against the one run's store, in this process, from a folder of its
+    own (the test's tmp_path), so it needs nothing but the store."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", single.store.uri)
+    return main_in_process
 
 
-@pytest.fixture(scope="module")
-def uses(single: Recorded, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Uses]:
-    """`rerun` and `predict` of the one run, started together; the rerun from another folder,
-    so it needs nothing but the store."""
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("images")
-    images = []
-    for i, size in enumerate([(32, 32), (50, 40)]):  # any size: resized to 32x32
-        path = folder / f"image_{i}.png"
-        Image.new("RGB", size, (40 * i, 200, 255 - 60 * i)).save(path)
-        images.append(str(path))
-    store, run_id = single.store, single.run.info.run_id
-    rerun = store.start_cli("rerun", run_id, cwd=tmp_path_factory.mktemp("rerun_cwd"))
-    started = Uses(rerun, store.start_cli("predict", run_id, *images), images)
-    yield started
-    started.rerun.stop()
-    started.predict.stop()
-
-
-def test_rerun_reproduces_the_metrics_into_a_new_run(single: Recorded, uses: Uses) -> None:
-    ok(uses.rerun.result())
+def test_rerun_reproduces_the_metrics_into_a_new_run(single: Recorded, use) -> None:
+    result = use("rerun", single.run.info.run_id)
+    assert result.returncode == 0, result.stderr
     store, original = single.store, single.run.info.run_id
     reruns = [r for r in store.runs() if r.data.tags.get("rerun_of") == original]
     assert len(reruns) == 1
@@ -323,10 +305,18 @@ def test_rerun_reproduces_the_metrics_into_a_new_run(single: Recorded, uses: Use
         assert store.history(rerun.info.run_id, key) == store.history(original, key), key
 
 
-def test_predict_prints_top_classes_per_image(uses: Uses) -> None:
-    result = ok(uses.predict.result())
+def test_predict_prints_top_classes_per_image(single: Recorded, use, tmp_path: Path) -> None:
+    from PIL import Image
+
+    images = []
+    for i, size in enumerate([(32, 32), (50, 40)]):  # any size: resized to 32x32
+        path = tmp_path / f"image_{i}.png"
+        Image.new("RGB", size, (40 * i, 200, 255 - 60 * i)).save(path)
+        images.append(str(path))
+    result = use("predict", single.run.info.run_id, *images)
+    assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    for path in uses.images:
+    for path in images:
         line = next((line for line in lines if line.startswith(path)), None)
         assert line is not None, f"{path} not in\n{result.stdout}"
         ranked = re.findall(r"(class_\d) (\d+(?:\.\d+)?)%", line[len(path) :])
@@ -338,9 +328,15 @@ def test_predict_prints_top_classes_per_image(uses: Uses) -> None:
 
 
 # ---------------------------------------------------------------- a sweep with a failing job
-@pytest.fixture(scope="module")
-def failing_sweep(launched: dict[str, tuple[Store, Command]]) -> Sweep:
-    return finished_sweep(*launched["failing_sweep"])
+@pytest.fixture
+def failing_sweep(main_in_process, empty_store_file: Path, tmp_path: Path, mlflow_store: str) -> Sweep:
+    """The sweep, in this process (conftest's main_in_process), into a copy of the empty store."""
+    shutil.copy(empty_store_file, tmp_path / "mlflow.db")  # the test's store (MLFLOW_TRACKING_URI)
+    result = main_in_process(*FAILING_SWEEP)
+    store = Store(mlflow_store)
+    [parent] = [r for r in store.runs() if r.data.tags.get("sweep") == "true"]
+    children = [r for r in store.runs() if r.info.run_id != parent.info.run_id]
+    return Sweep(store, tmp_path, result, parent, children)
 
 
 def test_a_job_whose_loss_is_not_finite_fails_and_the_sweep_goes_on(
