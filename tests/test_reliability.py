@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from cifar_exp import checkpoints, signals
 from cifar_exp.errors import UserError
-from cifar_exp.tracking import identity, resumption
+from cifar_exp.tracking import identity, leases, resumption
 from cifar_exp.tracking.records import RecordWriter
 from cifar_exp.tracking.runs import Tracker
 
@@ -328,7 +328,8 @@ DONE = {"epoch": 3, "epoch_step": 0, "step": 20}  # a checkpoint after both epoc
         ("FINISHED", {"trainer": {"epochs": 1}}, DONE, "already FINISHED"),
         ("KILLED", {"optimizer": {"lr": 0.5}}, DONE, "optimizer.lr=0.001 -> 0.5"),
         ("KILLED", {"trainer": {"epochs": 1}}, {"epoch": 2, "epoch_step": 3, "step": 13}, "fewer than"),
-        ("RUNNING", {}, DONE, "still running"),
+        ("RUNNING", {}, DONE, "is being continued by process"),
+        ("KILLED", {}, DONE, "is being continued by process"),  # taken, not yet reopened
     ],
 )
 def test_a_resume_that_cannot_proceed_says_why_and_changes_nothing(
@@ -339,7 +340,8 @@ def test_a_resume_that_cannot_proceed_says_why_and_changes_nothing(
     cfg, client, make = recorded
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)  # cifar_exp"])
     try:
-        run_id = make(status, {resumption.PROCESS_TAG: f"{socket.gethostname()}:{alive.pid}"})
+        held = leases.Lease(f"{socket.gethostname()}:{alive.pid}", "a", time.time() + 60)
+        run_id = make(status, held.tag() if "continued" in said else {})  # a live process holds it
         before = _snapshot(client, run_id)
         with pytest.raises(UserError, match=re.escape(said)) as error:
             resumption.check(OmegaConf.merge(cfg, overrides), run_id, run_id, progress)
@@ -364,7 +366,7 @@ def test_resume_continues_a_killed_process_and_trains_a_finished_run_further(rec
     gone.wait()
     # SIGKILLed after its checkpoint at step 10, with train/loss 15, 20 and test/acc 20 recorded;
     # what was logged at the checkpoint's own step (the end's test metrics are) is not logged again
-    run_id = make("RUNNING", {resumption.PROCESS_TAG: f"{socket.gethostname()}:{gone.pid}"})
+    run_id = make("RUNNING", leases.Lease(f"{socket.gethostname()}:{gone.pid}", "b", time.time() + 60).tag())
     plan = resumption.check(cfg, run_id, run_id, {"epoch": 2, "epoch_step": 0, "step": 10})
     assert plan.run_id == run_id and plan.tags == {}
     assert plan.recorded == {
@@ -385,7 +387,7 @@ def test_a_resumed_run_records_only_the_points_the_store_lacks() -> None:
     class Client:
         points: list = []
 
-        def log_batch(self, run_id: str, metrics: list, params: list) -> None:
+        def log_batch(self, run_id: str, metrics: list, params: list, tags: list = ()) -> None:
             self.points += [(m.key, m.step) for m in metrics]
 
     writer = RecordWriter(Client(), "run")

@@ -21,6 +21,7 @@ from typing import Any
 
 from cifar_exp.config import TrackingConfig
 from cifar_exp.errors import UserError, first_line
+from cifar_exp.tracking import leases
 from cifar_exp.tracking.identity import HASH_TAG, config_hash, run_name
 from cifar_exp.tracking.records import UNRECORDED_ARTIFACTS, UNRECORDED_METRICS
 from cifar_exp.tracking.store import ensure_experiment, tracking_uri
@@ -151,13 +152,17 @@ def _replay(client: Any, run_id: str, lines: list[dict], folder: Path, created: 
     if any("artifacts" in line for line in lines) and (folder / UNRECORDED_ARTIFACTS).is_dir():
         client.log_artifacts(run_id, str(folder / UNRECORDED_ARTIFACTS))
         synced.files = sum(p.is_file() for p in (folder / UNRECORDED_ARTIFACTS).rglob("*"))
+    now = client.get_run(run_id)
+    for key in {line["untag"] for line in lines if "untag" in line} & set(now.data.tags):
+        client.delete_tag(run_id, key)
     ends = [line for line in lines if "status" in line]
-    if (
-        ends and client.get_run(run_id).info.status == "RUNNING"
-    ):  # the process ended it; the store was not told
+    # the process ended it, the store was not told (and may have closed it as stale meanwhile)
+    if ends and (now.info.status == "RUNNING" or leases.closed_as_stale(now)):
         synced.status = ends[-1]["status"]
         client.set_terminated(run_id, synced.status, ends[-1].get("end_time"))
-    if "unrecorded" in run.data.tags:
+        if synced.status == "FINISHED" and leases.closed_as_stale(now):
+            client.delete_tag(run_id, "error")
+    if "unrecorded" in now.data.tags:
         client.delete_tag(run_id, "unrecorded")
     client.set_tag(
         run_id,
