@@ -24,9 +24,9 @@ import torch
 from conftest import Command, Store, cli_env, ok, signal_ignored, synthetic
 from mlflow.tracking import MlflowClient
 
-from cifar_exp import checkpoints, signals
+from cifar_exp import checkpoints, commands, signals
 from cifar_exp.errors import UserError
-from cifar_exp.tracking import identity, leases, resumption
+from cifar_exp.tracking import identity, leases, resumption, runs
 from cifar_exp.tracking.records import RecordWriter
 from cifar_exp.tracking.runs import Tracker
 
@@ -496,3 +496,121 @@ def test_training_killed_at_random_moments_resumes_with_nothing_lost_or_twice(tm
     assert result.returncode == 0, result.stdout + result.stderr
     assert "metric points lost: 0, duplicated: 0, differing: 0" in result.stdout, result.stdout
     assert "store corruptions: 0" in result.stdout, result.stdout
+
+
+# ---------------------------------------------------------------- one writer per run; no run RUNNING forever
+def test_of_two_processes_taking_a_run_at_once_one_holds_it(recorded) -> None:
+    """Both write their lease, then read it back: the one whose write landed last holds it, the
+    other refuses in one line. A lease whose owner is gone is taken over; one renewed is kept."""
+    import threading
+
+    _, client, make = recorded
+    run_id = make("KILLED")
+    outcomes: list[object] = []
+
+    def take() -> None:
+        try:
+            outcomes.append(leases.take(MlflowClient(client.tracking_uri), run_id))
+        except UserError as e:
+            outcomes.append(str(e))
+
+    takers = [threading.Thread(target=take) for _ in range(2)]
+    for taker in takers:
+        taker.start()
+    for taker in takers:
+        taker.join()
+    (held,) = [o for o in outcomes if isinstance(o, leases.Lease)]
+    (refused,) = [o for o in outcomes if isinstance(o, str)]
+    assert "is being continued by process" in refused and "\n" not in refused
+    assert leases.Lease.of(client.get_run(run_id).data.tags).token == held.token
+    assert leases.heartbeat(held)(client, run_id) is None  # renewed: still its own
+    rival = leases.Lease("elsewhere:1", "rival", time.time() + 60)
+    client.set_tag(run_id, leases.LEASE_TAG, rival.tag()[leases.LEASE_TAG])
+    assert leases.heartbeat(held)(client, run_id) == "elsewhere:1"  # taken over: it stops writing
+
+
+def test_runs_whose_process_died_are_closed_killed_and_live_ones_left_alone(recorded, capsys) -> None:
+    _, client, make = recorded
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    here, now = socket.gethostname(), time.time()
+    owners = {
+        "killed here": leases.Lease(f"{here}:{gone.pid}", "a", now + 60),
+        "silent elsewhere": leases.Lease("elsewhere:1", "b", now - 1),  # its heartbeat stopped
+        "training here": leases.Lease(f"{here}:{os.getpid()}", "c", now + 60),
+        "training elsewhere": leases.Lease("elsewhere:2", "d", now + 60),
+    }
+    ids = {name: make("RUNNING", lease.tag()) for name, lease in owners.items()}
+    assert commands.dispatch("sync", ["--stale", "--tracking-uri", client.tracking_uri], None) == 0
+    said = capsys.readouterr().err.splitlines()
+    closed = {name for name, run_id in ids.items() if any(run_id in line for line in said)}
+    assert closed == {"killed here", "silent elsewhere"} and len(said) == 2, said
+    for name, run_id in ids.items():
+        run = client.get_run(run_id)
+        assert run.info.status == ("KILLED" if name in closed else "RUNNING"), name
+        if name in closed:
+            assert run.data.tags["error"].startswith(f"its process {owners[name].owner} stopped"), name
+            assert run.info.end_time <= time.time() * 1000
+
+
+def test_a_run_resumed_to_finished_loses_its_interruption_tags(recorded) -> None:
+    _, client, make = recorded
+    run_id = make("KILLED", {"error": "interrupted (Ctrl-C or SIGTERM)"})
+    writer = RecordWriter(MlflowClient(client.tracking_uri), run_id)
+    runs._end(writer, leases.new_lease(), "FINISHED", None, cleared=("error",))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "error" not in run.data.tags
+    assert not leases.Lease.of(run.data.tags).alive()  # released at the end
+
+
+@pytest.mark.slow
+def test_two_resumes_at_once_one_trains_and_a_kill_before_the_first_checkpoint_is_closed(
+    tmp_path: Path,
+) -> None:
+    """Two `cifar-exp resume RUN_ID` started together on a KILLED run: one trains it to FINISHED
+    (its interruption's tag gone), the other refuses in one line; no step is recorded twice. A run
+    killed -9 before its first checkpoint is closed KILLED by the next `cifar-exp runs`."""
+    store = tmp_path / "store"
+    ok(_cli(TRAIN + ["trainer.epochs=1"], tmp_path, store))
+    (run,) = _runs(store)
+    run_id = run.info.run_id
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    client.set_terminated(run_id, "KILLED")
+    client.set_tag(run_id, "error", "interrupted (Ctrl-C or SIGTERM)")
+    args = [sys.executable, "-m", "cifar_exp", "resume", run_id, "trainer.epochs=2"]
+    both = [
+        subprocess.Popen(
+            args, cwd=tmp_path, env=_env(store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    results = [(p.wait(300), *p.communicate()) for p in both]
+    assert sorted(code != 0 for code, _, _ in results) == [False, True], results
+    (refused,) = [err for code, _, err in results if code != 0]
+    lines = [line for line in refused.splitlines() if not line.startswith("Error executing job")]  # Hydra's
+    assert len(lines) == 1 and "is being continued by process" in lines[0], refused
+    after = client.get_run(run_id)
+    assert after.info.status == "FINISHED" and "error" not in after.data.tags
+    for key in ("train/loss", "test/acc"):
+        steps = [s for s, _ in _history(store, run_id, key)]
+        assert len(steps) == len(set(steps)), (key, steps)
+    assert [s for s, _ in _history(store, run_id, "test/acc")] == [200, 400]
+
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "cifar_exp", *TRAIN, "trainer.epochs=50", "trainer.batch_size=1"],
+        cwd=tmp_path,
+        env=_env(store),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    for line in killed.stdout:  # the run is open; its first epoch (1600 steps) far from done
+        if re.match(r"^MLflow run [0-9a-f]{32} ", line):
+            break
+    killed.kill()
+    killed.wait()
+    listed = ok(_cli(["runs"], tmp_path, store))
+    orphan = next(r for r in _runs(store) if r.info.run_id != run_id)
+    assert f"closed run {orphan.info.run_id}" in listed.stderr, listed.stderr
+    assert orphan.info.status == "KILLED" and orphan.data.tags["error"].startswith("its process")
+    assert "checkpoint" not in orphan.data.tags

@@ -250,6 +250,28 @@ def test_retrying_waits_out_a_busy_store_and_raises_anything_else(monkeypatch: p
         )
 
 
+def test_a_dead_store_delays_the_end_of_a_run_by_at_most_end_wait(tmp_path: Path) -> None:
+    """The run never opened (the store refused every connection, retried for up to 60 s while
+    training went on): its end waits at most END_WAIT_S more, then everything is in the folder and
+    the last line names the sync command. Bounded by the writer's own rule, not measured."""
+
+    def dead() -> tuple[Any, str]:
+        raise ConnectionError("Connection refused")
+
+    writer = RecordWriter(spill_path=tmp_path / records.UNRECORDED_METRICS, retry_s=60, opener=dead, uri="X")
+    tracker = runs.Tracker(writer)
+    tracker.log_params({"seed": "0"})
+    tracker.log_metrics({"test/acc": 0.5}, 10)
+    tracker.log_files({"model/state_dict.pt": b"weights"}, "the weights")
+    assert tracker.run_id is None  # a checkpoint does not wait for the store
+    started = time.monotonic()
+    runs._end(writer, leases.new_lease(), "FINISHED", None)
+    assert time.monotonic() - started < records.END_WAIT_S + 5  # + one backoff step, generously
+    lines = [json.loads(line) for line in (tmp_path / records.UNRECORDED_METRICS).read_text().splitlines()]
+    assert [x["status"] for x in lines if "status" in x] == ["FINISHED"]
+    assert (tmp_path / records.UNRECORDED_ARTIFACTS / "model" / "state_dict.pt").read_bytes() == b"weights"
+
+
 # ---------------------------------------------------------------- the check before training
 def _one_line(error: pytest.ExceptionInfo) -> str:
     message = str(error.value)
@@ -566,3 +588,59 @@ def test_a_server_killed_mid_run_does_not_stop_training(server: Server, tmp_path
     }
     assert recorded | kept == set(range(5, 3 * 200 + 1, 5)) and not recorded & kept  # all, once
     assert (folder / records.UNRECORDED_ARTIFACTS / "model" / "state_dict.pt").is_file()
+
+
+# ---------------------------------------------------------------- a store that is gone for the whole run
+@pytest.fixture(scope="module")
+def storeless(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any]]:
+    """One epoch each, started together: with nothing listening on the tracking server's port,
+    and with a SQLite store file that is garbage."""
+    root = tmp_path_factory.mktemp("storeless")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
+    (root / "damaged").mkdir()
+    (root / "damaged" / "mlflow.db").write_bytes(bytes(range(256)) * 16)
+    stores = {"dead_port": dead, "damaged_sqlite": f"sqlite:///{root / 'damaged' / 'mlflow.db'}"}
+    one_epoch = synthetic(train=320, test=100, epochs=1, batch=32, log_every=5)
+    commands_ = {
+        case: start_cli(
+            *one_epoch, f"hydra.run.dir={root / case}/out", cwd=root / case, env={"MLFLOW_TRACKING_URI": uri}
+        )
+        for case, uri in stores.items()
+    }
+    return {
+        case: (root / case / "out", command.result(), stores[case]) for case, command in commands_.items()
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["dead_port", "damaged_sqlite"])
+def test_a_run_without_its_store_finishes_and_sync_records_it(
+    storeless: dict, case: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Training goes on, exit 0; one line names the store, one at the end the sync command, and no
+    retry log nor a false "answers again"; the weights and the checkpoint are in the run's folder.
+    Synced into a store that answers, the run is FINISHED with its weights: predict uses them."""
+    folder, result, uri = storeless[case]
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    said = [line for line in output.splitlines() if "MLflow" in line or "Retrying" in line]
+    assert len(said) == 2 and uri in said[0], said
+    assert said[-1].endswith(f"`cifar-exp sync {folder}` records them"), said
+    assert "answers again" not in output and "Traceback" not in output
+    assert len(result.stderr.splitlines()) <= 2, result.stderr
+    assert (folder / "checkpoint.pt").is_file()
+    assert (folder / records.UNRECORDED_ARTIFACTS / "model" / "state_dict.pt").is_file()
+
+    synced_to = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert commands.dispatch("sync", ["--tracking-uri", synced_to, str(folder)], hydra_main=None) == 0
+    (run,) = Store(synced_to).runs()
+    assert run.info.status == "FINISHED" and run.data.tags["checkpoint"] == str(folder / "checkpoint.pt")
+    image = tmp_path / "red.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(image)
+    capsys.readouterr()
+    assert commands.dispatch("predict", ["--tracking-uri", synced_to, run.info.run_id, str(image)], None) == 0
+    assert capsys.readouterr().out.startswith(f"{image}: class_")
