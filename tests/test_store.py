@@ -172,7 +172,7 @@ def test_an_outage_met_by_a_file_upload_does_not_hold_up_the_checkpoint(
     state = {"down": True}
     client = FlakyServer(down=lambda: state["down"])
     writer = RecordWriter(client, "run", tmp_path / records.UNRECORDED_METRICS, 600, uri="http://127.0.0.1:9")
-    tracker = runs.Tracker(writer, tmp_path, "http://127.0.0.1:9")
+    tracker = runs.Tracker(writer)
     tracker.log_files({"figures/train_samples.png": b"png"}, "the sample images")
     wait_until(lambda: client.calls >= 2, what="a second try")  # retrying the upload...
     logged = _training(writer, range(1, 101))
@@ -396,7 +396,7 @@ def _outage(folder: Path, run_id: str | None, status: str = "FINISHED") -> None:
             raise ConnectionError("Connection refused")
 
     writer = RecordWriter(DeadClient(), run_id, folder / records.UNRECORDED_METRICS, 0.2, opener=opener)
-    tracker = runs.Tracker(writer, folder, "http://127.0.0.1:9")
+    tracker = runs.Tracker(writer)
     tracker.log_params({"data": "synthetic"})
     if run_id is not None:
         for step in (5, 10, 15, 20):
@@ -518,7 +518,7 @@ def test_a_dead_server_at_the_end_of_a_run_leaves_everything_for_sync(tmp_path: 
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
     writer = RecordWriter(MlflowClient(dead), "0" * 32, tmp_path / records.UNRECORDED_METRICS)
-    tracker = runs.Tracker(writer, tmp_path, dead)
+    tracker = runs.Tracker(writer)
     tracker.log_metrics({"test/acc": 0.5}, 100)
     tracker.log_files({"model/state_dict.pt": b"weights"}, "the weights")
     runs._end(writer, leases.new_lease(), "FINISHED", None)

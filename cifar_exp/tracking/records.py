@@ -67,7 +67,6 @@ class RecordWriter:
         self.error: str | None = None  # why the first records went unrecorded
         self.unrecorded = 0  # metrics, params and tags kept in the folder (or lost)
         self.kept_files = False
-        self.refused = False  # a refusal was said
         self.gave_up = False  # the run has ended and the store was down: no more tries
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="mlflow-record-writer", daemon=True)
@@ -98,23 +97,23 @@ class RecordWriter:
     def failing(self) -> bool:
         return self.failing_since is not None
 
-    def flush(self) -> bool:
-        """Waits until everything queued so far is written (or kept), so that a checkpoint never
-        gets ahead of the store. Returns False at once while the store is failing."""
-        done = threading.Event()
-        self.call(lambda client, run_id: done.set())
-        while not done.wait(0.05):
+    def _wait(self, event: threading.Event) -> bool:
+        """Waits for `event`; False at once while the store is failing: training never waits."""
+        while not event.wait(0.05):
             if self.failing or not self.thread.is_alive():
                 return False
         return True
 
+    def flush(self) -> bool:
+        """Waits until everything queued so far is written (or kept), so that a checkpoint never
+        gets ahead of the store."""
+        done = threading.Event()
+        self.call(lambda client, run_id: done.set())
+        return self._wait(done)
+
     def wait_open(self) -> str | None:
-        """The run id once the run is open; None if it could not be, or at once while the store
-        is failing (a checkpoint does not wait for it)."""
-        while not self.opened.wait(0.05):
-            if self.failing:
-                return None
-        return self.run_id
+        """The run id once the run is open; None if it could not be, or while the store fails."""
+        return self.run_id if self._wait(self.opened) else None
 
     def close(self, end: dict[str, Any] | None = None) -> str | None:
         """Writes (or keeps) everything queued, then ends the run with `end` ({"status",
@@ -131,12 +130,9 @@ class RecordWriter:
         if self.opener is not None:
             opened, self.open_error = self._store(self.opener, "open the run")
             self.client, self.run_id = opened or (None, None)
-            if self.open_error and not self.failing:
-                self._refused("open the run", self.open_error)
         self.opened.set()
         pending: dict[str, list] = {key: [] for key in ("metrics", "params", "tags", "files", "calls", "end")}
-        beat = time.monotonic() + self.heartbeat_s
-        closing = False
+        beat, closing = time.monotonic() + self.heartbeat_s, False
         while not closing:
             closing = self._take(pending, beat if self.heartbeat else None)
             if self.taken_over:  # not this process's run any more: what it would write is not kept
@@ -145,7 +141,10 @@ class RecordWriter:
             for folder, what in pending["files"]:
                 self._log_files(folder, what)
             for call, what, kept in pending["calls"]:
-                self._call(call, what, kept)
+                if what is None:
+                    call(self.client, self.run_id)
+                elif (error := self._record(lambda c=call: c(self.client, self.run_id), what)) and kept:
+                    self.keep([kept], error)
             for end in pending["end"]:
                 self._end(end)
             pending["files"], pending["calls"], pending["end"] = [], [], []
@@ -208,11 +207,9 @@ class RecordWriter:
         self.down = self.down or now >= limit
         return not self.down
 
-    def _refused(self, what: str, error: str) -> None:
-        if not self.refused and not self.failing:
-            self.refused = True
-            said = f"training goes on, what it does not take is kept in {self._folder()}"
-            log.warning(f"MLflow: could not {what} in {self.uri} ({error}); {said}")
+    def _record(self, call: Callable[[], Any], what: str) -> str | None:
+        """call() once the run is open; None when it was recorded, else why not."""
+        return self._store(call, what)[1] if self.run_id else self.open_error or "the run is not open"
 
     def _write(self, pending: dict[str, list]) -> None:
         """Writes the pending metrics, params and tags within the store's limits per call (1000
@@ -225,44 +222,24 @@ class RecordWriter:
         chunks += [([], params[i : i + 100], []) for i in range(0, len(params), 100)]
         chunks += [([], [], tags[i : i + 100]) for i in range(0, len(tags), 100)]
         for m, p, t in chunks:
-            error = self.open_error or "the run is not open"
-            if self.run_id is not None:
-                batch = {"metrics": [Metric(*x) for x in m], "params": [Param(*x) for x in p]}
-                batch["tags"] = [RunTag(*x) for x in t]
-                _, error = self._store(lambda b=batch: self.client.log_batch(self.run_id, **b), "record")
-                if error is None:
-                    continue
-                self._refused("record metrics, params or tags", error)
-            lines = [{"param": key, "value": value} for key, value in p]
-            lines += [{"tag": key, "value": value} for key, value in t]
-            lines += [{"metric": k, "value": v, "step": s, "timestamp": ts} for k, v, ts, s in m]
-            self.keep(lines, error, counted=True)
+            batch = {"metrics": [Metric(*x) for x in m], "params": [Param(*x) for x in p]}
+            batch["tags"] = [RunTag(*x) for x in t]
+            if error := self._record(lambda b=batch: self.client.log_batch(self.run_id, **b), "record"):
+                lines = [{"param": key, "value": value} for key, value in p]
+                lines += [{"tag": key, "value": value} for key, value in t]
+                lines += [{"metric": k, "value": v, "step": s, "timestamp": ts} for k, v, ts, s in m]
+                self.keep(lines, error, counted=True)
 
     def _log_files(self, folder: Path, what: str) -> None:
         """Logs the files under `folder`, then removes it; those the store does not take are
         copied to <run folder>/unrecorded_artifacts/."""
         try:
-            error = self.open_error or "the run is not open"
-            if self.run_id is not None:
-                _, error = self._store(lambda: self.client.log_artifacts(self.run_id, str(folder)), what)
-                if error is None:
-                    return
-                self._refused(f"record {what}", error)
-            if self.spill_path is not None:
-                shutil.copytree(folder, self.spill_path.parent / UNRECORDED_ARTIFACTS, dirs_exist_ok=True)
-            self.kept_files = self.kept_files or self.keep([{"artifacts": UNRECORDED_ARTIFACTS}], error)
+            if error := self._record(lambda: self.client.log_artifacts(self.run_id, str(folder)), what):
+                if self.spill_path is not None:
+                    shutil.copytree(folder, self.spill_path.parent / UNRECORDED_ARTIFACTS, dirs_exist_ok=True)
+                self.kept_files = self.kept_files or self.keep([{"artifacts": UNRECORDED_ARTIFACTS}], error)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-
-    def _call(self, call: Call, what: str | None, kept: dict | None) -> None:
-        if what is None:
-            call(self.client, self.run_id)
-            return
-        error = self.open_error or "the run is not open"
-        if self.run_id is not None:
-            _, error = self._store(lambda: call(self.client, self.run_id), what)
-        if error is not None and kept is not None:
-            self.keep([kept], error)
 
     def _end(self, end: dict[str, Any] | None) -> None:
         """Ends the run (or keeps its end for sync); then says in one line what was kept."""
@@ -294,6 +271,8 @@ class RecordWriter:
         `counted`: they are metrics, params and tags. Returns whether they are there."""
         if not lines:
             return False
+        if self.error is None and not self.failing:  # an outage was said as it began
+            log.warning(f"MLflow: {self.uri} did not take a record ({error}); training goes on")
         self.error = self.error or error
         self.unrecorded += len(lines) if counted else 0
         if self.spill_path is None:

@@ -54,15 +54,9 @@ class Tracker:
     the run's folder). With tracking off (no writer) every call does nothing."""
 
     def __init__(
-        self,
-        writer: RecordWriter | None = None,
-        folder: Path | None = None,
-        uri: str = "",
-        recorded: set[tuple[str, int]] | None = None,
+        self, writer: RecordWriter | None = None, recorded: set[tuple[str, int]] | None = None
     ) -> None:
         self.writer = writer
-        self.folder = folder  # the run's Hydra output folder; None outside Hydra
-        self.uri = uri
         self.recorded = recorded or set()  # (metric, step) points a resumed run holds already
         self.checkpoint_tagged: Path | None = None
 
@@ -170,8 +164,13 @@ def opener(
         if run_id is None:
             run = client.create_run(experiment_id, run_name=name, tags={**tags, **code})
             log.info(f"MLflow run {run.info.run_id} ({name}) in {tracking_uri(cfg)}")
-            for line in leases.close_stale(client, [experiment_id], f"tags.{HASH_TAG} = '{tags[HASH_TAG]}'"):
-                log.warning(line)
+            try:  # not retried: the run is open, and the next command closes them as well
+                for line in leases.close_stale(
+                    client, [experiment_id], f"tags.{HASH_TAG} = '{tags[HASH_TAG]}'"
+                ):
+                    log.warning(line)
+            except Exception as e:  # noqa: BLE001
+                log.debug(f"stale runs of this config not closed: {first_line(e)}")
             return client, run.info.run_id
         resumed = {k: v for k, v in tags.items() if k not in ("overrides", HASH_TAG)}
         resumed["resumed_with_overrides"] = tags["overrides"]
@@ -216,7 +215,7 @@ def start_run(
         heartbeat=leases.heartbeat(lease),
         heartbeat_s=leases.HEARTBEAT_S,
     )
-    tracker = Tracker(writer, folder, uri, resume.recorded if resume else None)
+    tracker = Tracker(writer, resume.recorded if resume else None)
     cleared = resume.interrupted if resume else ()
     try:
         if run_id is None:  # a resumed run keeps the config it was first recorded with

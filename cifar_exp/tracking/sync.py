@@ -95,8 +95,9 @@ def sync_folder(folder: Path, uri: str) -> list[Synced]:
     done = []
     for run_id, run_lines in by_run.items():
         created = run_id is None
-        if created:
-            run_id = _open_never_opened(client, folder, uri)
+        if created:  # started when its first metric was taken, not when it is synced
+            start = min((line["timestamp"] for line in run_lines if "timestamp" in line), default=None)
+            run_id = _open_never_opened(client, folder, uri, start)
         done.append(_replay(client, run_id, run_lines, folder, created))
     _mark_synced(folder)
     return done
@@ -210,7 +211,7 @@ def _run_of_folder(client: Any, folder: Path) -> str | None:
     return None
 
 
-def _open_never_opened(client: Any, folder: Path, uri: str) -> str:
+def _open_never_opened(client: Any, folder: Path, uri: str, start: int | None) -> str:
     """Creates the run that the store never opened (or finds the one an earlier sync created),
     tagged and named as the run would have been, with the .hydra snapshot as its config."""
     from omegaconf import OmegaConf
@@ -240,7 +241,7 @@ def _open_never_opened(client: Any, folder: Path, uri: str) -> str:
     found = client.search_runs([experiment_id], f"tags.{SYNCED_FROM_TAG} = '{where}'", max_results=1)
     run_id = found[0].info.run_id if found else None
     if run_id is None:
-        run_id = client.create_run(experiment_id, run_name=run_name(overrides), tags=tags).info.run_id
+        run_id = client.create_run(experiment_id, start, tags, run_name(overrides)).info.run_id
     with tempfile.TemporaryDirectory() as tmp:  # again when found: a sync cut short may have missed them
         for name, content in files.items():
             Path(tmp, name).parent.mkdir(parents=True, exist_ok=True)
