@@ -489,13 +489,16 @@ def test_a_preempted_submitit_job_ends_killed_and_its_requeued_job_finishes_the_
 def test_training_killed_at_random_moments_resumes_with_nothing_lost_or_twice(tmp_path: Path) -> None:
     """benchmarks/kill_resume.py with a few kills (the README's figures come from 24 or more)."""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "kill_resume.py"
-    args = ["--kills", "4", "--per-run", "2", "--seed", "1", "--keep", str(tmp_path / "kills")]
+    args = ["--kills", "4", "--per-run", "2", "--early", "1", "--concurrent", "1", "--seed", "1"]
+    args += ["--keep", str(tmp_path / "kills")]
     result = subprocess.run(
         [sys.executable, str(script), *args], env=_env(tmp_path), capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "metric points lost: 0, duplicated: 0, differing: 0" in result.stdout, result.stdout
     assert "store corruptions: 0" in result.stdout, result.stdout
+    assert "killed before the first checkpoint: tried 1, closed 1, orphans 0" in result.stdout, result.stdout
+    assert "resumed twice at once: tried 1, one trained 1, other refused 1" in result.stdout, result.stdout
 
 
 # ---------------------------------------------------------------- one writer per run; no run RUNNING forever

@@ -530,9 +530,9 @@ def test_a_dead_server_at_the_end_of_a_run_leaves_everything_for_sync(tmp_path: 
 # ---------------------------------------------------------------- a real tracking server, killed
 @pytest.mark.slow
 def test_a_server_killed_mid_run_does_not_stop_training(server: Server, tmp_path: Path) -> None:
-    """Killed at the first loss line and started again once the run has said it is retrying: the run
-    finishes, exit 0, and every metric is in the store. Killed for good: the run still finishes,
-    exit 0, with its metrics in the file."""
+    """Killed at the first loss line and started again once the run has said so: the run finishes,
+    exit 0, and every metric is in the store (after `cifar-exp sync` if the run ended before the
+    server was back). Killed for good: the run still finishes, exit 0, with its metrics in the file."""
     long = [*TINY, "dataset.train_size=6400", "trainer.epochs=3"]  # 200 steps an epoch
     env = {
         "MLFLOW_TRACKING_URI": server.uri,
@@ -560,22 +560,25 @@ def test_a_server_killed_mid_run_does_not_stop_training(server: Server, tmp_path
 
     store = Store(server.uri)
     by_dir = {Path(r.data.tags["hydra_output_dir"]).parent.name: r for r in store.runs()}
-    expected_losses = 3 * 200 // 5
 
     code, output, folder = results["comes_back"]
     assert code == 0, output
-    assert "unrecorded" not in output and "not recorded" not in output, output
-    run = by_dir["comes_back"]
+    if (folder / records.UNRECORDED_METRICS).exists():  # it ended first: waited END_WAIT_S, not 600 s
+        assert f"`cifar-exp sync {folder}`" in output, output
+        assert commands.dispatch("sync", ["--tracking-uri", server.uri, str(folder)], None) == 0
+    else:
+        assert "answers again; nothing was lost" in output, output
+    run = store.run(by_dir["comes_back"].info.run_id)
     assert run.info.status == "FINISHED", output
-    assert len(store.history(run.info.run_id, "train/loss")) == expected_losses
-    assert not (folder / records.UNRECORDED_METRICS).exists(), output
+    steps = [step for step, _ in store.history(run.info.run_id, "train/loss")]
+    assert steps == list(range(5, 3 * 200 + 1, 5)), "every step, once"
 
     code, output, folder = results["gone"]
     assert code == 0, output
     assert "Accuracy of the network" in output  # the training result stands
     spill = folder / records.UNRECORDED_METRICS
-    said = [line for line in output.splitlines() if line.startswith("MLflow") or str(spill) in line]
-    assert [line for line in said if str(spill) in line], output  # the file is named
+    said = [line for line in output.splitlines() if line.startswith("MLflow") or str(folder) in line]
+    assert [line for line in said if str(folder) in line], output  # the folder is named
     assert [line for line in said if "its end" in line and f"cifar-exp sync {folder}" in line], output
     # one an event: opened, the outage noticed, metrics spilled, files kept, the checkpoint not
     # tagged (it is tagged after its first write), the count, the run's end

@@ -1,13 +1,9 @@
-"""The record writer: one background thread that opens the run, then makes every call to the store
-for it, in order (metrics, params and tags in batches, files, the lease's heartbeat, the run's
-end), so training never waits for MLflow, not even for importing it. What the store does not take
-is kept in the run's folder (unrecorded_metrics.jsonl, unrecorded_artifacts/) for `cifar-exp sync`.
-
-A store that is busy or does not answer is retried with backoff for up to retry_s (records pile up
-meanwhile and go out together); after that, or at once when it refuses a call, what it did not take
-is kept, and each later batch tries it once. Once the run ends a failing store is waited for at
-most END_WAIT_S more. Said in one line when an outage begins, one when a call truly succeeds again,
-and one at the end naming what was kept and the `cifar-exp sync` command that records it."""
+"""The record writer: one background thread that opens the run, then makes every store call for
+it in order (metrics, params and tags in batches, files, the lease's heartbeat, the run's end), so
+training never waits for MLflow. A store that is busy or silent is retried with backoff for up to
+retry_s, at most END_WAIT_S past the run's end; what it still does not take (or refuses) is kept in
+the run's folder for `cifar-exp sync`, and later batches try it once each. Said in one line as an
+outage begins, one when a call truly succeeds again, one at the end naming the sync command."""
 
 from __future__ import annotations
 
