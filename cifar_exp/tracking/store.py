@@ -21,12 +21,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 STORE_DIR = PROJECT_ROOT / "mlruns"
 RETRY_ENV = "CIFAR_EXP_MLFLOW_RETRY_S"  # seconds a busy or silent store is retried (default 60)
 FIRST_RETRY_S, LONGEST_RETRY_S = 0.25, 8.0  # the backoff between tries doubles from 0.25 s up to 8 s
-# MLflow's own retries of each HTTP request (a tracking server): its defaults, 7 retries with a
-# backoff factor of 2 and a 120 s timeout, spend ~4 minutes on every request to a dead server,
-# several minutes at the end of a run. These spend at most ~3 s on a refused connection (3 tries,
-# sleeping 0 s, then 2-3 s) and 3 x 20 s on a server that accepts but never answers; our
-# own retrying (RETRY_ENV) decides how long an outage is waited out. Set in the environment, a
-# user's own values win.
+# MLflow's own retries of each HTTP request: its defaults (7 retries, backoff factor 2, 120 s timeout)
+# spend ~4 minutes on every request to a dead server. These spend ~2 s on a refused connection and
+# 3 x 20 s on a server that never answers; our own retrying decides how long an outage is waited
+# out. A user's own values in the environment win.
 HTTP_RETRY_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # seconds; urllib3 sleeps factor * 2**(n-1), n >= 2
