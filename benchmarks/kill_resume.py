@@ -153,32 +153,43 @@ class Tally:
     differ: int = 0
     corrupt: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
-    early: Counter = field(default_factory=Counter)  # tried, closed (KILLED by `runs`), orphans
+    early: Counter = field(default_factory=Counter)  # tried, opened, closed (KILLED by `runs`), orphans
     concurrent: Counter = field(default_factory=Counter)  # tried, one trained, the other refused
     expected_killed: set[str] = field(default_factory=set)
 
 
 def early_kill(work: Path, env: dict[str, str], rng: random.Random, client, tally: Tally, n: int) -> None:
-    """A run SIGKILLed before its first checkpoint, then `cifar-exp runs`: the run must be KILLED."""
-    attempt = Attempt(TRAIN, work / f"early{n:02d}", env)
-    while attempt.alive() and not attempt.seen(RUN_ID.pattern):  # the run is open
-        time.sleep(0.01)
-    time.sleep(rng.uniform(0.0, 0.5))  # data loading, the first steps: no checkpoint yet
-    if (attempt.folder / "checkpoint.pt").exists() or not attempt.alive():
-        attempt.proc.kill()
-        attempt.wait()
-        return
+    """A run SIGKILLed before its first checkpoint (one step per image: epoch 1 takes seconds),
+    then `cifar-exp runs`: a run the store had opened must be KILLED with a reason, none RUNNING."""
+    attempt = Attempt([*TRAIN, "trainer.batch_size=1"], work / f"early{n:02d}", env)
+    if rng.random() < 0.5:  # while it imports and loads its data, its run perhaps not yet open
+        time.sleep(rng.uniform(1.0, 6.0))
+    else:  # in epoch 1, its run open
+        while attempt.alive() and not attempt.seen(RUN_ID.pattern):
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 2.0))
+    landed = attempt.alive() and not (attempt.folder / "checkpoint.pt").exists()
     attempt.proc.send_signal(signal.SIGKILL)
-    run_id = RUN_ID.search(attempt.wait())[1]
+    found = RUN_ID.search(attempt.wait())
+    if found:  # KILLED is its right end, landed or not
+        tally.expected_killed.add(found[1])
+    if not landed:
+        return
     tally.early["tried"] += 1
     listed = subprocess.run(
         [sys.executable, "-m", "cifar_exp", "runs"], env=env, capture_output=True, text=True
     )
-    run = client.get_run(run_id)
-    closed = run.info.status == "KILLED" and "error" in run.data.tags and run_id in listed.stderr
-    tally.early["closed" if closed else "orphans"] += 1
-    tally.expected_killed.add(run_id)
-    print(f"early {n:2d} {run_id[:8]}: killed before its first checkpoint; {run.info.status} after `runs`")
+    experiment = client.get_experiment_by_name("cifar_exp")
+    tally.early["orphans"] += len(
+        client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+    )
+    if found is None:  # killed before the store opened the run: nothing to close
+        print(f"early {n:2d}: killed before its run was opened")
+        return
+    run = client.get_run(found[1])
+    tally.early["opened"] += 1
+    tally.early["closed"] += run.info.status == "KILLED" and found[1] in listed.stderr
+    print(f"early {n:2d} {found[1][:8]}: killed before its first checkpoint; {run.info.status} after `runs`")
 
 
 def concurrent_resumes(
@@ -189,6 +200,9 @@ def concurrent_resumes(
     if kill_at(attempt, "step", rng, resumed=False) is None:
         return
     run_id = RUN_ID.search("".join(attempt.lines))[1]
+    if client.get_run(run_id).info.status == "FINISHED":  # the kill came after its end
+        tally.expected_killed.add(run_id)
+        return
     both = [Attempt(["resume", run_id], work / f"concurrent{n:02d}" / f"resume{i}", env) for i in range(2)]
     outputs = [a.wait() for a in both]
     codes = sorted(a.proc.returncode for a in both)
@@ -199,6 +213,8 @@ def concurrent_resumes(
     tally.recovered += client.get_run(run_id).info.status == "FINISHED"
     counts = compare(expected, history(client, run_id), tally)
     print(f"concurrent {n:2d} {run_id[:8]}: exits {codes}; {counts}", flush=True)
+    if codes[0] != 0 or codes[1] == 0:
+        print("".join(f"  {o.strip().splitlines()[-1]}\n" for o in outputs if o.strip()), end="")
 
 
 def integrity(database: Path) -> str:
@@ -315,7 +331,7 @@ def main() -> None:
     print(f"metric points lost: {tally.lost}, duplicated: {tally.duplicated}, differing: {tally.differ}")
     print(
         "killed before the first checkpoint: "
-        + ", ".join(f"{k} {tally.early[k]}" for k in ("tried", "closed", "orphans"))
+        + ", ".join(f"{k} {tally.early[k]}" for k in ("tried", "opened", "closed", "orphans"))
     )
     print(
         "resumed twice at once: "
@@ -328,7 +344,8 @@ def main() -> None:
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     failed = tally.recovered < tally.runs or tally.lost or tally.duplicated or tally.corrupt
-    failed = failed or tally.early["orphans"] or tally.concurrent["tried"] != tally.concurrent["one trained"]
+    failed = failed or tally.early["orphans"] or tally.early["opened"] != tally.early["closed"]
+    failed = failed or tally.concurrent["tried"] != tally.concurrent["one trained"]
     sys.exit(1 if failed else 0)
 
 
