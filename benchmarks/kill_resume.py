@@ -196,14 +196,15 @@ def concurrent_resumes(
     work: Path, env: dict[str, str], rng: random.Random, client, tally: Tally, expected: dict, n: int
 ) -> None:
     """A run SIGKILLed mid-step, then two resumes started together: one trains, one refuses."""
-    attempt = Attempt(TRAIN, work / f"concurrent{n:02d}", env)
-    if kill_at(attempt, "step", rng, resumed=False) is None:
+    for again in range(3):  # until a kill lands before the run's end
+        attempt = Attempt(TRAIN, work / f"concurrent{n:02d}-{again}", env)
+        hit = kill_at(attempt, "step", rng, resumed=False)
+        found = RUN_ID.search("".join(attempt.lines))
+        if hit and found and client.get_run(run_id := found[1]).info.status != "FINISHED":
+            break
+    else:
         return
-    run_id = RUN_ID.search("".join(attempt.lines))[1]
-    if client.get_run(run_id).info.status == "FINISHED":  # the kill came after its end
-        tally.expected_killed.add(run_id)
-        return
-    both = [Attempt(["resume", run_id], work / f"concurrent{n:02d}" / f"resume{i}", env) for i in range(2)]
+    both = [Attempt(["resume", run_id], attempt.folder / f"resume{i}", env) for i in range(2)]
     outputs = [a.wait() for a in both]
     codes = sorted(a.proc.returncode for a in both)
     tally.concurrent["tried"] += 1
