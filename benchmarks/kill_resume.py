@@ -22,7 +22,14 @@ step recorded twice), values that differ from the reference, and store corruptio
 PRAGMA integrity_check after every kill, runs left RUNNING, checkpoints that do not load).
 Target: all recovered, 0 lost, 0 duplicated, 0 corrupt.
 
-usage: python benchmarks/kill_resume.py [--kills 24] [--per-run 3] [--seed 0] [--keep DIR]
+Then two faults of their own: --early runs SIGKILLed before their first checkpoint (while the data
+loads or in epoch 1), each followed by `cifar-exp runs`, which must end it KILLED with a reason
+(an orphan: one left RUNNING); and --concurrent killed runs, each resumed by two `cifar-exp resume
+RUN_ID` started together, of which exactly one may train (the other refuses in one line) and
+nothing may be recorded twice.
+
+usage: python benchmarks/kill_resume.py [--kills 24] [--per-run 3] [--early 4] [--concurrent 2]
+                                        [--seed 0] [--keep DIR]
        (about 10 minutes on 2 busy cores: each kill costs a process start, ~5-10 s)
 """
 
@@ -146,6 +153,69 @@ class Tally:
     differ: int = 0
     corrupt: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    early: Counter = field(default_factory=Counter)  # tried, opened, closed (KILLED by `runs`), orphans
+    concurrent: Counter = field(default_factory=Counter)  # tried, one trained, the other refused
+    expected_killed: set[str] = field(default_factory=set)
+
+
+def early_kill(work: Path, env: dict[str, str], rng: random.Random, client, tally: Tally, n: int) -> None:
+    """A run SIGKILLed before its first checkpoint (one step per image: epoch 1 takes seconds),
+    then `cifar-exp runs`: a run the store had opened must be KILLED with a reason, none RUNNING."""
+    attempt = Attempt([*TRAIN, "trainer.batch_size=1"], work / f"early{n:02d}", env)
+    if rng.random() < 0.5:  # while it imports and loads its data, its run perhaps not yet open
+        time.sleep(rng.uniform(1.0, 6.0))
+    else:  # in epoch 1, its run open
+        while attempt.alive() and not attempt.seen(RUN_ID.pattern):
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 2.0))
+    landed = attempt.alive() and not (attempt.folder / "checkpoint.pt").exists()
+    attempt.proc.send_signal(signal.SIGKILL)
+    found = RUN_ID.search(attempt.wait())
+    if found:  # KILLED is its right end, landed or not
+        tally.expected_killed.add(found[1])
+    if not landed:
+        return
+    tally.early["tried"] += 1
+    listed = subprocess.run(
+        [sys.executable, "-m", "cifar_exp", "runs"], env=env, capture_output=True, text=True
+    )
+    experiment = client.get_experiment_by_name("cifar_exp")
+    tally.early["orphans"] += len(
+        client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+    )
+    if found is None:  # killed before the store opened the run: nothing to close
+        print(f"early {n:2d}: killed before its run was opened")
+        return
+    run = client.get_run(found[1])
+    tally.early["opened"] += 1
+    tally.early["closed"] += run.info.status == "KILLED" and found[1] in listed.stderr
+    print(f"early {n:2d} {found[1][:8]}: killed before its first checkpoint; {run.info.status} after `runs`")
+
+
+def concurrent_resumes(
+    work: Path, env: dict[str, str], rng: random.Random, client, tally: Tally, expected: dict, n: int
+) -> None:
+    """A run SIGKILLed mid-step, then two resumes started together: one trains, one refuses."""
+    for again in range(3):  # until a kill lands before the run's end
+        attempt = Attempt(TRAIN, work / f"concurrent{n:02d}-{again}", env)
+        hit = kill_at(attempt, "step", rng, resumed=False)
+        found = RUN_ID.search("".join(attempt.lines))
+        if hit and found and client.get_run(run_id := found[1]).info.status != "FINISHED":
+            break
+    else:
+        return
+    both = [Attempt(["resume", run_id], attempt.folder / f"resume{i}", env) for i in range(2)]
+    outputs = [a.wait() for a in both]
+    codes = sorted(a.proc.returncode for a in both)
+    tally.concurrent["tried"] += 1
+    tally.concurrent["one trained"] += codes[0] == 0 and codes[1] != 0
+    tally.concurrent["other refused"] += any("is being continued by process" in o for o in outputs)
+    tally.runs += 1
+    tally.recovered += client.get_run(run_id).info.status == "FINISHED"
+    counts = compare(expected, history(client, run_id), tally)
+    print(f"concurrent {n:2d} {run_id[:8]}: exits {codes}; {counts}", flush=True)
+    if codes[0] != 0 or codes[1] == 0:
+        print("".join(f"  {o.strip().splitlines()[-1]}\n" for o in outputs if o.strip()), end="")
 
 
 def integrity(database: Path) -> str:
@@ -178,6 +248,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=24, help="SIGKILLs that land, in all")
     parser.add_argument("--per-run", type=int, default=3, help="most kills of one run before it may finish")
+    parser.add_argument("--early", type=int, default=4, help="runs killed before their first checkpoint")
+    parser.add_argument("--concurrent", type=int, default=2, help="killed runs resumed twice at once")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep it (default: a temp dir)")
     args = parser.parse_args()
@@ -242,9 +314,13 @@ def main() -> None:
         for stale in trial.rglob(".checkpoint.pt.*"):  # a kill mid-write leaves its temporary file
             stale.unlink()
 
+    for n in range(1, args.early + 1):
+        early_kill(work, env, rng, client, tally, n)
+    for n in range(1, args.concurrent + 1):
+        concurrent_resumes(work, env, rng, client, tally, expected, n)
     experiment = client.get_experiment_by_name("cifar_exp")
     for run in client.search_runs([experiment.experiment_id], max_results=1000):
-        if run.info.status != "FINISHED":
+        if run.info.status != "FINISHED" and run.info.run_id not in tally.expected_killed:
             tally.corrupt.append(f"run {run.info.run_id} left {run.info.status}")
     if (check := integrity(database)) != "ok":
         tally.corrupt.append(f"integrity_check at the end: {check}")
@@ -254,6 +330,14 @@ def main() -> None:
     print(f"\nkills landed: {landed} ({phases}; mid-write: the temporary checkpoint file was there)")
     print(f"runs recovered: {tally.recovered}/{tally.runs}")
     print(f"metric points lost: {tally.lost}, duplicated: {tally.duplicated}, differing: {tally.differ}")
+    print(
+        "killed before the first checkpoint: "
+        + ", ".join(f"{k} {tally.early[k]}" for k in ("tried", "opened", "closed", "orphans"))
+    )
+    print(
+        "resumed twice at once: "
+        + ", ".join(f"{k} {tally.concurrent[k]}" for k in ("tried", "one trained", "other refused"))
+    )
     print(f"store corruptions: {len(tally.corrupt)}" + "".join(f"\n  {c}" for c in tally.corrupt))
     for refusal in tally.refused:
         print(f"  resume refused: {refusal}")
@@ -261,6 +345,8 @@ def main() -> None:
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     failed = tally.recovered < tally.runs or tally.lost or tally.duplicated or tally.corrupt
+    failed = failed or tally.early["orphans"] or tally.early["opened"] != tally.early["closed"]
+    failed = failed or tally.concurrent["tried"] != tally.concurrent["one trained"]
     sys.exit(1 if failed else 0)
 
 

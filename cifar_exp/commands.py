@@ -22,7 +22,7 @@ import yaml
 from cifar_exp import reports, sweep_summary, ui_server
 from cifar_exp.config import TrackingConfig
 from cifar_exp.errors import UserError, first_line
-from cifar_exp.tracking import identity, resumption, runs, store
+from cifar_exp.tracking import identity, leases, resumption, runs, store
 
 HydraMain = Callable[[list[str], dict[str, str] | None], None]
 USAGE = {
@@ -35,7 +35,8 @@ USAGE = {
     "resume": "continue an interrupted run from its last checkpoint, into the same run",
     "predict": "print the top classes of each image with a recorded run's weights",
     "sync": "record what a store outage left in a run's folder (unrecorded_metrics.jsonl, "
-    "unrecorded_artifacts/) into its run; steps already recorded are skipped",
+    "unrecorded_artifacts/) into its run; steps already recorded are skipped; with --stale, first end "
+    "KILLED the runs left RUNNING by a process that died",
 }
 
 
@@ -80,7 +81,10 @@ def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
     elif command == "runs":
         parser.add_argument("--limit", type=counting(1), default=20, help="how many runs, newest first")
     elif command == "sync":
-        parser.add_argument("output_dir", type=Path, help="a run's Hydra output folder, or a sweep's")
+        parser.add_argument(
+            "output_dir", type=Path, nargs="?", help="a run's Hydra output folder, or a sweep's"
+        )
+        parser.add_argument("--stale", action="store_true", help="end KILLED the runs whose process died")
     else:
         parser.add_argument("run_id", help="the MLflow run id (see the UI or the end of a run's log)")
     if command == "predict":
@@ -104,6 +108,8 @@ def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     uri = store.tracking_uri(TrackingConfig(tracking_uri=args.tracking_uri))
     try:
+        if command in ("compare", "runs", "rerun", "resume") or getattr(args, "stale", False):
+            leases.close_stale_in(uri)  # runs a dead process left RUNNING: KILLED, one line each
         if command == "ui":
             return ui(uri, args.port)
         if command == "compare":
@@ -113,7 +119,10 @@ def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
         if command == "sync":
             from cifar_exp.tracking import sync
 
-            sync.sync(args.tracking_uri, args.output_dir)
+            if args.output_dir is None and not args.stale:
+                raise UserError("sync: name a run's output folder, or --stale")
+            if args.output_dir is not None:
+                sync.sync(args.tracking_uri, args.output_dir)
             return 0
         if command in ("rerun", "resume"):
             resume = command == "resume"

@@ -16,7 +16,7 @@ class FakeClient:
         self.fail = fail
         self.threads: set[str] = set()
 
-    def log_batch(self, run_id: str, metrics: list[Any], params: list[Any]) -> None:
+    def log_batch(self, run_id: str, metrics: list[Any], params: list[Any], tags: list[Any] = ()) -> None:
         self.threads.add(threading.current_thread().name)
         if self.fail:
             raise RuntimeError("database is locked\nmore detail")

@@ -25,9 +25,9 @@ import torch
 from conftest import Command, Store, cli_env, ok, signal_ignored, synthetic
 from mlflow.tracking import MlflowClient
 
-from cifar_exp import checkpoints, signals
+from cifar_exp import checkpoints, commands, signals
 from cifar_exp.errors import UserError
-from cifar_exp.tracking import identity, resumption
+from cifar_exp.tracking import identity, leases, resumption, runs
 from cifar_exp.tracking.records import RecordWriter
 from cifar_exp.tracking.runs import Tracker
 
@@ -231,6 +231,17 @@ def _env(store: Path) -> dict[str, str]:
     return cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{store}/mlflow.db")
 
 
+def _cli(args: list[str], cwd: Path, store: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cifar_exp", *args],
+        cwd=cwd,
+        env=_env(store),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def _runs(store: Path) -> list:
     client = MlflowClient(f"sqlite:///{store}/mlflow.db")
     experiment = client.get_experiment_by_name("cifar_exp")
@@ -325,7 +336,8 @@ DONE = {"epoch": 3, "epoch_step": 0, "step": 20}  # a checkpoint after both epoc
         ("FINISHED", {"trainer": {"epochs": 1}}, DONE, "already FINISHED"),
         ("KILLED", {"optimizer": {"lr": 0.5}}, DONE, "optimizer.lr=0.001 -> 0.5"),
         ("KILLED", {"trainer": {"epochs": 1}}, {"epoch": 2, "epoch_step": 3, "step": 13}, "fewer than"),
-        ("RUNNING", {}, DONE, "still running"),
+        ("RUNNING", {}, DONE, "is being continued by process"),
+        ("KILLED", {}, DONE, "is being continued by process"),  # taken, not yet reopened
     ],
 )
 def test_a_resume_that_cannot_proceed_says_why_and_changes_nothing(
@@ -336,7 +348,8 @@ def test_a_resume_that_cannot_proceed_says_why_and_changes_nothing(
     cfg, client, make = recorded
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)  # cifar_exp"])
     try:
-        run_id = make(status, {resumption.PROCESS_TAG: f"{socket.gethostname()}:{alive.pid}"})
+        held = leases.Lease(f"{socket.gethostname()}:{alive.pid}", "a", time.time() + 60)
+        run_id = make(status, held.tag() if "continued" in said else {})  # a live process holds it
         before = _snapshot(client, run_id)
         with pytest.raises(UserError, match=re.escape(said)) as error:
             resumption.check(OmegaConf.merge(cfg, overrides), run_id, run_id, progress)
@@ -361,7 +374,7 @@ def test_resume_continues_a_killed_process_and_trains_a_finished_run_further(rec
     gone.wait()
     # SIGKILLed after its checkpoint at step 10, with train/loss 15, 20 and test/acc 20 recorded;
     # what was logged at the checkpoint's own step (the end's test metrics are) is not logged again
-    run_id = make("RUNNING", {resumption.PROCESS_TAG: f"{socket.gethostname()}:{gone.pid}"})
+    run_id = make("RUNNING", leases.Lease(f"{socket.gethostname()}:{gone.pid}", "b", time.time() + 60).tag())
     plan = resumption.check(cfg, run_id, run_id, {"epoch": 2, "epoch_step": 0, "step": 10})
     assert plan.run_id == run_id and plan.tags == {}
     assert plan.recorded == {
@@ -382,7 +395,7 @@ def test_a_resumed_run_records_only_the_points_the_store_lacks() -> None:
     class Client:
         points: list = []
 
-        def log_batch(self, run_id: str, metrics: list, params: list) -> None:
+        def log_batch(self, run_id: str, metrics: list, params: list, tags: list = ()) -> None:
             self.points += [(m.key, m.step) for m in metrics]
 
     writer = RecordWriter(Client(), "run")
@@ -484,10 +497,132 @@ def test_a_preempted_submitit_job_ends_killed_and_its_requeued_job_finishes_the_
 def test_training_killed_at_random_moments_resumes_with_nothing_lost_or_twice(tmp_path: Path) -> None:
     """benchmarks/kill_resume.py with a few kills (the README's figures come from 24 or more)."""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "kill_resume.py"
-    args = ["--kills", "4", "--per-run", "2", "--seed", "1", "--keep", str(tmp_path / "kills")]
+    args = ["--kills", "4", "--per-run", "2", "--early", "1", "--concurrent", "1", "--seed", "1"]
+    args += ["--keep", str(tmp_path / "kills")]
     result = subprocess.run(
         [sys.executable, str(script), *args], env=_env(tmp_path), capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "metric points lost: 0, duplicated: 0, differing: 0" in result.stdout, result.stdout
     assert "store corruptions: 0" in result.stdout, result.stdout
+    early = r"killed before the first checkpoint: tried 1, opened (\d), closed \1, orphans 0"
+    assert re.search(early, result.stdout), result.stdout
+    assert "resumed twice at once: tried 1, one trained 1, other refused 1" in result.stdout, result.stdout
+
+
+# ---------------------------------------------------------------- one writer per run; no run RUNNING forever
+def test_of_two_processes_taking_a_run_at_once_one_holds_it(recorded) -> None:
+    """Both write their lease, then read it back: the one whose write landed last holds it, the
+    other refuses in one line. A lease whose owner is gone is taken over; one renewed is kept."""
+    import threading
+
+    _, client, make = recorded
+    run_id = make("KILLED")
+    outcomes: list[object] = []
+
+    def take() -> None:
+        try:
+            outcomes.append(leases.take(MlflowClient(client.tracking_uri), run_id))
+        except UserError as e:
+            outcomes.append(str(e))
+
+    takers = [threading.Thread(target=take) for _ in range(2)]
+    for taker in takers:
+        taker.start()
+    for taker in takers:
+        taker.join()
+    (held,) = [o for o in outcomes if isinstance(o, leases.Lease)]
+    (refused,) = [o for o in outcomes if isinstance(o, str)]
+    assert "is being continued by process" in refused and "\n" not in refused
+    assert leases.Lease.of(client.get_run(run_id).data.tags).token == held.token
+    assert leases.heartbeat(held)(client, run_id) is None  # renewed: still its own
+    rival = leases.Lease("elsewhere:1", "rival", time.time() + 60)
+    client.set_tag(run_id, leases.LEASE_TAG, rival.tag()[leases.LEASE_TAG])
+    assert leases.heartbeat(held)(client, run_id) == "elsewhere:1"  # taken over: it stops writing
+
+
+def test_runs_whose_process_died_are_closed_killed_and_live_ones_left_alone(recorded, capsys) -> None:
+    _, client, make = recorded
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    here, now = socket.gethostname(), time.time()
+    owners = {
+        "killed here": leases.Lease(f"{here}:{gone.pid}", "a", now + 60),
+        "silent elsewhere": leases.Lease("elsewhere:1", "b", now - 1),  # its heartbeat stopped
+        "training here": leases.Lease(f"{here}:{os.getpid()}", "c", now + 60),
+        "training elsewhere": leases.Lease("elsewhere:2", "d", now + 60),
+    }
+    ids = {name: make("RUNNING", lease.tag()) for name, lease in owners.items()}
+    assert commands.dispatch("sync", ["--stale", "--tracking-uri", client.tracking_uri], None) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if any(i in line for i in ids.values())]
+    closed = {name for name, run_id in ids.items() if any(run_id in line for line in said)}
+    assert closed == {"killed here", "silent elsewhere"} and len(said) == 2, said
+    for name, run_id in ids.items():
+        run = client.get_run(run_id)
+        assert run.info.status == ("KILLED" if name in closed else "RUNNING"), name
+        if name in closed:
+            assert run.data.tags["error"].startswith(f"its process {owners[name].owner} stopped"), name
+            assert run.info.end_time <= time.time() * 1000
+
+
+def test_a_run_resumed_to_finished_loses_its_interruption_tags(recorded) -> None:
+    _, client, make = recorded
+    run_id = make("KILLED", {"error": "interrupted (Ctrl-C or SIGTERM)"})
+    writer = RecordWriter(MlflowClient(client.tracking_uri), run_id)
+    runs._end(writer, leases.new_lease(), "FINISHED", None, cleared=("error",))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "error" not in run.data.tags
+    assert not leases.Lease.of(run.data.tags).alive()  # released at the end
+
+
+@pytest.mark.slow
+def test_two_resumes_at_once_one_trains_and_a_kill_before_the_first_checkpoint_is_closed(
+    tmp_path: Path,
+) -> None:
+    """Two `cifar-exp resume RUN_ID` started together on a KILLED run: one trains it to FINISHED
+    (its interruption's tag gone), the other refuses in one line; no step is recorded twice. A run
+    killed -9 before its first checkpoint is closed KILLED by the next `cifar-exp runs`."""
+    store = tmp_path / "store"
+    ok(_cli(TRAIN + ["trainer.epochs=1"], tmp_path, store))
+    (run,) = _runs(store)
+    run_id = run.info.run_id
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    client.set_terminated(run_id, "KILLED")
+    client.set_tag(run_id, "error", "interrupted (Ctrl-C or SIGTERM)")
+    args = [sys.executable, "-m", "cifar_exp", "resume", run_id, "trainer.epochs=2"]
+    both = [
+        subprocess.Popen(
+            args, cwd=tmp_path, env=_env(store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    results = [(p.wait(300), *p.communicate()) for p in both]
+    assert sorted(code != 0 for code, _, _ in results) == [False, True], results
+    (refused,) = [err for code, _, err in results if code != 0]
+    lines = [line for line in refused.splitlines() if not line.startswith("Error executing job")]  # Hydra's
+    assert len(lines) == 1 and "is being continued by process" in lines[0], refused
+    after = client.get_run(run_id)
+    assert after.info.status == "FINISHED" and "error" not in after.data.tags
+    for key in ("train/loss", "test/acc"):
+        steps = [s for s, _ in _history(store, run_id, key)]
+        assert len(steps) == len(set(steps)), (key, steps)
+    assert [s for s, _ in _history(store, run_id, "test/acc")] == [200, 400]
+
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "cifar_exp", *TRAIN, "trainer.epochs=50", "trainer.batch_size=1"],
+        cwd=tmp_path,
+        env=_env(store),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    for line in killed.stdout:  # the run is open; its first epoch (1600 steps) far from done
+        if re.match(r"^MLflow run [0-9a-f]{32} ", line):
+            break
+    killed.kill()
+    killed.wait()
+    listed = ok(_cli(["runs"], tmp_path, store))
+    orphan = next(r for r in _runs(store) if r.info.run_id != run_id)
+    assert f"closed run {orphan.info.run_id}" in listed.stderr, listed.stderr
+    assert orphan.info.status == "KILLED" and orphan.data.tags["error"].startswith("its process")
+    assert "checkpoint" not in orphan.data.tags

@@ -13,7 +13,6 @@ import errno
 import json
 import logging
 import os
-import re
 import socket
 import sqlite3
 import tempfile
@@ -30,7 +29,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UN
 
 from cifar_exp import commands
 from cifar_exp.errors import UserError
-from cifar_exp.tracking import records, runs, sync
+from cifar_exp.tracking import leases, records, runs, sync
 from cifar_exp.tracking import store as tracking_store
 from cifar_exp.tracking.records import RecordWriter
 
@@ -47,7 +46,7 @@ class FlakyClient:
         self.calls = 0
         self.batches: list[tuple[list, list]] = []
 
-    def log_batch(self, run_id: str, metrics: list, params: list) -> None:
+    def log_batch(self, run_id: str, metrics: list, params: list, tags: list = ()) -> None:
         self.calls += 1
         if self.down():
             raise self.error
@@ -98,10 +97,12 @@ def test_a_store_that_comes_back_gets_everything_in_order(
     assert writer.close() is None
     assert client.metrics() == logged
     assert client.params() == {"model.conv1_out": "8", "seed": "0"}
-    assert writer.unrecorded == 0 and not writer.health.down
+    assert writer.unrecorded == 0 and not writer.down
     assert not spill.exists()
     said = [record.getMessage() for record in caplog.records]
-    assert len(said) == 2 and "retrying" in said[0] and "nothing was lost" in said[1], said
+    assert len(said) == 2 and "does not answer" in said[0] and "answers again; nothing was lost" in said[1], (
+        said
+    )
 
 
 def test_a_store_that_never_comes_back_leaves_everything_in_the_file(
@@ -113,9 +114,9 @@ def test_a_store_that_never_comes_back_leaves_everything_in_the_file(
     with caplog.at_level(logging.WARNING, logger="cifar_exp.tracking"):
         writer.params({"optimizer.lr": "0.01"})
         logged = _fill(writer, range(1, 51))
-        assert re.fullmatch(r"no answer for \d+ s: Connection refused", writer.close() or "")
+        assert writer.close() == "Connection refused"
     assert client.calls > 1  # retried, then gave up
-    assert writer.health.down and writer.unrecorded == len(logged) + 1
+    assert writer.down and writer.unrecorded == len(logged) + 1
 
     lines = [json.loads(line) for line in spill.read_text().splitlines()]
     assert {line["run_id"] for line in lines} == {"run-1"}
@@ -124,8 +125,8 @@ def test_a_store_that_never_comes_back_leaves_everything_in_the_file(
     assert all(isinstance(x["timestamp"], int) for x in lines if "metric" in x)
 
     said = [r.getMessage() for r in caplog.records]
-    naming = [m for m in said if str(spill) in m]
-    assert naming and all("\n" not in m for m in said), said
+    naming = [m for m in said if str(spill.parent) in m]
+    assert naming and all("\n" not in m for m in said) and "answers again" not in str(said), said
     assert any("Connection refused" in m for m in naming), said
 
 
@@ -136,14 +137,14 @@ def test_after_giving_up_it_records_again_when_the_store_answers(tmp_path: Path)
     writer = RecordWriter(client, "run", spill, retry_s=0.3)
     early = _fill(writer, range(1, 11))
     wait_until(spill.exists, what="the writer to give up")
-    assert writer.health.down
+    assert writer.down
     state["down"] = False
     late = _fill(writer, range(11, 21))
-    assert re.fullmatch(r"no answer for \d+ s: Connection refused", writer.close() or "")
+    assert writer.close() == "Connection refused"
     assert client.metrics() == late  # recorded once it answered
     kept = [(x["metric"], x["step"], x["value"]) for x in map(json.loads, spill.read_text().splitlines())]
     assert kept == early  # the rest, in the file: nothing lost, nothing twice
-    assert not writer.health.down
+    assert not writer.down
 
 
 class FlakyServer(FlakyClient):
@@ -170,8 +171,8 @@ def test_an_outage_met_by_a_file_upload_does_not_hold_up_the_checkpoint(
     answers it gets the files and every metric."""
     state = {"down": True}
     client = FlakyServer(down=lambda: state["down"])
-    writer = RecordWriter(client, "run", tmp_path / records.UNRECORDED_METRICS, retry_s=600)
-    tracker = runs.Tracker(writer, tmp_path, "http://127.0.0.1:9")
+    writer = RecordWriter(client, "run", tmp_path / records.UNRECORDED_METRICS, 600, uri="http://127.0.0.1:9")
+    tracker = runs.Tracker(writer)
     tracker.log_files({"figures/train_samples.png": b"png"}, "the sample images")
     wait_until(lambda: client.calls >= 2, what="a second try")  # retrying the upload...
     logged = _training(writer, range(1, 101))
@@ -186,7 +187,7 @@ def test_an_outage_met_by_a_file_upload_does_not_hold_up_the_checkpoint(
     assert not (tmp_path / records.UNRECORDED_ARTIFACTS).exists()
     said = [record.getMessage() for record in caplog.records]
     assert len(said) == 2 and "nothing was lost" in said[1], said
-    assert said[0].startswith("MLflow: could not record the sample images (") and "retrying" in said[0]
+    assert said[0].startswith("MLflow: http://127.0.0.1:9 does not answer (Connection refused)"), said
 
 
 def test_a_refusal_is_not_retried(tmp_path: Path) -> None:
@@ -247,6 +248,28 @@ def test_retrying_waits_out_a_busy_store_and_raises_anything_else(monkeypatch: p
         tracking_store.retrying(
             lambda: (_ for _ in ()).throw(ConnectionError("down")), "writing", retry_s=0.5
         )
+
+
+def test_a_dead_store_delays_the_end_of_a_run_by_at_most_end_wait(tmp_path: Path) -> None:
+    """The run never opened (the store refused every connection, retried for up to 60 s while
+    training went on): its end waits at most END_WAIT_S more, then everything is in the folder and
+    the last line names the sync command. Bounded by the writer's own rule, not measured."""
+
+    def dead() -> tuple[Any, str]:
+        raise ConnectionError("Connection refused")
+
+    writer = RecordWriter(spill_path=tmp_path / records.UNRECORDED_METRICS, retry_s=60, opener=dead, uri="X")
+    tracker = runs.Tracker(writer)
+    tracker.log_params({"seed": "0"})
+    tracker.log_metrics({"test/acc": 0.5}, 10)
+    tracker.log_files({"model/state_dict.pt": b"weights"}, "the weights")
+    assert tracker.run_id is None  # a checkpoint does not wait for the store
+    started = time.monotonic()
+    runs._end(writer, leases.new_lease(), "FINISHED", None)
+    assert time.monotonic() - started < records.END_WAIT_S + 5  # + one backoff step, generously
+    lines = [json.loads(line) for line in (tmp_path / records.UNRECORDED_METRICS).read_text().splitlines()]
+    assert [x["status"] for x in lines if "status" in x] == ["FINISHED"]
+    assert (tmp_path / records.UNRECORDED_ARTIFACTS / "model" / "state_dict.pt").read_bytes() == b"weights"
 
 
 # ---------------------------------------------------------------- the check before training
@@ -371,13 +394,13 @@ def _outage(folder: Path, run_id: str | None, status: str = "FINISHED") -> None:
             raise ConnectionError("Connection refused")
 
     writer = RecordWriter(DeadClient(), run_id, folder / records.UNRECORDED_METRICS, 0.2, opener=opener)
-    tracker = runs.Tracker(writer, folder, "http://127.0.0.1:9")
+    tracker = runs.Tracker(writer)
     tracker.log_params({"data": "synthetic"})
     if run_id is not None:
         for step in (5, 10, 15, 20):
             tracker.log_metrics({"train/loss": 1 / step}, step)
     tracker.log_files({"model/state_dict.pt": b"weights"}, "the weights")
-    runs._end(tracker, status, None if status == "FINISHED" else "interrupted")
+    runs._end(writer, leases.new_lease(), status, None if status == "FINISHED" else "interrupted")
 
 
 def test_sync_records_what_an_outage_left_into_its_run_once(tmp_path: Path, mlflow_store: str) -> None:
@@ -493,10 +516,10 @@ def test_a_dead_server_at_the_end_of_a_run_leaves_everything_for_sync(tmp_path: 
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
     writer = RecordWriter(MlflowClient(dead), "0" * 32, tmp_path / records.UNRECORDED_METRICS)
-    tracker = runs.Tracker(writer, tmp_path, dead)
+    tracker = runs.Tracker(writer)
     tracker.log_metrics({"test/acc": 0.5}, 100)
     tracker.log_files({"model/state_dict.pt": b"weights"}, "the weights")
-    runs._end(tracker, "FINISHED", None)
+    runs._end(writer, leases.new_lease(), "FINISHED", None)
     lines = [json.loads(line) for line in (tmp_path / records.UNRECORDED_METRICS).read_text().splitlines()]
     assert [x["status"] for x in lines if "status" in x] == ["FINISHED"]
     assert [x["metric"] for x in lines if "metric" in x] == ["test/acc"]
@@ -505,9 +528,9 @@ def test_a_dead_server_at_the_end_of_a_run_leaves_everything_for_sync(tmp_path: 
 # ---------------------------------------------------------------- a real tracking server, killed
 @pytest.mark.slow
 def test_a_server_killed_mid_run_does_not_stop_training(server: Server, tmp_path: Path) -> None:
-    """Killed at the first loss line and started again once the run has said it is retrying: the run
-    finishes, exit 0, and every metric is in the store. Killed for good: the run still finishes,
-    exit 0, with its metrics in the file."""
+    """Killed at the first loss line and started again once the run has said so: the run finishes,
+    exit 0, and every metric is in the store (after `cifar-exp sync` if the run ended before the
+    server was back). Killed for good: the run still finishes, exit 0, with its metrics in the file."""
     long = [*TINY, "dataset.train_size=6400", "trainer.epochs=3"]  # 200 steps an epoch
     env = {
         "MLFLOW_TRACKING_URI": server.uri,
@@ -527,7 +550,7 @@ def test_a_server_killed_mid_run_does_not_stop_training(server: Server, tmp_path
         if name == "comes_back":
             # the outage, noticed: by whichever record meets it first (metrics, or a file still
             # being uploaded from the background as training starts)
-            command.wait_for(r"^MLflow: could not .*; retrying for up to")
+            command.wait_for(r"^MLflow: http.* does not answer")
             server.start().wait_until_up()
         result = command.result()
         results[name] = (result.returncode, result.stdout + result.stderr, cwd / "out")
@@ -535,23 +558,26 @@ def test_a_server_killed_mid_run_does_not_stop_training(server: Server, tmp_path
 
     store = Store(server.uri)
     by_dir = {Path(r.data.tags["hydra_output_dir"]).parent.name: r for r in store.runs()}
-    expected_losses = 3 * 200 // 5
 
     code, output, folder = results["comes_back"]
     assert code == 0, output
-    assert "unrecorded" not in output and "not recorded" not in output, output
-    run = by_dir["comes_back"]
+    if (folder / records.UNRECORDED_METRICS).exists():  # it ended first: waited END_WAIT_S, not 600 s
+        assert f"`cifar-exp sync {folder}`" in output, output
+        assert commands.dispatch("sync", ["--tracking-uri", server.uri, str(folder)], None) == 0
+    else:
+        assert "answers again; nothing was lost" in output, output
+    run = store.run(by_dir["comes_back"].info.run_id)
     assert run.info.status == "FINISHED", output
-    assert len(store.history(run.info.run_id, "train/loss")) == expected_losses
-    assert not (folder / records.UNRECORDED_METRICS).exists(), output
+    steps = [step for step, _ in store.history(run.info.run_id, "train/loss")]
+    assert steps == list(range(5, 3 * 200 + 1, 5)), "every step, once"
 
     code, output, folder = results["gone"]
     assert code == 0, output
     assert "Accuracy of the network" in output  # the training result stands
     spill = folder / records.UNRECORDED_METRICS
-    said = [line for line in output.splitlines() if line.startswith("MLflow") or str(spill) in line]
-    assert [line for line in said if str(spill) in line], output  # the file is named
-    assert [line for line in said if "could not end run" in line and "RUNNING" in line], output
+    said = [line for line in output.splitlines() if line.startswith("MLflow") or str(folder) in line]
+    assert [line for line in said if str(folder) in line], output  # the folder is named
+    assert [line for line in said if "its end" in line and f"cifar-exp sync {folder}" in line], output
     # one an event: opened, the outage noticed, metrics spilled, files kept, the checkpoint not
     # tagged (it is tagged after its first write), the count, the run's end
     assert len(said) <= 7 and all(len(line) < 600 for line in said), "\n".join(said)
@@ -563,3 +589,59 @@ def test_a_server_killed_mid_run_does_not_stop_training(server: Server, tmp_path
     }
     assert recorded | kept == set(range(5, 3 * 200 + 1, 5)) and not recorded & kept  # all, once
     assert (folder / records.UNRECORDED_ARTIFACTS / "model" / "state_dict.pt").is_file()
+
+
+# ---------------------------------------------------------------- a store that is gone for the whole run
+@pytest.fixture(scope="module")
+def storeless(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any]]:
+    """One epoch each, started together: with nothing listening on the tracking server's port,
+    and with a SQLite store file that is garbage."""
+    root = tmp_path_factory.mktemp("storeless")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
+    (root / "damaged").mkdir()
+    (root / "damaged" / "mlflow.db").write_bytes(bytes(range(256)) * 16)
+    stores = {"dead_port": dead, "damaged_sqlite": f"sqlite:///{root / 'damaged' / 'mlflow.db'}"}
+    one_epoch = synthetic(train=320, test=100, epochs=1, batch=32, log_every=5)
+    commands_ = {
+        case: start_cli(
+            *one_epoch, f"hydra.run.dir={root / case}/out", cwd=root / case, env={"MLFLOW_TRACKING_URI": uri}
+        )
+        for case, uri in stores.items()
+    }
+    return {
+        case: (root / case / "out", command.result(), stores[case]) for case, command in commands_.items()
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["dead_port", "damaged_sqlite"])
+def test_a_run_without_its_store_finishes_and_sync_records_it(
+    storeless: dict, case: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Training goes on, exit 0; one line names the store, one at the end the sync command, and no
+    retry log nor a false "answers again"; the weights and the checkpoint are in the run's folder.
+    Synced into a store that answers, the run is FINISHED with its weights: predict uses them."""
+    folder, result, uri = storeless[case]
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    said = [line for line in output.splitlines() if "MLflow" in line or "Retrying" in line]
+    assert len(said) == 2 and uri in said[0], said
+    assert said[-1].endswith(f"`cifar-exp sync {folder}` records them"), said
+    assert "answers again" not in output and "Traceback" not in output
+    assert len(result.stderr.splitlines()) <= 2, result.stderr
+    assert (folder / "checkpoint.pt").is_file()
+    assert (folder / records.UNRECORDED_ARTIFACTS / "model" / "state_dict.pt").is_file()
+
+    synced_to = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert commands.dispatch("sync", ["--tracking-uri", synced_to, str(folder)], hydra_main=None) == 0
+    (run,) = Store(synced_to).runs()
+    assert run.info.status == "FINISHED" and run.data.tags["checkpoint"] == str(folder / "checkpoint.pt")
+    image = tmp_path / "red.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(image)
+    capsys.readouterr()
+    assert commands.dispatch("predict", ["--tracking-uri", synced_to, run.info.run_id, str(image)], None) == 0
+    assert capsys.readouterr().out.startswith(f"{image}: class_")

@@ -1,45 +1,42 @@
-"""The record writer: a background thread that opens the run, then writes its metrics, params and
-files, so training never waits for MLflow (not even for importing it); what the store does not
-take goes to a spill file in the run's folder."""
+"""The record writer: one background thread that opens the run, then makes every store call for
+it in order (metrics, params and tags in batches, files, the lease's heartbeat, the run's end), so
+training never waits for MLflow. A store that is busy or silent is retried with backoff for up to
+retry_s, at most END_WAIT_S past the run's end; what it still does not take (or refuses) is kept in
+the run's folder for `cifar-exp sync`, and later batches try it once each. Said in one line as an
+outage begins, one when a call truly succeeds again, one at the end naming the sync command."""
 
 from __future__ import annotations
 
 import json
 import logging
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cifar_exp.errors import first_line
-from cifar_exp.tracking.store import StoreHealth, backoff, transient
+from cifar_exp.tracking.store import backoff, retry_seconds, transient
 
 log = logging.getLogger(__name__)
 
 # What the store could not take stays in the run's Hydra output folder, under these names.
-UNRECORDED_METRICS = "unrecorded_metrics.jsonl"  # one JSON object per metric or param
+UNRECORDED_METRICS = "unrecorded_metrics.jsonl"  # one JSON object a line: metric, param, tag, end
 UNRECORDED_ARTIFACTS = "unrecorded_artifacts"
+END_WAIT_S = 3.0  # seconds a failing store is still retried once the run has ended
 
 Opener = Callable[[], tuple[Any, str]]  # opens (or reopens) the run: (MlflowClient, run id)
-Call = Callable[[Any, str], None]  # a store call made in order with the records: (client, run id)
+Call = Callable[[Any, str], Any]  # a store call made in order with the records: (client, run id)
+T = TypeVar("T")
 
 
 class RecordWriter:
-    """Writes metrics and params to the store from a background thread: the training loop only
-    puts plain tuples on a queue. Whatever piles up while a write is in flight goes out as one
-    batch. With an `opener`, the thread first opens the run (importing MLflow, creating the store
-    and the run); until then records wait on the queue.
-
-    A store that is busy or does not answer (SQLite locked, a tracking server down) is retried with
-    backoff, and what piles up meanwhile is written when it answers again. After `retry_s` of
-    silence, or at once when the store refuses a write, those records go to `spill_path` (JSON
-    lines, announced in one line) instead; later batches try the store again. Training never waits.
-
-    MLflow's own asynchronous logging (`synchronous=False`) polls its queue with a 1 s timeout,
-    and flushing it, then ending the run, each waited out that poll: ~2 s per run. Here closing
-    waits only for what is still queued (or, with the store silent, until `retry_s` has passed)."""
+    """The run's one writer to the store; the training loop only puts plain tuples on a queue.
+    With an `opener`, the thread first opens the run; until then records wait on the queue.
+    `heartbeat(client, run_id)` runs every `heartbeat_s` (the lease): it returns who took the run
+    over, if someone did, and from then on nothing more is written."""
 
     def __init__(
         self,
@@ -47,23 +44,31 @@ class RecordWriter:
         run_id: str | None = None,
         spill_path: Path | None = None,
         retry_s: float | None = None,
-        health: StoreHealth | None = None,
         opener: Opener | None = None,
+        uri: str = "the store",
+        heartbeat: Call | None = None,
+        heartbeat_s: float = 60.0,
     ) -> None:
-        self.client = client
-        self.run_id = run_id
+        self.client, self.run_id, self.opener, self.uri = client, run_id, opener, uri
         self.spill_path = spill_path  # None: what the store does not take is lost (and counted)
-        self.health = health or StoreHealth(retry_s)
-        self.opener = opener
-        self.opened = threading.Event()  # set once the run is open, or opening failed
-        self.open_error: str | None = None  # why the run could not be opened
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.retry_s = retry_seconds() if retry_s is None else retry_s
+        self.heartbeat, self.heartbeat_s = heartbeat, heartbeat_s
+        self.failing_since: float | None = None  # time.monotonic() of an outage's first failure
+        self.down = False  # failing for retry_s: each call is tried once, what fails is kept
+        self.ended_at: float | None = None  # time.monotonic() of close()
+        self.ending = threading.Event()
+        self.opened = threading.Event()
+        self.open_error: str | None = None
+        self.taken_over: str | None = None  # who continues the run instead (the heartbeat saw it)
         self.error: str | None = None  # why the first records went unrecorded
-        self.unrecorded = 0  # metrics and params the store did not take
-        self.closing = False  # close() has been called (seen by the writer thread)
-        self.thread = threading.Thread(target=self._drain, name="mlflow-record-writer", daemon=True)
+        self.unrecorded = 0  # metrics, params and tags kept in the folder (or lost)
+        self.kept_files = False
+        self.gave_up = False  # the run has ended and the store was down: no more tries
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="mlflow-record-writer", daemon=True)
         self.thread.start()
 
+    # ------------------------------------------------------------ from the training thread
     def metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)  # ms since the epoch, as MLflow stamps metrics
         self.queue.put(("metrics", [(k, float(v), now, step) for k, v in metrics.items()]))
@@ -71,161 +76,201 @@ class RecordWriter:
     def params(self, params: dict[str, str]) -> None:
         self.queue.put(("params", list(params.items())))
 
-    def call(self, call: Call) -> None:
-        """call(client, run_id) in the writer thread, after the records queued before it; with
-        run_id None when the run could not be opened."""
-        self.queue.put(("calls", [call]))
+    def tags(self, tags: dict[str, str]) -> None:
+        self.queue.put(("tags", list(tags.items())))
 
-    def flush(self) -> bool:
-        """Waits until everything queued so far is written (or kept in spill_path), so that what
-        follows (a checkpoint) never gets ahead of the store. Returns False at once, without
-        waiting, while the store is failing: training never waits out an outage."""
-        done = threading.Event()
-        self.call(lambda client, run_id: done.set())
-        while not done.wait(0.05):
-            if self.health.failing or not self.thread.is_alive():
+    def files(self, folder: Path, what: str) -> None:
+        """Logs the files under `folder` ("the weights" says `what`), then removes the folder."""
+        self.queue.put(("files", [(folder, what)]))
+
+    def call(self, call: Call, what: str | None = None, kept: dict | None = None) -> None:
+        """call(client, run_id) after the records queued before it. With `what` it is a store call,
+        retried like the records; `kept` (a spill line) is kept if the store does not take it.
+        Without, it runs as is (run_id None when the run could not be opened)."""
+        self.queue.put(("calls", [(call, what, kept)]))
+
+    @property
+    def failing(self) -> bool:
+        return self.failing_since is not None
+
+    def _wait(self, event: threading.Event) -> bool:
+        """Waits for `event`; False at once while the store is failing: training never waits."""
+        while not event.wait(0.05):
+            if self.failing or not self.thread.is_alive():
                 return False
         return True
 
-    def wait_open(self) -> str | None:
-        """The run id once the run is open (None if it could not be opened)."""
-        self.opened.wait()
-        return self.run_id
+    def flush(self) -> bool:
+        """Waits until everything queued so far is written (or kept), so that a checkpoint never
+        gets ahead of the store."""
+        done = threading.Event()
+        self.call(lambda client, run_id: done.set())
+        return self._wait(done)
 
-    def close(self) -> str | None:
-        """Waits until everything queued is written (or kept in spill_path); returns why some
-        records went unrecorded, if any did."""
+    def wait_open(self) -> str | None:
+        """The run id once the run is open; None if it could not be, or while the store fails."""
+        return self.run_id if self._wait(self.opened) else None
+
+    def close(self, end: dict[str, Any] | None = None) -> str | None:
+        """Writes (or keeps) everything queued, then ends the run with `end` ({"status",
+        "end_time"}; None leaves it as it is). Returns why some records went unrecorded, if any."""
+        self.ended_at = time.monotonic()
+        self.ending.set()
+        self.queue.put(("end", [end]))
         self.queue.put(None)
         self.thread.join()
         return self.error
 
-    def _open(self) -> None:
+    # ------------------------------------------------------------ the writer thread
+    def _run(self) -> None:
+        if self.opener is not None:
+            opened, self.open_error = self._store(self.opener, "open the run")
+            self.client, self.run_id = opened or (None, None)
+        self.opened.set()
+        pending: dict[str, list] = {key: [] for key in ("metrics", "params", "tags", "files", "calls", "end")}
+        beat, closing = time.monotonic() + self.heartbeat_s, False
+        while not closing:
+            closing = self._take(pending, beat if self.heartbeat else None)
+            if self.taken_over:  # not this process's run any more: what it would write is not kept
+                pending = {key: [] for key in pending}
+            self._write(pending)
+            for folder, what in pending["files"]:
+                self._log_files(folder, what)
+            for call, what, kept in pending["calls"]:
+                if what is None:
+                    call(self.client, self.run_id)
+                elif (error := self._record(lambda c=call: c(self.client, self.run_id), what)) and kept:
+                    self.keep([kept], error)
+            for end in pending["end"]:
+                self._end(end)
+            pending["files"], pending["calls"], pending["end"] = [], [], []
+            if self.heartbeat and time.monotonic() >= beat and self.run_id and not self.taken_over:
+                beat = time.monotonic() + self.heartbeat_s
+                self.taken_over, _ = self._store(lambda: self.heartbeat(self.client, self.run_id), "")
+
+    def _take(self, pending: dict[str, list], until: float | None) -> bool:
+        """Moves what is queued into `pending`, waiting for the first item until `until`
+        (time.monotonic(); None: as long as it takes). True once close() has been called."""
         try:
-            if self.opener is not None:
-                self.client, self.run_id = self.opener()
-        except Exception as e:  # noqa: BLE001 - said by whoever waits on the run; records are spilled
-            self.open_error = first_line(e)
-            self.health.failed(given_up=True)
-        finally:
-            self.opened.set()
-
-    def _drain(self) -> None:
-        self._open()
-        pending: dict[str, list] = {"metrics": [], "params": [], "calls": []}
-        while not self.closing:
-            self._take(pending, None)  # waits while nothing is pending
-            if pending["metrics"] or pending["params"]:
-                self._write_retrying(pending)
-            calls, pending["calls"] = pending["calls"], []
-            for call in calls:
-                call(self.client, self.run_id)
-
-    def _write_retrying(self, pending: dict[str, list]) -> None:
-        """Writes `pending`. While the store is busy or silent, tries again with backoff, collecting
-        what is queued meanwhile into `pending` to write with it, until it is written, or kept in
-        the spill file once the store has been silent for retry_s."""
-        import tenacity
-
-        error = tenacity.Retrying(
-            retry=tenacity.retry_if_result(
-                lambda failed: failed is not None and not self._spilled(pending, failed)
-            ),
-            wait=backoff(),
-            sleep=lambda seconds: self._take(pending, time.monotonic() + seconds),
-        )(self._write, pending)
-        if error is None and (message := self.health.answered()):
-            log.warning(message)
-
-    def _spilled(self, pending: dict[str, list], error: str) -> bool:
-        """A write failed with a transient `error`: False while it is to be retried; True once the
-        store has been silent for retry_s, and what was pending is then in the spill file."""
-        was_down = self.health.down
-        if not self.health.failed("record metrics", error):
+            timeout = None if until is None else max(0.0, until - time.monotonic())
+            items = [self.queue.get(timeout=timeout)]
+        except queue.Empty:
             return False
-        if not was_down:
-            silent = time.monotonic() - (self.health.failing_since or time.monotonic())
-            error = f"no answer for {silent:.0f} s: {error}"
-        self._spill(pending["metrics"], pending["params"], error)
-        pending["metrics"], pending["params"] = [], []
-        return True
-
-    def _take(self, pending: dict[str, list], until: float | None) -> None:
-        """Moves what is queued into `pending`: with `until` None it waits for the first item, else
-        it collects until that time.monotonic(). Sets `closing` once close() has been called."""
-        items = []
-        if until is None:
-            items.append(self.queue.get())  # blocks until there is something to write
-        else:
-            while (left := until - time.monotonic()) > 0:
-                try:
-                    items.append(self.queue.get(timeout=left))
-                except queue.Empty:
-                    break
         while not self.queue.empty():
             items.append(self.queue.get())
         for item in items:
-            if item is None:
-                self.closing = True
-            else:
+            if item is not None:
                 pending[item[0]] += item[1]
+        return None in items
 
-    def _write(self, pending: dict[str, list]) -> str | None:
-        """Writes `pending` and empties it; what the store refuses is spilled. When the store is
-        busy or silent, returns that error and leaves in `pending` what is still to write."""
-        if self.run_id is None:  # the run could not be opened: keep everything in the file
-            self._spill(pending["metrics"], pending["params"], self.open_error or "no run")
-            pending["params"], pending["metrics"] = [], []
-            return None
-        from mlflow.entities import Metric, Param
+    def _store(self, call: Callable[[], T], what: str) -> tuple[T | None, str | None]:
+        """call(), retried with backoff while it fails transiently and the store is not down;
+        (result, None), or (None, the error's first line)."""
+        import tenacity
 
-        # The store's limits per call: 1000 values of which at most 100 params.
-        params, metrics = pending["params"], pending["metrics"]
-        chunks = [([], params[i : i + 100]) for i in range(0, len(params), 100)]
-        chunks += [(metrics[i : i + 1000], []) for i in range(0, len(metrics), 1000)]
-        for n, (chunk_metrics, chunk_params) in enumerate(chunks):
-            try:
-                self.client.log_batch(
-                    self.run_id,
-                    metrics=[Metric(*m) for m in chunk_metrics],
-                    params=[Param(*p) for p in chunk_params],
-                )
-            except Exception as e:
-                if transient(e):
-                    pending["params"] = [p for _, ps in chunks[n:] for p in ps]
-                    pending["metrics"] = [m for ms, _ in chunks[n:] for m in ms]
-                    return first_line(e)
-                self._spill(chunk_metrics, chunk_params, first_line(e))
-        pending["params"], pending["metrics"] = [], []
-        return None
+        if self.down and self.ending.is_set():  # the run is over and the store gone: tried once more
+            if self.gave_up:
+                return None, self.error or "the store does not answer"
+            self.gave_up = True
+        try:
+            result = tenacity.Retrying(
+                retry=tenacity.retry_if_exception(lambda e: transient(e) and self._retrying(e)),
+                wait=backoff(),
+                sleep=lambda seconds: self.ending.wait(seconds),  # close() cuts a wait short
+                reraise=True,
+            )(call)
+        except Exception as e:  # noqa: BLE001 - kept in the folder; said once
+            return None, first_line(e)
+        if self.failing_since is not None:  # it truly answered: the outage is over
+            kept = f"what it missed is kept in {self._folder()}" if self.unrecorded else "nothing was lost"
+            log.warning(f"MLflow: {self.uri} answers again; {kept}")
+            self.failing_since, self.down, self.gave_up = None, False, False
+        return result, None
 
-    def _spill(self, metrics: list, params: list, error: str) -> None:
-        """Appends records the store did not take to spill_path, one JSON object a line."""
-        if not metrics and not params:
-            return
-        first = self.unrecorded == 0
-        self.error = self.error or error
-        self.unrecorded += len(metrics) + len(params)
-        if self.spill_path is None:
-            if first:
-                log.error(f"MLflow: could not record metrics or params ({error}); they are lost")
-            return
-        lines = [{"param": key, "value": value} for key, value in params]
-        lines += [
-            {"metric": key, "value": value, "step": step, "timestamp": timestamp}
-            for key, value, timestamp, step in metrics
-        ]
-        if not self.keep(lines):
-            return
-        if first:
+    def _retrying(self, error: BaseException) -> bool:
+        """A try failed transiently: the first failure of an outage is said; True while the
+        store is to be retried (retry_s since the outage began; at most END_WAIT_S past the end)."""
+        now = time.monotonic()
+        if self.failing_since is None:
+            self.failing_since = now
             log.warning(
-                f"MLflow: could not record metrics or params ({error}); they go to {self.spill_path}, "
-                "training goes on"
+                f"MLflow: {self.uri} does not answer ({first_line(error)}); training goes on, "
+                f"what it does not take within {self.retry_s:.0f} s is kept in {self._folder()}"
             )
+        limit = self.failing_since + self.retry_s
+        if self.ended_at is not None:
+            limit = min(limit, max(self.failing_since, self.ended_at) + END_WAIT_S)
+        self.down = self.down or now >= limit
+        return not self.down
 
-    def keep(self, lines: list[dict[str, Any]]) -> bool:
-        """Appends `lines` (each tagged with the run id) to spill_path, for `cifar-exp sync`:
-        metrics, params, tags, the run's end ({"status": ...}), files kept ({"artifacts": ...}).
-        Returns whether they are there."""
+    def _record(self, call: Callable[[], Any], what: str) -> str | None:
+        """call() once the run is open; None when it was recorded, else why not."""
+        return self._store(call, what)[1] if self.run_id else self.open_error or "the run is not open"
+
+    def _write(self, pending: dict[str, list]) -> None:
+        """Writes the pending metrics, params and tags within the store's limits per call (1000
+        values, at most 100 params and 100 tags); keeps what it does not take."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        metrics, params, tags = pending["metrics"], pending["params"], pending["tags"]
+        pending["metrics"], pending["params"], pending["tags"] = [], [], []
+        chunks = [(metrics[i : i + 1000], [], []) for i in range(0, len(metrics), 1000)]
+        chunks += [([], params[i : i + 100], []) for i in range(0, len(params), 100)]
+        chunks += [([], [], tags[i : i + 100]) for i in range(0, len(tags), 100)]
+        for m, p, t in chunks:
+            batch = {"metrics": [Metric(*x) for x in m], "params": [Param(*x) for x in p]}
+            batch["tags"] = [RunTag(*x) for x in t]
+            if error := self._record(lambda b=batch: self.client.log_batch(self.run_id, **b), "record"):
+                lines = [{"param": key, "value": value} for key, value in p]
+                lines += [{"tag": key, "value": value} for key, value in t]
+                lines += [{"metric": k, "value": v, "step": s, "timestamp": ts} for k, v, ts, s in m]
+                self.keep(lines, error, counted=True)
+
+    def _log_files(self, folder: Path, what: str) -> None:
+        """Logs the files under `folder`, then removes it; those the store does not take are
+        copied to <run folder>/unrecorded_artifacts/."""
+        try:
+            if error := self._record(lambda: self.client.log_artifacts(self.run_id, str(folder)), what):
+                if self.spill_path is not None:
+                    shutil.copytree(folder, self.spill_path.parent / UNRECORDED_ARTIFACTS, dirs_exist_ok=True)
+                self.kept_files = self.kept_files or self.keep([{"artifacts": UNRECORDED_ARTIFACTS}], error)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _end(self, end: dict[str, Any] | None) -> None:
+        """Ends the run (or keeps its end for sync); then says in one line what was kept."""
+        error = self.open_error or "the run is not open"
+        if end is not None and self.run_id is not None and not self.taken_over:
+            status, at = end["status"], end["end_time"]
+            if self.unrecorded or self.kept_files:
+                said = f"{self.unrecorded} metrics, params and tags" + " and files" * self.kept_files
+                self._store(lambda: self.client.set_tag(self.run_id, "unrecorded", said), "tag the run")
+            _, error = self._store(lambda: self.client.set_terminated(self.run_id, status, at), "end the run")
+            if error is None:
+                log.info(f"MLflow run {self.run_id} ended {status}")
+        ended = end is not None and error is not None and not self.taken_over and self.keep([end], error)
+        if not (self.unrecorded or self.kept_files or ended):
+            return
+        what = [f"{self.unrecorded} metrics, params and tags"] if self.unrecorded else []
+        what = ", ".join(what + ["files"] * self.kept_files) + " and its end" * bool(ended)
+        run = f"run {self.run_id}" if self.run_id else "the run (never opened)"
+        folder = self._folder()
+        where = f"kept in {folder}: `cifar-exp sync {folder}` records them" if self.spill_path else "lost"
+        log.warning(f"MLflow: {self.uri} did not take {what.removeprefix(' and ')} of {run}; {where}")
+
+    # ------------------------------------------------------------ the folder
+    def _folder(self) -> str:
+        return str(self.spill_path.parent) if self.spill_path else "no folder (they are lost)"
+
+    def keep(self, lines: list[dict[str, Any]], error: str, counted: bool = False) -> bool:
+        """Appends `lines` (each tagged with the run id) to spill_path, for `cifar-exp sync`;
+        `counted`: they are metrics, params and tags. Returns whether they are there."""
+        if not lines:
+            return False
+        if self.error is None and not self.failing:  # an outage was said as it began
+            log.warning(f"MLflow: {self.uri} did not take a record ({error}); training goes on")
+        self.error = self.error or error
+        self.unrecorded += len(lines) if counted else 0
         if self.spill_path is None:
             return False
         try:
@@ -233,6 +278,6 @@ class RecordWriter:
             with self.spill_path.open("a") as f:
                 f.writelines(json.dumps({"run_id": self.run_id, **line}) + "\n" for line in lines)
         except OSError as e:
-            log.error(f"MLflow: could not keep unrecorded metrics in {self.spill_path}: {e.strerror}")
+            log.error(f"MLflow: could not keep unrecorded records in {self.spill_path}: {e.strerror}")
             return False
         return True

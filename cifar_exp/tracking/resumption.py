@@ -2,16 +2,15 @@
 resume that cannot proceed says so in one line and leaves the run exactly as it was. And what the
 resumed run must not record twice.
 
-The rules: a FAILED run is not resumed (`rerun` trains its config again); a RUNNING run whose
-process still runs on this host is not resumed; the config may differ from the recorded one only
-in trainer.epochs (and mlflow.*, where it is recorded); a FINISHED run is resumed only to train it
-further (more epochs than it ran), and its param trainer.epochs then stays as first recorded, the
-new count going to the tag `resumed/trainer.epochs` (MLflow refuses a changed param)."""
+The rules: a FAILED run is not resumed (`rerun` trains its config again); a run whose lease another
+live process holds is not resumed (leases.py: one writer per run); the config may differ from the
+recorded one only in trainer.epochs (and mlflow.*, where it is recorded); a FINISHED run is
+resumed only to train it further (more epochs than it ran), and its param trainer.epochs then
+stays as first recorded, the new count going to the tag `resumed/trainer.epochs` (MLflow refuses
+a changed param)."""
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,30 +18,33 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp.errors import UserError, first_line
+from cifar_exp.tracking import leases
 from cifar_exp.tracking.identity import flatten
 from cifar_exp.tracking.store import tracking_uri
 
 EPOCHS_TAG = "resumed/trainer.epochs"  # trainer.epochs of a run trained further than its param says
-PROCESS_TAG = "process"  # host:pid of the process that records the run
 # besides mlflow.*: where the store is, not what is computed; trust: what `resume --trust` allows
 MAY_CHANGE = ("trainer.epochs", "resume", "trust")
 
 
 @dataclass
 class Resume:
-    """A resume that may proceed: the run to reopen, the tags to add, and the metric points the
-    store already holds past the checkpoint's step (recorded before a kill, not recorded again)."""
+    """A resume that may proceed: the run to reopen, the tags to add, the metric points the store
+    already holds past the checkpoint's step (recorded before a kill, not recorded again), the
+    lease this process holds on the run, and the interruption tags it ends with if it finishes."""
 
     run_id: str
     tags: dict[str, str]
     recorded: set[tuple[str, int]]
+    lease: leases.Lease
+    interrupted: tuple[str, ...] = ()
 
 
 def check(cfg: DictConfig, asked: str, run_id: str | None, progress: dict[str, Any]) -> Resume | None:
     """`asked` is what resume named (a run id or a checkpoint file), `run_id` and `progress` what
     its checkpoint holds. Raises UserError, one line, when the resume cannot proceed; reads the
-    store, writes nothing. None when there is no run to continue (tracking off, or a checkpoint
-    written without it): training then goes into a new run."""
+    store, and writes only the run's lease, once it may proceed. None when there is no run to
+    continue (tracking off, or a checkpoint written without it): training then goes into a new run."""
     if not cfg.mlflow.enabled or run_id is None:
         return None
     if not Path(asked).is_file() and asked != run_id:
@@ -64,10 +66,7 @@ def check(cfg: DictConfig, asked: str, run_id: str | None, progress: dict[str, A
             f"run {run_id} FAILED ({why}): resume continues interrupted or finished runs only, "
             f"{nothing}; `cifar-exp rerun {run_id}` trains its config again in a new run"
         )
-    if status == "RUNNING" and (pid := live_process(tags.get(PROCESS_TAG))):
-        raise UserError(
-            f"run {run_id} is still running (process {pid} on this host): stop it first, {nothing}"
-        )
+    leases.refuse_if_held(run_id, tags)
     if changed := changed_keys(cfg, params):
         shown = ", ".join(f"{k}={params[k]} -> {v}" for k, v in list(changed.items())[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
@@ -90,7 +89,9 @@ def check(cfg: DictConfig, asked: str, run_id: str | None, progress: dict[str, A
     added = {}
     if str(epochs) != params.get("trainer.epochs") or EPOCHS_TAG in tags:
         added[EPOCHS_TAG] = f"{epochs:g}"  # 2, 9.9: as a user types it
-    return Resume(run_id, added, recorded_after(client, run, progress["step"]))
+    recorded = recorded_after(client, run, progress["step"])
+    interrupted = tuple(key for key in leases.INTERRUPTED_TAGS if key in tags)
+    return Resume(run_id, added, recorded, leases.take(client, run_id), interrupted)
 
 
 def changed_keys(cfg: DictConfig, params: dict[str, str]) -> dict[str, str]:
@@ -121,29 +122,3 @@ def recorded_epochs(uri: str, run_id: str) -> float | None:
 
     epochs = MlflowClient(uri).get_run(run_id).data.tags.get(EPOCHS_TAG)
     return float(epochs) if epochs else None
-
-
-def this_process() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def live_process(tag: str | None) -> int | None:
-    """The pid in a PROCESS_TAG if that process still runs on this host, else None. A pid that now
-    belongs to another program (not cifar_exp, not a submitit job) counts as gone."""
-    host, _, pid = (tag or "").rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except PermissionError:
-        return int(pid)  # someone else's: it exists
-    except OSError:
-        return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return int(pid)  # no /proc to ask: it exists
-    if stat.rsplit(")", 1)[-1].split()[0] == "Z":  # exited, not yet waited for
-        return None
-    return int(pid) if b"cifar" in command or b"submitit" in command else None

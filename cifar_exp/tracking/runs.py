@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,7 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp.config import TrackingConfig
-from cifar_exp.errors import TrialPruned, UserError, first_line
+from cifar_exp.errors import TrialPruned, first_line
+from cifar_exp.tracking import leases
 from cifar_exp.tracking.identity import (
     CHECKPOINT_TAG,
     HASH_TAG,
@@ -30,15 +30,9 @@ from cifar_exp.tracking.identity import (
     run_name,
     task_overrides,
 )
-from cifar_exp.tracking.records import UNRECORDED_ARTIFACTS, UNRECORDED_METRICS, Opener, RecordWriter
-from cifar_exp.tracking.resumption import PROCESS_TAG, Resume, this_process
-from cifar_exp.tracking.store import (
-    check_store,
-    ensure_experiment,
-    local_store_folder,
-    retrying,
-    tracking_uri,
-)
+from cifar_exp.tracking.records import UNRECORDED_METRICS, Opener, RecordWriter
+from cifar_exp.tracking.resumption import Resume
+from cifar_exp.tracking.store import check_store, ensure_experiment, local_store_folder, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +50,15 @@ def write_files(files: Files, folder: Path) -> None:
 
 class Tracker:
     """The run's handle for the runner: numbers and files go to the record writer's queue, in
-    order, and are written from its thread. With tracking off (no writer) every call does nothing.
-    A store that fails a call even after retries never stops training: it is said in one line, and
-    files it did not take are kept in the run's folder, under unrecorded_artifacts/."""
+    order, and are written from its thread (records.py: what the store does not take is kept in
+    the run's folder). With tracking off (no writer) every call does nothing."""
 
     def __init__(
-        self,
-        writer: RecordWriter | None = None,
-        folder: Path | None = None,
-        uri: str = "",
-        recorded: set[tuple[str, int]] | None = None,
+        self, writer: RecordWriter | None = None, recorded: set[tuple[str, int]] | None = None
     ) -> None:
         self.writer = writer
-        self.folder = folder  # the run's Hydra output folder; None outside Hydra
-        self.uri = uri
         self.recorded = recorded or set()  # (metric, step) points a resumed run holds already
         self.checkpoint_tagged: Path | None = None
-        self.kept_files = False  # whether files the store did not take were kept (and said)
 
     @property
     def enabled(self) -> bool:
@@ -80,20 +66,19 @@ class Tracker:
 
     @property
     def run_id(self) -> str | None:
-        """The run's id; waits until the run is open (None with tracking off)."""
-        if self.writer is None:
-            return None
-        if (run_id := self.writer.wait_open()) is None:
-            raise UserError(f"the MLflow store {self.uri} does not answer: {self.writer.open_error}")
-        return run_id
+        """The run's id once it is open; None with tracking off, or while the store does not
+        answer (a checkpoint then names no run; `cifar-exp sync` records it later)."""
+        return self.writer.wait_open() if self.writer is not None else None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Queued, not written on the spot: training never waits for the store. A run that could
-        not be opened stops training here, in one line."""
+        """Queued, not written on the spot: training never waits for the store. A run another
+        process has taken over stops here, in one line."""
         if self.writer is None:
             return
-        if self.writer.open_error is not None:
-            raise UserError(f"the MLflow store {self.uri} does not answer: {self.writer.open_error}")
+        if self.writer.taken_over:
+            raise leases.TakenOver(
+                f"run {self.writer.run_id} was taken over by process {self.writer.taken_over}"
+            )
         if self.recorded:  # trained again after a kill: what the store holds is not recorded twice
             metrics = {k: v for k, v in metrics.items() if (k, step) not in self.recorded}
         self.writer.metrics(metrics, step)
@@ -113,71 +98,29 @@ class Tracker:
     def log_files(self, files: Files, what: str) -> None:
         """Writes `files` (artifact path -> text or bytes) to a folder now; logs it in one call
         from the writer's thread."""
-        if self.writer is None:
-            return
-        folder = _folder_of(files)
-        self.writer.call(lambda client, run_id: self._log_folder(client, run_id, folder, what))
+        if self.writer is not None:
+            self.writer.files(_folder_of(files), what)
 
     def log_code(self) -> None:
         """The checkout's uncommitted diff, when it is dirty (identity.code_files): git is asked
         from the writer's thread, off the training path, and the diff is logged like any file."""
         if self.writer is None:
             return
+        writer = self.writer
 
         def log_diff(client: Any, run_id: str | None) -> None:
             if files := code_files():
-                self._log_folder(client, run_id, _folder_of(files), "the uncommitted diff")
+                writer.files(_folder_of(files), "the uncommitted diff")
 
-        self.writer.call(log_diff)
-
-    def _log_folder(self, client: Any, run_id: str | None, folder: Path, what: str) -> None:
-        """Logs the files under `folder`, then removes it; those the store does not take are
-        copied to <run folder>/unrecorded_artifacts/ (for `cifar-exp sync`), said in one line the
-        first time: an outage that also misses later files is not said again for each."""
-        try:
-            error = self.writer.open_error
-            if run_id is not None:
-                _, error = self.writer.health.call(
-                    lambda: client.log_artifacts(run_id, str(folder)), f"record {what}"
-                )
-            if error is None:
-                return
-            if self.folder is None:
-                log.warning(f"MLflow: could not record {what} ({error}); they are lost")
-                return
-            kept = self.folder / UNRECORDED_ARTIFACTS
-            shutil.copytree(folder, kept, dirs_exist_ok=True)
-            self.writer.keep([{"artifacts": UNRECORDED_ARTIFACTS}])
-            if self.kept_files:
-                log.debug(f"MLflow: could not record {what} either; kept in {kept}")
-                return
-            self.kept_files = True
-            log.warning(
-                f"MLflow: could not record {what} ({error}); they are kept in {kept}, "
-                "with any later files the store does not take"
-            )
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        writer.call(log_diff)
 
     def set_checkpoint(self, path: Path) -> None:
         """Tags where this run's checkpoints go, for `cifar-exp resume RUN_ID`: called once the
         first one is written, so the tag never names a file that is not there (a resumed run's
         tag names its earlier checkpoint until then)."""
-        if self.writer is None or self.checkpoint_tagged == path:
-            return
-        self.checkpoint_tagged = path
-        where = str(path.resolve())
-
-        def tag(client: Any, run_id: str | None) -> None:
-            if run_id is None:
-                return
-            _, error = self.writer.health.call(
-                lambda: client.set_tag(run_id, CHECKPOINT_TAG, where), "tag the run's checkpoint"
-            )
-            if error:
-                log.warning(f"MLflow: could not tag the run's checkpoint ({error}); resume from {where}")
-
-        self.writer.call(tag)
+        if self.writer is not None and self.checkpoint_tagged != path:
+            self.checkpoint_tagged = path
+            self.writer.tags({CHECKPOINT_TAG: str(path.resolve())})
 
 
 def _folder_of(files: Files) -> Path:
@@ -205,30 +148,37 @@ def run_tags(
     return tags
 
 
-def opener(cfg: TrackingConfig, name: str, tags: dict[str, str], run_id: str | None) -> Opener:
+def opener(
+    cfg: TrackingConfig, name: str, tags: dict[str, str], run_id: str | None, lease: leases.Lease
+) -> Opener:
     """What the record writer's thread calls first: creates the store and experiment if needed,
-    then starts a new run, or reopens `run_id` (its params stay as first recorded: MLflow refuses
+    then starts a new run holding `lease` (and closes the dead runs of the same config, which a
+    kill left RUNNING), or reopens `run_id` (its params stay as first recorded: MLflow refuses
     changed values, so only tags are added). `run_id` was checked first (resumption.check)."""
 
     def open_run() -> tuple[Any, str]:
         from mlflow.tracking import MlflowClient
 
-        experiment_id = ensure_experiment(cfg)
+        experiment_id = ensure_experiment(cfg, retry=False)  # the record writer retries
         client = MlflowClient(tracking_uri(cfg))
         commit, dirty = git_state()
-        code = {"git_commit": commit, "git_dirty": str(dirty), PROCESS_TAG: this_process()}
+        code = {"git_commit": commit, "git_dirty": str(dirty), **lease.tag()}
         if run_id is None:
-            run = retrying(
-                lambda: client.create_run(experiment_id, run_name=name, tags={**tags, **code}),
-                "starting the run",
-            )
+            run = client.create_run(experiment_id, run_name=name, tags={**tags, **code})
             log.info(f"MLflow run {run.info.run_id} ({name}) in {tracking_uri(cfg)}")
+            try:  # not retried: the run is open, and the next command closes them as well
+                for line in leases.close_stale(
+                    client, [experiment_id], f"tags.{HASH_TAG} = '{tags[HASH_TAG]}'"
+                ):
+                    log.warning(line)
+            except Exception as e:  # noqa: BLE001
+                log.debug(f"stale runs of this config not closed: {first_line(e)}")
             return client, run.info.run_id
         resumed = {k: v for k, v in tags.items() if k not in ("overrides", HASH_TAG)}
         resumed["resumed_with_overrides"] = tags["overrides"]
-        retrying(lambda: client.update_run(run_id, status="RUNNING"), "reopening the run")
+        client.update_run(run_id, status="RUNNING")
         for key, value in {**resumed, **code}.items():
-            retrying(lambda k=key, v=value: client.set_tag(run_id, k, v), "tagging the run")
+            client.set_tag(run_id, key, value)
         log.info(f"MLflow run {run_id} reopened in {tracking_uri(cfg)}")
         return client, run_id
 
@@ -248,9 +198,9 @@ def start_run(
     thread, so training starts at once; ends it FINISHED, FAILED (error as a tag) or KILLED, also
     when that happens before the run was even open (it is opened first, with its params).
     `extra_tags` may name the run (`mlflow.runName`); in a `sweep` it is its parent's child. A local
-    store that cannot take the run stops the job here, before training; one that does not answer
-    stops it at its first metrics; one that stops answering later never stops training (see
-    RecordWriter, Tracker)."""
+    store that cannot take the run stops the job here, before training; one that does not answer,
+    or is damaged, never stops training: everything is kept in the run's folder for `cifar-exp
+    sync` (records.py)."""
     if not cfg.mlflow.enabled:
         yield Tracker()
         return
@@ -263,26 +213,36 @@ def start_run(
     tags.update(resume.tags if resume else {})
     name = tags.pop("mlflow.runName", run_name(task_overrides(), swept))
     spill = folder / UNRECORDED_METRICS if folder is not None else None
-    run_id = resume.run_id if resume else None
-    writer = RecordWriter(spill_path=spill, opener=opener(cfg.mlflow, name, tags, run_id))
-    tracker = Tracker(writer, folder, uri, resume.recorded if resume else None)
+    run_id, lease = (resume.run_id, resume.lease) if resume else (None, leases.new_lease())
+    writer = RecordWriter(
+        spill_path=spill,
+        opener=opener(cfg.mlflow, name, tags, run_id, lease),
+        uri=uri,
+        heartbeat=leases.heartbeat(lease),
+        heartbeat_s=leases.HEARTBEAT_S,
+    )
+    tracker = Tracker(writer, resume.recorded if resume else None)
+    cleared = resume.interrupted if resume else ()
     try:
         if run_id is None:  # a resumed run keeps the config it was first recorded with
             tracker.log_code()
             writer.params(flatten(OmegaConf.to_container(cfg, resolve=True)))
             tracker.log_files(config_files(cfg), "the config")
         yield tracker
+    except leases.TakenOver:  # another process continues the run: it is theirs to end
+        writer.close(None)
+        raise
     except TrialPruned as e:  # a search stopped this trial early: not a failure
-        _end(tracker, "KILLED", None, {PRUNED_TAG: str(e)})
+        _end(writer, lease, "KILLED", None, {PRUNED_TAG: str(e)})
         raise
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, or preempted under submitit (signals.py)
-        _end(tracker, "KILLED", str(e) or "interrupted (Ctrl-C or SIGTERM)")
+        _end(writer, lease, "KILLED", str(e) or "interrupted (Ctrl-C or SIGTERM)")
         raise
     except BaseException as e:
-        _end(tracker, "FAILED", first_line(e, most=5000))
+        _end(writer, lease, "FAILED", first_line(e, most=5000))
         raise
     else:
-        _end(tracker, "FINISHED", None)
+        _end(writer, lease, "FINISHED", None, cleared=cleared)
 
 
 def config_files(cfg: DictConfig) -> Files:
@@ -296,45 +256,18 @@ def config_files(cfg: DictConfig) -> Files:
     return files
 
 
-def _end(tracker: Tracker, status: str, error: str | None, extra_tags: dict[str, str] | None = None) -> None:
-    """Waits for queued records, then ends the run with `status`, FINISHED also when the store did
-    not take them all (those are in the run's folder, and the run is tagged `unrecorded`). A store
-    that cannot even be told the run ended gets one line; nothing raises."""
-    writer = tracker.writer
-    writer.close()
-    run_id, client = writer.run_id, writer.client
-    ended = {"status": status, "end_time": int(time.time() * 1000)}
-    if run_id is None:
-        tags = {"error": error[:5000]} if error else {}
-        lines = [{"tag": key, "value": value} for key, value in {**tags, **(extra_tags or {})}.items()]
-        kept = writer.keep([*lines, ended])  # for `cifar-exp sync`, which opens the run
-        where = f"they are in {writer.spill_path}" if kept else "they are lost"
-        log.error(f"MLflow: the run could not be opened ({writer.open_error}); {where}")
-        return
+def _end(
+    writer: RecordWriter,
+    lease: leases.Lease,
+    status: str,
+    error: str | None,
+    extra_tags: dict[str, str] | None = None,
+    cleared: tuple[str, ...] = (),
+) -> None:
+    """Ends the run with `status` once its queued records are written or kept, its lease released;
+    `cleared`: the tags of an earlier interruption, gone now that it finished. Never raises."""
     tags = {"error": error[:5000]} if error else {}
-    tags.update(extra_tags or {})
-    if writer.unrecorded:
-        count = f"{writer.unrecorded} metrics and params"
-        where = f"they are in {writer.spill_path}" if writer.spill_path else "they are lost"
-        tags["unrecorded"] = f"{count}; {where}"
-        log.warning(f"MLflow: {count} of run {run_id} not recorded; {where}")
-    if tags:
-        from mlflow.entities import RunTag
-
-        batch = [RunTag(k, v) for k, v in tags.items()]
-        _, problem = writer.health.call(lambda: client.log_batch(run_id, tags=batch), "tag the run")
-        if problem:
-            log.debug(f"MLflow: could not tag run {run_id} ({problem})")  # the store is down: said below
-            writer.keep([{"tag": key, "value": value} for key, value in tags.items()])
-    _, problem = writer.health.call(
-        lambda: client.set_terminated(run_id, status, ended["end_time"]), "end the run"
-    )
-    if problem:
-        kept = writer.keep([ended])
-        log.error(
-            f"MLflow: could not end run {run_id} as {status} ({problem}); the store shows it "
-            "RUNNING, the training result stands"
-            + (f" (`cifar-exp sync {writer.spill_path.parent}` records it)" if kept else "")
-        )
-    else:
-        log.info(f"MLflow run {run_id} ended {status}")
+    writer.tags({**tags, **(extra_tags or {}), **lease.tag(time.time())})
+    for key in cleared:
+        writer.call(lambda client, run_id, k=key: client.delete_tag(run_id, k), "clear a tag", {"untag": key})
+    writer.close({"status": status, "end_time": int(time.time() * 1000)})

@@ -1,5 +1,5 @@
-"""The store: where it is, whether it can take a run, the retry policy for calls that may pass
-by themselves, and one health state per run that every writer shares."""
+"""The store: where it is, whether it can take a run, and the retry policy for calls that may pass
+by themselves."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,12 +21,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 STORE_DIR = PROJECT_ROOT / "mlruns"
 RETRY_ENV = "CIFAR_EXP_MLFLOW_RETRY_S"  # seconds a busy or silent store is retried (default 60)
 FIRST_RETRY_S, LONGEST_RETRY_S = 0.25, 8.0  # the backoff between tries doubles from 0.25 s up to 8 s
-# MLflow's own retries of each HTTP request (a tracking server): its defaults, 7 retries with a
-# backoff factor of 2 and a 120 s timeout, spend ~4 minutes on every request to a dead server,
-# several minutes at the end of a run. These spend at most ~3 s on a refused connection (3 tries,
-# sleeping 0 s, then 2-3 s) and 3 x 20 s on a server that accepts but never answers; our
-# own retrying (RETRY_ENV) decides how long an outage is waited out. Set in the environment, a
-# user's own values win.
+# MLflow's own retries of each HTTP request: its defaults (7 retries, backoff factor 2, 120 s timeout)
+# spend ~4 minutes on every request to a dead server. These spend ~2 s on a refused connection and
+# 3 x 20 s on a server that never answers; our own retrying decides how long an outage is waited
+# out. A user's own values in the environment win.
 HTTP_RETRY_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # seconds; urllib3 sleeps factor * 2**(n-1), n >= 2
@@ -47,16 +43,19 @@ def limit_http_retries() -> None:
     starts, unless the environment already sets them. Read by MLflow at each request."""
     for name, value in HTTP_RETRY_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    # urllib3 says each of those retries in a line of its own; our own retrying says an outage once
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def default_store_uri() -> str:
     return f"sqlite:///{STORE_DIR / 'mlflow.db'}"
 
 
-def ensure_experiment(cfg: TrackingConfig) -> str:
+def ensure_experiment(cfg: TrackingConfig, retry: bool = True) -> str:
     """Creates the store and the experiment when missing (once, before any job); returns its id.
     A local store that cannot be written, or whose disk is nearly full, stops here, before training,
-    with one line (UserError)."""
+    with one line (UserError); so does one that does not answer, after retry_seconds() (without
+    `retry`: its error is raised at once, for the caller to retry)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -69,11 +68,10 @@ def ensure_experiment(cfg: TrackingConfig) -> str:
     with creation_lock(uri):
         client = MlflowClient(uri)  # opening a new SQLite store creates its tables
         try:
-            experiment = retrying(
-                lambda: client.get_experiment_by_name(cfg.experiment_name), "opening the store"
-            )
+            find = lambda: client.get_experiment_by_name(cfg.experiment_name)  # noqa: E731
+            experiment = retrying(find, "opening the store") if retry else find()
         except Exception as e:
-            if not transient(e):
+            if not retry or not transient(e):
                 raise
             raise UserError(f"the MLflow store {uri} does not answer: {first_line(e)}") from None
         if experiment is not None:
@@ -234,83 +232,3 @@ def retrying(call: Callable[[], T], what: str, retry_s: float | None = None) -> 
         before_sleep=say,
         reraise=True,
     )(call)
-
-
-class StoreHealth:
-    """Whether one run's store answers, shared by everything that writes the run's records (the
-    record writer's thread, artifact and tag calls), so an outage is found, said and waited out once.
-
-    up --a call fails--> failing (said in one line; calls retried with backoff) --retry_s since the
-    first failure, or a call that failed after all its retries--> down (each call tried once;
-    records go to the spill file) --any call succeeds--> up.
-
-    Every failed try is told here at once, not only once a call has given up: `failing` is what
-    lets the training loop go on (flush before a checkpoint) while some call is still retrying."""
-
-    def __init__(self, retry_s: float | None = None) -> None:
-        self.retry_s = retry_seconds() if retry_s is None else retry_s
-        self.failing_since: float | None = None  # time.monotonic() of the first failure of an outage
-        self.down = False
-        self._lock = threading.Lock()
-
-    @property
-    def failing(self) -> bool:
-        return self.failing_since is not None
-
-    def left(self) -> float:
-        """Seconds until a failing store counts as down (retry_s while it answers, 0 once down)."""
-        if self.down:
-            return 0.0
-        if self.failing_since is None:
-            return self.retry_s
-        return max(0.0, self.failing_since + self.retry_s - time.monotonic())
-
-    def failed(self, what: str = "", error: str = "", given_up: bool = False) -> bool:
-        """A try to `what` ("record metrics") failed with a transient `error` (`given_up`: after
-        all its retries); the first failure of an outage is said in one line, whichever call meets
-        it. Returns whether the store now counts as down."""
-        with self._lock:
-            now = time.monotonic()
-            starts = self.failing_since is None
-            if starts:
-                self.failing_since = now
-            if given_up or now - self.failing_since >= self.retry_s:
-                self.down = True
-            down = self.down
-        if starts and not down and what:
-            log.warning(
-                f"MLflow: could not {what} ({error}); retrying for up to {self.retry_s:.0f} s, "
-                "training does not wait"
-            )
-        return down
-
-    def answered(self) -> str | None:
-        """A call succeeded; returns what to say if that ends an outage."""
-        with self._lock:
-            if self.failing_since is None:
-                return None
-            said = "recording metrics and params again" if self.down else "nothing was lost"
-            self.failing_since, self.down = None, False
-            return f"MLflow answers again: {said}"
-
-    def call(self, call: Callable[[], T], what: str) -> tuple[T | None, str | None]:
-        """call(), retried with backoff while the store is failing but not down (tried once while
-        down); returns (result, None), or (None, the error's first line) when it still failed.
-        `what` completes "could not ..." ("record the config")."""
-        import tenacity
-
-        def again(error: BaseException) -> bool:  # every failed try is told, whoever meets it
-            return transient(error) and not self.failed(what, first_line(error))
-
-        wait = backoff()
-        try:
-            result = tenacity.Retrying(
-                retry=tenacity.retry_if_exception(again),
-                wait=lambda state: min(wait(state), self.left()),
-                reraise=True,
-            )(call)
-        except Exception as e:
-            return None, first_line(e)
-        if message := self.answered():
-            log.warning(message)
-        return result, None

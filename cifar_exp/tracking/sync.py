@@ -21,6 +21,7 @@ from typing import Any
 
 from cifar_exp.config import TrackingConfig
 from cifar_exp.errors import UserError, first_line
+from cifar_exp.tracking import leases
 from cifar_exp.tracking.identity import HASH_TAG, config_hash, run_name
 from cifar_exp.tracking.records import UNRECORDED_ARTIFACTS, UNRECORDED_METRICS
 from cifar_exp.tracking.store import ensure_experiment, tracking_uri
@@ -94,8 +95,9 @@ def sync_folder(folder: Path, uri: str) -> list[Synced]:
     done = []
     for run_id, run_lines in by_run.items():
         created = run_id is None
-        if created:
-            run_id = _open_never_opened(client, folder, uri)
+        if created:  # started when its first metric was taken, not when it is synced
+            start = min((line["timestamp"] for line in run_lines if "timestamp" in line), default=None)
+            run_id = _open_never_opened(client, folder, uri, start)
         done.append(_replay(client, run_id, run_lines, folder, created))
     _mark_synced(folder)
     return done
@@ -151,13 +153,17 @@ def _replay(client: Any, run_id: str, lines: list[dict], folder: Path, created: 
     if any("artifacts" in line for line in lines) and (folder / UNRECORDED_ARTIFACTS).is_dir():
         client.log_artifacts(run_id, str(folder / UNRECORDED_ARTIFACTS))
         synced.files = sum(p.is_file() for p in (folder / UNRECORDED_ARTIFACTS).rglob("*"))
+    now = client.get_run(run_id)
+    for key in {line["untag"] for line in lines if "untag" in line} & set(now.data.tags):
+        client.delete_tag(run_id, key)
     ends = [line for line in lines if "status" in line]
-    if (
-        ends and client.get_run(run_id).info.status == "RUNNING"
-    ):  # the process ended it; the store was not told
+    # the process ended it, the store was not told (and may have closed it as stale meanwhile)
+    if ends and (now.info.status == "RUNNING" or leases.closed_as_stale(now)):
         synced.status = ends[-1]["status"]
         client.set_terminated(run_id, synced.status, ends[-1].get("end_time"))
-    if "unrecorded" in run.data.tags:
+        if synced.status == "FINISHED" and leases.closed_as_stale(now):
+            client.delete_tag(run_id, "error")
+    if "unrecorded" in now.data.tags:
         client.delete_tag(run_id, "unrecorded")
     client.set_tag(
         run_id,
@@ -205,7 +211,7 @@ def _run_of_folder(client: Any, folder: Path) -> str | None:
     return None
 
 
-def _open_never_opened(client: Any, folder: Path, uri: str) -> str:
+def _open_never_opened(client: Any, folder: Path, uri: str, start: int | None) -> str:
     """Creates the run that the store never opened (or finds the one an earlier sync created),
     tagged and named as the run would have been, with the .hydra snapshot as its config."""
     from omegaconf import OmegaConf
@@ -235,7 +241,7 @@ def _open_never_opened(client: Any, folder: Path, uri: str) -> str:
     found = client.search_runs([experiment_id], f"tags.{SYNCED_FROM_TAG} = '{where}'", max_results=1)
     run_id = found[0].info.run_id if found else None
     if run_id is None:
-        run_id = client.create_run(experiment_id, run_name=run_name(overrides), tags=tags).info.run_id
+        run_id = client.create_run(experiment_id, start, tags, run_name(overrides)).info.run_id
     with tempfile.TemporaryDirectory() as tmp:  # again when found: a sync cut short may have missed them
         for name, content in files.items():
             Path(tmp, name).parent.mkdir(parents=True, exist_ok=True)
