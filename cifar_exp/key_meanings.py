@@ -15,6 +15,7 @@ import importlib
 import inspect
 import io
 import re
+import textwrap
 import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,22 +75,35 @@ def argument_meanings(target: str) -> dict[str, str]:
     module, _, name = target.rpartition(".")
     try:
         made = getattr(importlib.import_module(module), name)
-        source = inspect.cleandoc("\n" + inspect.getsource(made))  # dedented: a method parses alone
-    except Exception:  # noqa: BLE001 - not importable or no source: help still prints, without these
+        source = textwrap.dedent(inspect.getsource(made))  # a method's source parses alone
+        tree = ast.parse(source)
+    except Exception:  # noqa: BLE001 - not importable, or no source: help still prints, without these
         return {}
     found = {}
-    for line in (inspect.getdoc(made.__init__ if inspect.isclass(made) else made) or "").splitlines():
-        if match := DOC_PARAM.match(line):
+    docs = (
+        [inspect.getdoc(made), inspect.getdoc(made.__init__)]
+        if inspect.isclass(made)
+        else [inspect.getdoc(made)]
+    )
+    param, indent = "", 0
+    for line in "\n".join(doc or "" for doc in docs).splitlines():
+        depth = len(line) - len(line.lstrip())
+        if param and line.strip() and depth > indent:  # the description goes on, indented further
+            found[param] += " " + line.strip()
+        elif match := DOC_PARAM.match(line):
+            param, indent = ("", 0) if match["name"] in found else (match["name"], depth)
             found.setdefault(match["name"], match["text"])
+        else:
+            param = ""
+    wanted = "__init__" if inspect.isclass(made) else made.__name__
+    functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == wanted]
+    arguments = (functions[0].args.args + functions[0].args.kwonlyargs) if functions else []
     text, alone = _comments(source)
-    function = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef))
-    arguments = function.args.args + function.args.kwonlyargs
     lines = [a.lineno for a in arguments]
     for arg in arguments:  # a comment is an argument's own only on a line it does not share
         own = lines.count(arg.lineno) == 1
-        found[arg.arg] = (own and _beside_or_above(arg.lineno, arg.end_lineno, text, alone)) or found.get(
-            arg.arg, ""
-        )
+        beside = _beside_or_above(arg.lineno, arg.end_lineno, text, alone) if own else ""
+        found[arg.arg] = beside or found.get(arg.arg, "")
     return found
 
 

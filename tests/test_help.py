@@ -86,7 +86,8 @@ def make(*, width: int = 3, depth: int = 2, bias: bool = True) -> None:  # its m
 
     Args:
         width: channels of each layer
-        depth (int): layers, each `width` wide
+        depth (int): layers, each
+            `width` wide
     """
 
 
