@@ -11,8 +11,9 @@ from pathlib import Path
 from hydra import version
 from omegaconf import DictConfig
 
-from cifar_exp import console, signals
+from cifar_exp import console, help_text, signals
 from cifar_exp.config import register_schemas
+from cifar_exp.errors import report_in_one_line
 from cifar_exp.hydra_private import run_command_line
 from cifar_exp.sweeps import Job
 from cifar_exp.tracking import store
@@ -20,6 +21,7 @@ from cifar_exp.tracking.identity import JobContext
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 COMMANDS = ("ui", "compare", "runs", "rerun", "resume", "predict", "sync")
+help_text.register()  # --help: conf/config.yaml's hydra.help.template calls it
 register_schemas()
 
 
@@ -62,7 +64,8 @@ def main() -> None:
             from cifar_exp import commands
 
             sys.exit(commands.dispatch(sys.argv[1], sys.argv[2:], hydra_main))
-        hydra_main(sys.argv[1:])
+        # one line for a mistake also where Hydra reports none itself: --help composing a bad override
+        report_in_one_line(lambda run: run())(lambda: hydra_main(sys.argv[1:]))
     except KeyboardInterrupt as e:
         terminated = isinstance(e, signals.Terminated)
         print("terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)", file=sys.stderr)

@@ -61,11 +61,12 @@ class DeviceName(StrEnum):
 # ---------------------------------------------------------------- dataset
 @dataclass
 class DatasetConfig:
-    _target_: str = MISSING
+    _target_: str = MISSING  # the loader: a function of the keys below, returning the images
     root: str = "data"  # folder holding the dataset files, relative to the working directory
-    # Per channel, pixels in [0, 1]; 0.5 and 0.5 map pixels to [-1, 1] (the tutorial's normalisation).
+    # Normalisation per channel, pixels in [0, 1]: (pixel - mean) / std; 0.5 and 0.5 map pixels to
+    # [-1, 1] (the tutorial's normalisation).
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # per channel: (pixel - mean) / std
     # Training images held out as the validation split, which every epoch is evaluated on and
     # everything that chooses (a sweep's best, a search) reads; the test split is evaluated once, at
     # the end. Below 1 a fraction (0.1: 5,000 of CIFAR-10's 50,000), 1 or more a number of images,
@@ -112,10 +113,10 @@ class SyntheticConfig(DatasetConfig):
 # ---------------------------------------------------------------- optimizer
 @dataclass
 class OptimizerConfig:
-    _target_: str = MISSING
+    _target_: str = MISSING  # the optimizer class (torch.optim.*), given the model's parameters first
     _partial_: bool = True  # built later with the model's parameters
-    lr: float = 0.001  # the tutorial's learning rate
-    weight_decay: float = 0.0
+    lr: float = 0.001  # learning rate (the tutorial's 0.001); with onecycle, its peak
+    weight_decay: float = 0.0  # L2 penalty on the weights, added to the gradient (AdamW: decoupled)
     # lr multiplier for BatchNorm shifts (airbench uses 64); read by run.param_groups, not passed
     # to torch.optim (see OWN_KEYS)
     norm_bias_lr_scale: float = 1.0
@@ -142,31 +143,32 @@ class AdamWConfig(AdamConfig):
 # ---------------------------------------------------------------- device, trainer, tracking
 @dataclass
 class DeviceConfig:
-    name: DeviceName = MISSING
+    name: DeviceName = MISSING  # auto (CUDA if a GPU is visible, else CPU), cpu, cuda or ddp
     data_parallel: bool = True  # several GPUs visible: wrap the model in torch.nn.DataParallel
     threads: int = 0  # CPU threads for torch; 0: 1 thread below batch 32 (faster there), else torch's default
 
 
 @dataclass
 class TrainerConfig:
-    # may be fractional (airbench: 9.9): training stops after ceil(epochs * steps per epoch) steps,
-    # the last epoch cut short (and still evaluated); the lr schedule spans those steps
+    # passes over the training set; may be fractional (airbench: 9.9): training stops after
+    # ceil(epochs * steps per epoch) steps, the last epoch cut short (and still evaluated); the lr
+    # schedule spans those steps
     epochs: float = 2
     batch_size: int = 4  # images per optimizer step
     log_every_n_steps: int = 2000  # mean training loss printed and logged over this many steps
     test_batch_size: int = 1000  # evaluation only: no gradients, so larger batches are cheaper
-    lr_schedule: LRSchedule = LRSchedule.constant
+    lr_schedule: LRSchedule = LRSchedule.constant  # constant, or onecycle: warm-up, then linear decay to 0
     warmup_fraction: float = 0.2  # onecycle only: share of all steps spent warming up
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # share of each target's probability spread over all classes (0: none)
     flip: bool = False  # random horizontal flips of training batches
     # with flip: mirror each image at random once, then the whole set on every second epoch, so each
     # is seen both ways round every two epochs (airbench's alternating flip, about +0.2 points)
     alternate_flip: bool = False
     translate: int = 0  # random shifts of training batches by up to this many pixels
-    channels_last: bool = False
+    channels_last: bool = False  # model and batches in channels-last (NHWC) memory: often faster convolutions
     compile: bool = False  # torch.compile the model (slower to start; pays off on long runs)
     autocast: bool = False  # mixed precision on CUDA
-    autocast_dtype: AutocastDtype = AutocastDtype.bfloat16
+    autocast_dtype: AutocastDtype = AutocastDtype.bfloat16  # bfloat16, or float16 (+ gradient scaling)
     # airbench's precision instead of autocast: float16 weights (BatchNorm float32), no GradScaler;
     # the loss is summed over the batch (with SGD's lr / batch and weight_decay * batch, the same
     # steps) so small gradients stay within float16's range
@@ -179,9 +181,9 @@ class TrainerConfig:
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
-    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else <project>/mlruns/mlflow.db
-    experiment_name: str = "cifar_exp"
+    enabled: bool = True  # false: train without recording anything in MLflow
+    tracking_uri: str | None = None  # the store; null: $MLFLOW_TRACKING_URI, else <project>/mlruns/mlflow.db
+    experiment_name: str = "cifar_exp"  # the MLflow experiment the runs are recorded in
     min_free_mb: int = 100  # a local store's disk needs this much free space (MB) before a run starts
 
 
@@ -220,7 +222,7 @@ FROM_THE_RUN = ("num_classes", "params")  # arguments the run passes (the data's
 
 @dataclass
 class ModelConfig:
-    _target_: str = MISSING
+    _target_: str = MISSING  # the network's class; its signature gives the keys below
 
 
 BASES = {"model": ModelConfig, "dataset": DatasetConfig, "optimizer": OptimizerConfig}

@@ -231,10 +231,10 @@ class ResNet18(Network):
     def __init__(
         self,
         *,
-        width1: Width = 64,
-        width2: Width = 128,
-        width3: Width = 256,
-        width4: Width = 512,
+        width1: Width = 64,  # channels of the stem and the 32x32 stage
+        width2: Width = 128,  # channels of the 16x16 stage
+        width3: Width = 256,  # channels of the 8x8 stage
+        width4: Width = 512,  # channels of the 4x4 stage, also the head's input features
         num_classes: int = 10,
     ) -> None:
         super().__init__()
