@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from cifar_exp import reports, sweep_summary, ui_server
+from cifar_exp import reports, sweep_summary, tables, ui_server
 from cifar_exp.config import TrackingConfig
 from cifar_exp.errors import UserError, first_line
 from cifar_exp.tracking import identity, leases, resumption, runs, store
@@ -276,7 +276,7 @@ def compare(uri: str, ref: str, as_csv: bool) -> int:
     client = open_store(uri)
     parent = find_sweep(client, find_experiment(client).experiment_id, ref)
     summary, _, _ = _asking(client, lambda: sweep_summary.read_summary(client, parent))
-    sys.stdout.write(reports.csv_table(summary.csv_rows()) if as_csv else summary.text())
+    sys.stdout.write(tables.csv_table(summary.csv_rows()) if as_csv else summary.text())
     return 0
 
 
@@ -307,7 +307,7 @@ def list_runs(uri: str, limit: int) -> int:
                 "duration": _duration((end - run.info.start_time) / 1000),
             }
         )
-    sys.stdout.write(reports.text_table(rows) or f"no runs in {uri} yet\n")
+    sys.stdout.write(tables.text_table(rows) or f"no runs in {uri} yet\n")
     return 0
 
 

@@ -1,12 +1,12 @@
-"""Figures and tables: image grids (the tutorial's imshow), the confusion matrix, per-class and
-sweep tables, the sweep plot. Pure functions of tensors and lists; saving is the caller's job.
+"""Figures: image grids (the tutorial's imshow), the confusion matrix, the sweep plots, and the
+per-class table a run keeps (tables.py writes it). Pure functions of tensors and lists; saving is
+the caller's job.
 
 The per-run figures are drawn with Pillow as one picture each (a few milliseconds); only the sweep
 plot, once per sweep, uses matplotlib, imported there (importing it costs ~0.3 s)."""
 
 from __future__ import annotations
 
-import csv
 import functools
 import io
 import json
@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from cifar_exp import tables
 
 FONT_PX = 12  # caption and label text height, px
 LINE_PX = FONT_PX + 4  # one line of text with its spacing, px
@@ -149,41 +151,6 @@ def per_class_rows(confusion: torch.Tensor, classes: list[str]) -> list[dict[str
         }
         for i, name in enumerate(classes)
     ]
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return ""
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def csv_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return ""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
-def text_table(rows: list[dict[str, Any]]) -> str:
-    """Rows as aligned columns for a terminal: a value that reads as a number is right-aligned."""
-    if not rows:
-        return ""
-    keys = list(rows[0])
-    cells = [[str(r.get(k, "")) for k in keys] for r in rows]
-    widths = [max(len(k), *(len(row[i]) for row in cells)) for i, k in enumerate(keys)]
-    numeric = [all(_number(row[i]) is not None or row[i] == "" for row in cells) for i in range(len(keys))]
-
-    def line(values: list[str]) -> str:
-        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
-        return "  ".join(parts).rstrip()
-
-    return "\n".join([line(keys), *(line(row) for row in cells)]) + "\n"
 
 
 def _number(value: Any) -> float | None:
@@ -439,8 +406,8 @@ def result_files(
             image_grid(test_images[shown], test_labels[shown], classes, predicted.cpu())
         ),
         "figures/confusion_matrix.png": png(confusion_image(confusion, classes)),
-        "tables/per_class_accuracy.md": markdown_table(rows),
-        "tables/per_class_accuracy.csv": csv_table(rows),
+        "tables/per_class_accuracy.md": tables.markdown_table(rows),
+        "tables/per_class_accuracy.csv": tables.csv_table(rows),
         CLASSES_ARTIFACT: json.dumps({"classes": classes}, indent=2),
         WEIGHTS_ARTIFACT: weights.getvalue(),
     }

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cifar_exp import replicates, reports
+from cifar_exp import replicates, reports, tables
 from cifar_exp.evaluation import chosen_metric
 from cifar_exp.tracking import identity, runs, store
 
@@ -42,14 +42,14 @@ def summarise(client: Any, parent_id: str, search: bool = False) -> tuple[str, s
     table, children, epochs = read_summary(client, parent)
     rows, keys, metric, maximize = table.rows, table.keys, table.metric, table.maximize
     files: dict[str, str | bytes] = {
-        "sweep/summary.csv": reports.csv_table(table.csv_rows()),
-        "sweep/summary.md": reports.markdown_table(table.display())
+        "sweep/summary.csv": tables.csv_table(table.csv_rows()),
+        "sweep/summary.md": tables.markdown_table(table.display())
         + "\n"
         + "\n\n".join(table.footer())
         + "\n",
     }
     if table.groups is not None:
-        files["sweep/runs.csv"] = reports.csv_table(rows)
+        files["sweep/runs.csv"] = tables.csv_table(rows)
     if any(r[metric] != "" for r in rows) and keys:
         files[PLOT_ARTIFACT] = reports.figure_png(table.figure())
     now = int(time.time() * 1000)
@@ -307,7 +307,7 @@ class Summary:
         p = self.parent
         status = (status or p.info.status).lower()
         head = f"{p.info.run_name}  ({p.info.run_id}, {status}, {len(self.rows)} runs)"
-        table = reports.text_table(self.display(mark="*")) or "(no runs)\n"
+        table = tables.text_table(self.display(mark="*")) or "(no runs)\n"
         return f"{head}\n{table}" + "".join(f"{line}\n" for line in self.footer())
 
     def figure(self) -> Any:
@@ -375,7 +375,7 @@ def sweep_note(parent: Any, table: Summary, search: bool, story: dict[str, float
             f"Epochs trained: {trained:.4g} of the {unpruned} these trials would have trained unpruned "
             f"({100 * trained / unpruned:.0f}%). History: `search/history.png`."
         )
-    text = reports.text_table(table.display(mark="*"))  # the UI squeezes markdown tables
+    text = tables.text_table(table.display(mark="*"))  # the UI squeezes markdown tables
     return "\n\n".join([*lines, f"```\n{text}```", *table.footer()])
 
 

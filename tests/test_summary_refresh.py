@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,11 @@ from conftest import Store
 
 from cifar_exp import sweep_refresh, sweep_summary
 from cifar_exp.config import TrackingConfig
+
+
+def squeezed(markdown: str) -> str:
+    """A Markdown table with its cells' padding left out: '|  8 |' reads '| 8 |'."""
+    return re.sub(r" {2,}", " ", markdown)
 
 
 class FakeSweep:
@@ -81,7 +87,7 @@ def test_a_child_resumed_further_after_its_sweep_refreshes_the_parents_best_and_
     assert parent.data.metrics["best/val/acc"] == pytest.approx(0.50)
     assert parent.info.status == "FINISHED" and parent.info.end_time == ended
     assert f"runs/{wide}" in parent.data.tags[sweep_summary.NOTE_TAG]  # the description links it
-    table = sweep.artifact("sweep/summary.md", tmp_path)
+    table = squeezed(sweep.artifact("sweep/summary.md", tmp_path))
     header, _, first, second = table.splitlines()[:4]
     assert "| epochs |" in header
     assert first.startswith("| ★ | 8 |") and "| 4 |" in first and "| 2 |" in second
@@ -128,7 +134,7 @@ def test_seed_groups_show_their_epochs_when_runs_differ(sweep: FakeSweep, tmp_pa
     longer = sweep.client.search_runs([sweep.experiment], "attributes.run_name = 'w4s1'")[0].info.run_id
     sweep.train(longer, [0.6], "FINISHED", first_epoch=3)
     sweep_refresh.refresh(sweep.client, longer)
-    header, _, *rows = sweep.artifact("sweep/summary.md", tmp_path).splitlines()
+    header, _, *rows = squeezed(sweep.artifact("sweep/summary.md", tmp_path)).splitlines()
     assert "| n | epochs |" in header
     assert "| 2 | 2-3 |" in rows[0] and "| 2 | 2 |" in rows[1]  # conv1_out=4 (best now), then 8
 
@@ -164,6 +170,6 @@ def test_resume_of_a_sweeps_child_refreshes_the_ended_sweep_end_to_end(
     resumed = store.run_cli("resume", other.info.run_id, "trainer.epochs=2")
     assert resumed.returncode == 0, resumed.stderr
     assert f"({parent.info.run_id}) summarised again" in resumed.stdout
-    table = store.download(parent.info.run_id, "sweep/summary.md", tmp_path).read_text()
+    table = squeezed(store.download(parent.info.run_id, "sweep/summary.md", tmp_path).read_text())
     assert "| epochs |" in table and "different numbers of epochs" in table
     assert store.run(parent.info.run_id).info.end_time == parent.info.end_time
