@@ -1,6 +1,6 @@
-"""Subcommands that use what MLflow recorded: `ui`, `compare [SWEEP]`, `runs`, `rerun RUN_ID`,
-`resume RUN_ID`, `predict RUN_ID IMAGE...`; and `sync OUTPUT_DIR`, what it could not record during
-an outage."""
+"""Subcommands that use what MLflow recorded: `ui` (ui_server.py), `compare [SWEEP]`, `runs`,
+`rerun RUN_ID`, `resume RUN_ID`, `predict RUN_ID IMAGE...`; and `sync OUTPUT_DIR` (what an outage
+kept from the store) or `sync --stale`. Reading the store: store_reading.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import sys
 import tempfile
 import time
 import typing
-import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import yaml
 from cifar_exp import reports, sweep_summary, tables, ui_server
 from cifar_exp.config import TrackingConfig
 from cifar_exp.errors import UserError, first_line
+from cifar_exp.store_reading import asking, find_experiment, find_sweep, open_store
 from cifar_exp.tracking import identity, leases, resumption, runs, store
 
 HydraMain = Callable[[list[str], dict[str, str] | None], None]
@@ -63,8 +63,8 @@ def counting(least: int, most: int | None = None) -> Callable[[str], int]:
     return whole_number
 
 
-def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
-    """Runs one subcommand; `hydra_main(argv, tags)` is the training command line."""
+def parser_for(command: str) -> OneLineParser:
+    """The subcommand's flags and arguments (each has --help)."""
     parser = OneLineParser(prog=f"cifar-exp {command}", description=USAGE[command])
     parser.add_argument(
         "--tracking-uri",
@@ -101,6 +101,12 @@ def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
         parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (off the record)")
     if command == "resume":
         parser.add_argument("overrides", nargs="*", help="e.g. trainer.epochs=10 to train longer")
+    return parser
+
+
+def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
+    """Runs one subcommand; `hydra_main(argv, tags)` is the training command line."""
+    parser = parser_for(command)
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if command in ("ui", "compare", "runs"):  # reading: a server that does not answer is said at once
@@ -111,7 +117,7 @@ def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
         if command in ("compare", "runs", "rerun", "resume") or getattr(args, "stale", False):
             leases.close_stale_in(uri)  # runs a dead process left RUNNING: KILLED, one line each
         if command == "ui":
-            return ui(uri, args.port)
+            return ui_server.ui(uri, args.port)
         if command == "compare":
             return compare(uri, args.sweep, args.csv)
         if command == "runs":
@@ -133,140 +139,6 @@ def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
         return 2
 
 
-def ui(uri: str, port: int) -> int:
-    """`mlflow ui` on the store, bound to 127.0.0.1, lean (cifar_exp/ui_server.py); a SQLite
-    store's new artifacts go beside it. Once the server answers, says so with the links that land
-    on the runs (model-training view) and the latest sweep's compare view: MLflow 3 opens an
-    experiment in its GenAI view (traces) unless told otherwise. Ctrl-C stops all of it."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    ui_server.check_port(port)  # before anything is made, started or printed
-    base = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, *ui_server.LEAN]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
-    if (artifacts := store.artifact_root(uri)) is not None:
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        command += ["--default-artifact-root", artifacts, "--artifacts-destination", artifacts]
-    print(f"starting the MLflow UI on {base} for {uri} ...", flush=True)
-    # A SQLite file the server is about to create is not read meanwhile (its tables half made).
-    recorded = not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
-
-    def links() -> list[str]:
-        try:
-            if not recorded:
-                raise UserError(f"nothing recorded yet: no MLflow store at {uri.removeprefix('sqlite:///')}")
-            client = open_store(uri)
-            if store.local_store_folder(uri) is not None:
-                store.hide_default_experiment(client)  # a store made before the project hid it
-            return [f"  {what:<22} {url}" for what, url in ui_links(client, base).items()]
-        except UserError as e:
-            return [f"  ({e})"]
-
-    def ready(seconds: float) -> None:
-        print(f"MLflow UI ready on {base} after {seconds:.0f} s (Ctrl-C stops it)")
-        print("\n".join(reading.result()), flush=True)
-
-    with ThreadPoolExecutor(max_workers=1) as pool:  # the store is read while the server starts
-        reading = pool.submit(links)
-        return ui_server.serve(command, base, ready)
-
-
-def ui_links(client: Any, base: str, experiment_name: str | None = None) -> dict[str, str]:
-    """{what: URL}: the experiment's runs in the model-training view, and for the latest sweep its
-    parent run and the compare view of its children."""
-    experiment = find_experiment(client, experiment_name)
-    eid = experiment.experiment_id
-    view = store.MODEL_TRAINING_VIEW
-    # An empty searchFilter: the UI keeps the last search per experiment, and would show only that.
-    links = {"runs:": f"{base}/#/experiments/{eid}/runs?{view}&searchFilter="}
-    try:
-        parent = find_sweep(client, eid, "latest")
-    except UserError:
-        return links
-    children = sweep_summary.sweep_children(client, parent)
-    # Written as the UI writes it: JSON lists, with only their quotes escaped.
-    ids = json.dumps([c.info.run_id for c in children], separators=(",", ":"))
-    experiments = json.dumps(sorted({c.info.experiment_id for c in children} or {eid}), separators=(",", ":"))
-    query = f"{ids}&experiments={experiments}".replace('"', "%22")
-    children_first = urllib.parse.urlencode(
-        {
-            "searchFilter": f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
-            "orderByKey": "metrics.`val/acc`",  # what chooses
-        }
-    )
-    links["latest sweep:"] = f"{base}/#/experiments/{eid}/runs/{parent.info.run_id}?{view}"
-    links["its runs, best first:"] = (
-        f"{base}/#/experiments/{eid}/runs?{view}&{children_first}&orderByAsc=false"
-    )
-    links["its runs compared:"] = f"{base}/#/compare-runs?runs={query}&{view}"
-    return links
-
-
-# ---------------------------------------------------------------- reading the store from a command
-def open_store(uri: str) -> Any:
-    """An MlflowClient on an existing store: a SQLite file that is not there is not created (one
-    line: nothing recorded yet); one that cannot be read is said in one line."""
-    from mlflow.tracking import MlflowClient
-
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"nothing recorded yet: no MLflow store at {uri.removeprefix('sqlite:///')}")
-    try:
-        return MlflowClient(uri)  # opens (and for SQLite reads) the store
-    except Exception as e:  # noqa: BLE001 - a file that is not a database, a bad URI
-        raise UserError(f"the MLflow store {uri} cannot be read: {first_line(e)}") from None
-
-
-def _asking(client: Any, call: Callable[[], Any]) -> Any:
-    """call(), with a store that does not answer (or cannot be read) said in one line."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return call()
-    except Exception as e:  # MLflow's, sqlite3/SQLAlchemy's, requests': no server, not a database
-        if isinstance(e, MlflowException) and e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise
-        raise UserError(f"the MLflow store {client.tracking_uri} does not answer: {first_line(e)}") from None
-
-
-def find_experiment(client: Any, name: str | None = None) -> Any:
-    name = name or TrackingConfig().experiment_name
-    experiment = _asking(client, lambda: client.get_experiment_by_name(name))
-    if experiment is None:
-        raise UserError(f"nothing recorded yet: no experiment {name} in {client.tracking_uri}")
-    return experiment
-
-
-def find_sweep(client: Any, experiment_id: str, ref: str) -> Any:
-    """The parent run of a sweep: `latest`, its run id, or the start of its id (unique)."""
-    from mlflow.exceptions import MlflowException
-
-    if ref != "latest" and len(ref) == 32:
-        try:
-            run = _asking(client, lambda: client.get_run(ref))
-        except MlflowException:
-            raise UserError(f"no run {ref} in {client.tracking_uri}") from None
-        if run.data.tags.get("sweep") != "true":
-            raise UserError(f"run {ref} ({run.info.run_name}) is not a sweep's parent run")
-        return run
-    parents = _asking(
-        client,
-        lambda: client.search_runs(
-            [experiment_id], "tags.sweep = 'true'", order_by=["attributes.start_time DESC"], max_results=1000
-        ),
-    )
-    if not parents:
-        raise UserError(f"no sweeps in {client.tracking_uri} yet (one: cifar-exp model.conv1_out=8,16,32 -m)")
-    if ref == "latest":
-        return parents[0]
-    matches = [p for p in parents if p.info.run_id.startswith(ref)]
-    if len(matches) != 1:
-        said = "no sweep" if not matches else f"{len(matches)} sweeps"
-        raise UserError(
-            f"{said} with a run id starting {ref} in {client.tracking_uri} (cifar-exp runs lists them)"
-        )
-    return matches[0]
-
-
 def compare(uri: str, ref: str, as_csv: bool) -> int:
     """A sweep's table, best first: what varies, final val/acc (what chooses; a search's metric)
     and test/acc (reported, never choosing), training time, and status when not all finished
@@ -275,7 +147,7 @@ def compare(uri: str, ref: str, as_csv: bool) -> int:
     the best can be told apart from the runner-up."""
     client = open_store(uri)
     parent = find_sweep(client, find_experiment(client).experiment_id, ref)
-    summary, _, _ = _asking(client, lambda: sweep_summary.read_summary(client, parent))
+    summary, _, _ = asking(client, lambda: sweep_summary.read_summary(client, parent))
     sys.stdout.write(tables.csv_table(summary.csv_rows()) if as_csv else summary.text())
     return 0
 
@@ -285,7 +157,7 @@ def list_runs(uri: str, limit: int) -> int:
     val/acc and test/acc (a sweep: its best's), duration."""
     client = open_store(uri)
     experiment = find_experiment(client)
-    found = _asking(
+    found = asking(
         client,
         lambda: client.search_runs(
             [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=limit

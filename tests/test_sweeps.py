@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from cifar_exp import commands, reports, sweep_summary, sweeps, tables
+from cifar_exp import commands, reports, sweep_summary, sweeps, tables, ui_server
 from cifar_exp.errors import UserError
 from cifar_exp.tracking import identity
 
@@ -479,7 +479,7 @@ def test_runs_lists_the_newest_runs(recorded: Recorded, capsys: pytest.CaptureFi
 
 def test_ui_links_open_the_runs_and_the_latest_sweeps_comparison(recorded: Recorded) -> None:
     parent, children = sweep_runs(recorded.uri)
-    links = commands.ui_links(commands.open_store(recorded.uri), "http://127.0.0.1:5000")
+    links = ui_server.ui_links(commands.open_store(recorded.uri), "http://127.0.0.1:5000")
     eid = parent.info.experiment_id
     assert (
         links["runs:"]
