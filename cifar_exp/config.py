@@ -36,6 +36,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from cifar_exp.errors import UserError, first_line
+from cifar_exp.hydra_private import strict_bools
 
 
 # ---------------------------------------------------------------- closed sets of choices
@@ -229,33 +230,11 @@ BASES = {"model": ModelConfig, "dataset": DatasetConfig, "optimizer": OptimizerC
 
 
 def register_schemas() -> None:
-    strict_bools()
+    strict_bools()  # a bool key takes true or false only
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for name, node in {**SCHEMAS, **generated_schemas(CONF_DIR)}.items():
         cs.store(name=name, node=node)
-
-
-def strict_bools() -> None:
-    """A bool key takes true or false, nothing else: OmegaConf reads any int as a bool (`trainer.
-    flip=-1` is true, 0 false) and yes/no/on/off as words for them, so a typo or a number meant for
-    another key would pass silently. Its BooleanNode is the one place every bool is converted
-    (overrides, YAML, experiments), at compose time; a refusal there reads as Hydra's one line
-    ("Error merging override trainer.flip=-1: ..."). Pinned by tests/test_bad_values.py."""
-    from omegaconf.nodes import BooleanNode
-
-    convert = BooleanNode._validate_and_convert_impl
-    if getattr(convert, "strict", False):
-        return
-
-    @functools.wraps(convert)
-    def strict(self: BooleanNode, value: Any) -> bool:
-        if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")):
-            return convert(self, value)
-        raise ValidationError("Value '$VALUE' is not a bool (type $VALUE_TYPE); use true or false")
-
-    strict.strict = True  # type: ignore[attr-defined]
-    BooleanNode._validate_and_convert_impl = strict
 
 
 def generated_schemas(conf_dir: Path) -> dict[str, type]:

@@ -1,8 +1,10 @@
-"""Every use of Hydra's private API, in this one module, each with its reason; tests/test_hydra_private.py
-fails if Hydra changes what we rely on. Importing it makes Hydra print user errors in one line."""
+"""Every use of Hydra's (and OmegaConf's) private API, in this one module, each with its reason;
+tests/test_hydra_private.py fails if Hydra changes what we rely on. Importing it makes Hydra
+print user errors in one line."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import hydra._internal.utils
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import CompactHydraException
+from omegaconf.errors import ValidationError
 
 from cifar_exp.errors import report_in_one_line
 
@@ -46,3 +49,26 @@ _hydra_return_value = JobReturn.return_value.fget
 JobReturn.return_value = property(_one_line_return_value, JobReturn.return_value.fset)  # type: ignore[method-assign]
 # _run_hydra reports errors through this module-level function: ours prints user errors in one line
 hydra._internal.utils.run_and_report = report_in_one_line(hydra._internal.utils.run_and_report)
+
+
+def strict_bools() -> None:
+    """A bool key takes true or false, nothing else: OmegaConf reads any int as a bool (`trainer.
+    flip=-1` is true, 0 false) and yes/no/on/off as words for them, so a typo or a number meant for
+    another key would pass silently. Its BooleanNode is the one place every bool is converted
+    (overrides, YAML, experiments), at compose time; a refusal there reads as Hydra's one line
+    ("Error merging override trainer.flip=-1: ..."). Private: OmegaConf has no public hook for a
+    node type's conversion. Pinned by tests/test_bad_values.py and tests/test_hydra_private.py."""
+    from omegaconf.nodes import BooleanNode
+
+    convert = BooleanNode._validate_and_convert_impl
+    if getattr(convert, "strict", False):
+        return
+
+    @functools.wraps(convert)
+    def strict(self: BooleanNode, value: Any) -> bool:
+        if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")):
+            return convert(self, value)
+        raise ValidationError("Value '$VALUE' is not a bool (type $VALUE_TYPE); use true or false")
+
+    strict.strict = True  # type: ignore[attr-defined]
+    BooleanNode._validate_and_convert_impl = strict

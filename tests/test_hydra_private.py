@@ -60,3 +60,13 @@ def test_other_errors_keep_hydras_line(
     with pytest.raises(type(error)):
         failed(error).return_value  # noqa: B018
     assert capsys.readouterr().err.startswith("Error executing job with overrides: ['model.conv1_out=0']")
+
+
+def test_omegaconf_converts_every_bool_in_the_method_we_wrap() -> None:
+    from omegaconf import OmegaConf
+    from omegaconf.nodes import BooleanNode
+
+    hydra_private.strict_bools()
+    assert getattr(BooleanNode._validate_and_convert_impl, "strict", False)  # ours, installed
+    with pytest.raises(Exception, match="use true or false"):
+        OmegaConf.merge(OmegaConf.structured({"flip": BooleanNode(False)}), {"flip": -1})
