@@ -114,10 +114,12 @@ class SweepCallback(Callback):
             claim_gpu(config.hydra.job.num, Path(config.hydra.sweep.dir) / ".gpu_locks")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self.close()
+        self.close(completed=True)
 
-    def close(self) -> None:
-        """Writes the summary and sets the parent's status from its children (once)."""
+    def close(self, completed: bool = False) -> None:
+        """Writes the summary and sets the parent's status from its children (once). A search
+        that `completed` (every trial told to its study) ends FINISHED with a best trial, FAILED
+        without one, whatever an earlier controller of the study left behind."""
         if self.parent_id is None:
             return
         parent_id, self.parent_id = self.parent_id, None
@@ -127,7 +129,7 @@ class SweepCallback(Callback):
         client = MlflowClient(self.uri)
         status, text = "FAILED", ""
         try:
-            status, text = summarise(client, parent_id, self.search)
+            status, text = summarise(client, parent_id, self.search, completed)
         finally:
             client.set_terminated(parent_id, status)
         print(f"\n{text}", end="", flush=True)  # the sweep's answer, as `cifar-exp compare` prints it
