@@ -8,10 +8,12 @@ kill until the search completes, and count what MLflow and the Optuna study hold
   console's "best trial N", the parent's best_trial and the study's best trial agree, and Python
   tracebacks in any output (killed attempts included).
 
-Each search is a study of its own (a few tiny trials on generated data, pruned by the median
-pruner), killed up to PER_SEARCH times, then left to complete; searches follow until N kills
-landed. Target: 0 duplicated, 0 missing, 0 orphans, 0 disagreeing, parent FINISHED, best agreed,
-0 tracebacks."""
+Each kill lands at a moment drawn from PHASES: any moment (imports, a trial, the summary), as a
+trial's run has just opened (before its first checkpoint), or just after a trial's first epoch
+(checkpointed: resumed). Each search is a study of its own (a few tiny trials on generated data,
+pruned by the median pruner), killed up to PER_SEARCH times, then left to complete; searches
+follow until N kills landed. Target: 0 duplicated, 0 missing, 0 orphans, 0 disagreeing, parent
+FINISHED, best agreed, 0 tracebacks."""
 
 from __future__ import annotations
 
@@ -28,10 +30,10 @@ from pathlib import Path
 SEARCH = [
     "experiment=search",
     "dataset=synthetic",
-    "dataset.train_size=1700",
+    "dataset.train_size=3300",
     "dataset.val_size=100",  # the search chooses on val/acc
     "dataset.test_size=100",
-    "trainer.batch_size=8",  # 200 steps an epoch: a trial takes seconds, so kills land inside them
+    "trainer.batch_size=16",  # 200 steps an epoch: a trial takes seconds, so kills land inside them
     "trainer.epochs=2",
     "trainer.log_every_n_steps=20",
     "device=cpu",
@@ -47,6 +49,11 @@ PER_SEARCH = 3  # kills of one search before it is left to complete
 KILL_WITHIN_S = (1.0, 12.0)  # a kill's moment after the command starts: imports, trials, the end
 # (a whole search takes ~20 s on 2 busy cores; a re-run, with fewer trials left, less)
 BEST = re.compile(r"best trial (\d+): ")
+# when a kill lands: any moment (imports, a trial, the summary); a trial's run just opened (its
+# first epoch under way, no checkpoint); a trial's first epoch just ended (checkpointed)
+PHASES = ("any-moment", "before-checkpoint", "after-checkpoint")
+OPENED = re.compile(r"^MLflow run [0-9a-f]{32} ", re.M)
+EPOCH_1 = re.compile(r"^epoch 1/", re.M)
 
 
 def attempt(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -62,6 +69,22 @@ def attempt(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subpr
         )
 
 
+def kill_at(proc: subprocess.Popen, log: Path, phase: str, rng: random.Random) -> None:
+    """SIGKILLs the command's process group at a moment of `phase` (PHASES), unless it ends first."""
+    deadline = time.monotonic() + rng.uniform(*KILL_WITHIN_S)
+    pattern = {"before-checkpoint": OPENED, "after-checkpoint": EPOCH_1}.get(phase)
+    nth = rng.randint(1, 3)  # the first, second or third trial this command runs
+    while proc.poll() is None:
+        if pattern is None and time.monotonic() > deadline:
+            break
+        if pattern is not None and len(pattern.findall(log.read_text())) >= nth:
+            time.sleep(rng.uniform(0.0, 0.05) if phase == "after-checkpoint" else 0.0)
+            break
+        time.sleep(0.005)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def one_search(
     work: Path, env: dict[str, str], rng: random.Random, n: int, kills: int
 ) -> tuple[int, str, Counter]:
@@ -75,24 +98,23 @@ def one_search(
         f"hydra.sweep.dir={folder / 'multirun'}",
         "-m",
     ]
-    landed, outputs, code = 0, [], None
+    landed, outputs, code, phases = 0, [], None, Counter()
     for tries in range(kills + 1):
         log = folder / f"attempt{tries}.log"
         proc = attempt(args, folder, env, log)
-        if tries < kills:
-            deadline = time.monotonic() + rng.uniform(*KILL_WITHIN_S)
-            while proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.01)
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+        phase = rng.choice(PHASES) if tries < kills else None
+        if phase:
+            kill_at(proc, log, phase, rng)
         code = proc.wait(600)
         outputs.append(log.read_text())
         if code == -signal.SIGKILL:
             landed += 1
+            phases[phase] += 1
             continue
         break  # it completed (or failed: counted below) before a kill landed
     counts = count(env["MLFLOW_TRACKING_URI"], f"killsearch-{n}", outputs[-1])
     counts["completed"] = code == 0
+    counts.update({f"killed {phase}": k for phase, k in phases.items()})
     counts["tracebacks"] = sum(o.count("Traceback (most recent call last)") for o in outputs)
     return landed, "".join(outputs), counts
 
@@ -156,9 +178,10 @@ def search_kills(work: Path, env: dict[str, str], rng: random.Random, kills: int
         if counts["tracebacks"]:
             tail = output[output.index("Traceback (most recent call last)") :].splitlines()[:12]
             print("".join(f"  {line}\n" for line in tail), end="", flush=True)
+    phases = ", ".join(f"{p} {total[f'killed {p}']}" for p in PHASES)
     keys = ("duplicated", "missing", "untagged", "orphans", "disagreeing", "points duplicated", "tracebacks")
     line = (
-        f"search controller killed: {landed} kills landed in {total['searches']} searches; "
+        f"search controller killed: {landed} kills landed ({phases}) in {total['searches']} searches; "
         f"completed {total['completed']}, parent FINISHED {total['parent FINISHED']}, "
         f"best agreed {total['best agreed']}; trials {total['trials']}, children {total['children']} "
         f"(replaced {total['replaced']}, resumed {total['resumed']}); "

@@ -21,13 +21,13 @@ from cifar_exp.search import space
 from cifar_exp.search import study as search_study
 from cifar_exp.search import trial as search_trial
 from cifar_exp.search import trials as search_trials
-from cifar_exp.sweep_summary import summarise
+from cifar_exp.sweep_summary import STORAGE, STUDY, summarise
 from cifar_exp.tracking import identity, store
 from cifar_exp.tracking.identity import JobContext
 
 log = logging.getLogger(__name__)
 
-STUDY_TAG = "search/study"  # a search's parent: the Optuna study it runs (a re-run reopens it)
+STUDY_TAG = STUDY  # a search's parent: the Optuna study it runs (a re-run reopens it)
 PARAM_KEY = re.compile(r"^[\w\-. /:]+$")  # the characters MLflow accepts in a param's name
 PARAM_CHARS = 6000  # MLflow's longest param value
 
@@ -91,7 +91,7 @@ class SweepCallback(Callback):
         earlier = None
         if claim is not None:  # the parent of an earlier, stopped search of this study continues
             sweeper = config.hydra.sweeper
-            tags[STUDY_TAG], tags["search/storage"] = claim.name, claim.storage
+            tags[STUDY_TAG], tags[STORAGE] = claim.name, claim.storage
             tags["search/metric"], tags["search/direction"] = sweeper.metric, str(sweeper.direction)
             earlier = search_parent(client, experiment_id, claim.name)
         name = sweep_name(swept, self.search, time.time())
