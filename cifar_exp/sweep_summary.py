@@ -62,7 +62,7 @@ def summarise(client: Any, parent_id: str, search: bool = False, completed: bool
     if best is not None:
         metrics += [Metric(f"best/{name}", value, now, 0) for name, value in best["metrics"].items()]
         tags += [RunTag("best_run_id", best["run_id"]), RunTag("best/chosen_on", metric)]
-        trial = next(r["trial"] for r in rows if r["run_id"] == best["run_id"])
+        trial = next(r.get("trial", "") for r in rows if r["run_id"] == best["run_id"])
         tags += [RunTag("best_trial", trial)] if trial != "" else []
     story = search_story(children, rows, epochs) if search else {}
     metrics += [Metric(f"search/{key}", value, now, 0) for key, value in story.items()]
@@ -317,7 +317,7 @@ class Summary:
         if len({r["epochs"] for r in self.rows if r["status"] == "FINISHED"}) > 1:
             lines.append("the runs trained for different numbers of epochs (column epochs)")
         best = next((r for r in self.rows if r["best"]), None)
-        if best is not None and best["trial"] != "":  # as the search's console line names it
+        if best is not None and best.get("trial", "") != "":  # as the search's console line names it
             value = ACC_FORMAT.format(best[self.metric])
             lines.append(f"best trial {best['trial']}: {self.metric} {value} (run {best['run_id'][:8]})")
         return lines
