@@ -203,10 +203,11 @@ def early_kill(work: Path, env: dict[str, str], rng: random.Random, client, tall
 def concurrent_resumes(
     work: Path, env: dict[str, str], rng: random.Random, client, tally: Tally, expected: dict, n: int
 ) -> None:
-    """A run SIGKILLed mid-step, then two resumes started together: one trains, one refuses."""
+    """A run SIGKILLed as epoch 2 or 3 reports (checkpointed, not ended), then two resumes started
+    together: one trains, one refuses."""
     for again in range(3):  # until a kill lands before the run's end
         attempt = Attempt(TRAIN, work / f"concurrent{n:02d}-{again}", env)
-        hit = kill_at(attempt, "step", rng, resumed=False)
+        hit = kill_at(attempt, "flush", rng, resumed=False)  # "step" often lands after a fast run ended
         found = RUN_ID.search("".join(attempt.lines))
         if hit and found and client.get_run(run_id := found[1]).info.status != "FINISHED":
             break
