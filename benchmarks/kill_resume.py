@@ -28,8 +28,16 @@ loads or in epoch 1), each followed by `cifar-exp runs`, which must end it KILLE
 RUN_ID` started together, of which exactly one may train (the other refuses in one line) and
 nothing may be recorded twice.
 
+And two of a search and a server (modules beside this one): --search-kills N kills of a
+search's controller at random moments, each followed by the same command until the search
+completes, then one child per trial, none RUNNING, the parent FINISHED, one best trial named by
+the console, the parent and the study (kill_search.py); --server-kill, a real `mlflow server`
+killed mid-run and started again after it, then `cifar-exp sync`: points lost and duplicated, and
+the seconds the dead server added to the run (kill_server.py). `--kills 0 --early 0 --concurrent 0`
+runs them alone.
+
 usage: python benchmarks/kill_resume.py [--kills 24] [--per-run 3] [--early 4] [--concurrent 2]
-                                        [--seed 0] [--keep DIR]
+                                        [--search-kills 0] [--server-kill] [--seed 0] [--keep DIR]
        (about 10 minutes on 2 busy cores: each kill costs a process start, ~5-10 s)
 """
 
@@ -195,10 +203,11 @@ def early_kill(work: Path, env: dict[str, str], rng: random.Random, client, tall
 def concurrent_resumes(
     work: Path, env: dict[str, str], rng: random.Random, client, tally: Tally, expected: dict, n: int
 ) -> None:
-    """A run SIGKILLed mid-step, then two resumes started together: one trains, one refuses."""
+    """A run SIGKILLed as epoch 2 or 3 reports (checkpointed, not ended), then two resumes started
+    together: one trains, one refuses."""
     for again in range(3):  # until a kill lands before the run's end
         attempt = Attempt(TRAIN, work / f"concurrent{n:02d}-{again}", env)
-        hit = kill_at(attempt, "step", rng, resumed=False)
+        hit = kill_at(attempt, "flush", rng, resumed=False)  # "step" often lands after a fast run ended
         found = RUN_ID.search("".join(attempt.lines))
         if hit and found and client.get_run(run_id := found[1]).info.status != "FINISHED":
             break
@@ -244,12 +253,32 @@ def compare(reference: dict, got: dict, tally: Tally) -> str:
     return f"lost {lost}, duplicated {duplicated}, differing {differ}"
 
 
+def fault_modes(
+    args: argparse.Namespace, work: Path, env: dict[str, str], rng: random.Random
+) -> tuple[list[str], bool]:
+    """--search-kills and --server-kill (kill_search.py, kill_server.py): their lines, and whether
+    a target was missed."""
+    from kill_search import search_kills
+    from kill_server import server_kill
+
+    lines, missed = [], False
+    if args.search_kills:
+        said, failed = search_kills(work, env, rng, args.search_kills)
+        lines, missed = lines + said, missed or failed
+    if args.server_kill:
+        said, failed = server_kill(work, env, TRAIN, lambda expected, got: compare(expected, got, Tally()))
+        lines, missed = lines + said, missed or failed
+    return lines, missed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=24, help="SIGKILLs that land, in all")
     parser.add_argument("--per-run", type=int, default=3, help="most kills of one run before it may finish")
     parser.add_argument("--early", type=int, default=4, help="runs killed before their first checkpoint")
     parser.add_argument("--concurrent", type=int, default=2, help="killed runs resumed twice at once")
+    parser.add_argument("--search-kills", type=int, default=0, help="kills of a search's controller")
+    parser.add_argument("--server-kill", action="store_true", help="kill a real mlflow server mid-run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep it (default: a temp dir)")
     args = parser.parse_args()
@@ -267,12 +296,14 @@ def main() -> None:
     from mlflow.tracking import MlflowClient
 
     started = time.monotonic()
-    reference = Attempt(TRAIN, work / "reference", env)
-    output = reference.wait()
-    assert reference.proc.returncode == 0, output
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    expected = history(client, RUN_ID.search(output)[1])
-    print(f"reference run: {sum(map(len, expected.values()))} metric points, {EPOCHS} epochs", flush=True)
+    expected: dict = {}
+    if args.kills or args.concurrent:  # what they are compared with
+        reference = Attempt(TRAIN, work / "reference", env)
+        output = reference.wait()
+        assert reference.proc.returncode == 0, output
+        expected = history(client, RUN_ID.search(output)[1])
+        print(f"reference run: {sum(map(len, expected.values()))} metric points, {EPOCHS} epochs", flush=True)
 
     tally = Tally()
     while sum(tally.kills.values()) < args.kills:
@@ -318,9 +349,11 @@ def main() -> None:
         early_kill(work, env, rng, client, tally, n)
     for n in range(1, args.concurrent + 1):
         concurrent_resumes(work, env, rng, client, tally, expected, n)
+    said, missed = fault_modes(args, work, env, rng)
     experiment = client.get_experiment_by_name("cifar_exp")
-    for run in client.search_runs([experiment.experiment_id], max_results=1000):
-        if run.info.status != "FINISHED" and run.info.run_id not in tally.expected_killed:
+    for run in client.search_runs([experiment.experiment_id] if experiment else [], max_results=1000):
+        searched = "mlflow.parentRunId" in run.data.tags or "sweep" in run.data.tags  # kill_search's
+        if run.info.status != "FINISHED" and run.info.run_id not in tally.expected_killed and not searched:
             tally.corrupt.append(f"run {run.info.run_id} left {run.info.status}")
     if (check := integrity(database)) != "ok":
         tally.corrupt.append(f"integrity_check at the end: {check}")
@@ -339,6 +372,7 @@ def main() -> None:
         + ", ".join(f"{k} {tally.concurrent[k]}" for k in ("tried", "one trained", "other refused"))
     )
     print(f"store corruptions: {len(tally.corrupt)}" + "".join(f"\n  {c}" for c in tally.corrupt))
+    print("".join(f"{line}\n" for line in said), end="")
     for refusal in tally.refused:
         print(f"  resume refused: {refusal}")
     print(f"({minutes:.1f} minutes; store and logs in {work})" if args.keep else f"({minutes:.1f} minutes)")
@@ -347,6 +381,7 @@ def main() -> None:
     failed = tally.recovered < tally.runs or tally.lost or tally.duplicated or tally.corrupt
     failed = failed or tally.early["orphans"] or tally.early["opened"] != tally.early["closed"]
     failed = failed or tally.concurrent["tried"] != tally.concurrent["one trained"]
+    failed = failed or missed
     sys.exit(1 if failed else 0)
 
 

@@ -14,6 +14,7 @@ from cifar_exp import checkpoints, reports, signals, sweep_refresh
 from cifar_exp.config import build
 from cifar_exp.data import ImageData
 from cifar_exp.devices import cudnn_autotune, distributed, select_device, wrap_model
+from cifar_exp.errors import TrialPruned
 from cifar_exp.holdout import hold_out
 from cifar_exp.precision import to_half
 from cifar_exp.search import trial
@@ -58,10 +59,13 @@ def run(
     if context.store_uri and context.store_uri != tracking_uri(cfg.mlflow):  # the sweep's store
         cfg = OmegaConf.merge(cfg, {"mlflow": {"tracking_uri": context.store_uri}})
     validate(cfg)  # every range, before anything is built or recorded
-    previous = identity.previous_run(cfg, context.parent_run_id)  # in a re-run sweep: its earlier run
+    number = context.trial.number if context.trial else None  # a search trial's: its own child
+    previous = identity.previous_run(cfg, context.parent_run_id, number)  # in a re-run sweep: its earlier run
     if previous and previous.status == "FINISHED":
         log.info(f"skipped: run {previous.run_id} already finished this config")
         return previous.metrics
+    if previous and previous.pruned:  # the study never heard it: it does now, without training
+        raise TrialPruned(previous.pruned)
     resume_from = cfg.resume or (previous.run_id if previous and previous.checkpoint else None)
     state = checkpoints.load(identity.checkpoint_path(resume_from, cfg.mlflow)) if resume_from else None
     resume = None  # may it continue that run? Checked before anything is written (one line if not)
@@ -84,6 +88,8 @@ def run(
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     reporter = trial.Reporter(context.trial) if context.trial else None  # a search reports each epoch
     extra_tags = {"data": data.source, **(tags or {})}
+    if number is not None:  # one child per trial, found again by its number (previous_trial_run)
+        extra_tags[identity.TRIAL_TAG] = str(number)
     continued = resume.run_id if resume else None  # a finished sweep that holds it is summarised again
     with (
         sweep_refresh.refreshed_after(cfg.mlflow, continued),

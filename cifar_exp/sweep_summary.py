@@ -16,6 +16,7 @@ from typing import Any
 
 from cifar_exp import replicates, reports, tables
 from cifar_exp.evaluation import chosen_metric
+from cifar_exp.search.study import stored_best
 from cifar_exp.tracking import identity, runs, store
 
 METRICS = ("val/acc", "test/acc", "test/loss")  # the summary's columns, besides the swept values and time
@@ -23,10 +24,11 @@ PLOT_ARTIFACT = "sweep/accuracy.png"  # the accuracies against what the sweep va
 PRUNED = "PRUNED"  # the summary's status of a run a search's pruner stopped (MLflow: KILLED)
 TRAIN_TIME = "time/epoch_s"  # a child's training time is the sum of this metric's history, s
 NOTE_TAG = "mlflow.note.content"  # the run's description in the UI, markdown
+STUDY, STORAGE = "search/study", "search/storage"  # a search parent's tags: its Optuna study
 ACC_FORMAT, LOSS_FORMAT = "{:.4f}", "{:.4f}"  # how tables show test/acc (a fraction) and test/loss
 
 
-def summarise(client: Any, parent_id: str, search: bool = False) -> tuple[str, str]:
+def summarise(client: Any, parent_id: str, search: bool = False, completed: bool = False) -> tuple[str, str]:
     """Records on the parent run the sweep table (what varies against each child's, or with seeds
     swept each config's, validation and test accuracy and training time; CSV for scripts, markdown
     for people), a plot of the accuracies against what varies, the best (chosen on val/acc, or a
@@ -35,7 +37,9 @@ def summarise(client: Any, parent_id: str, search: bool = False) -> tuple[str, s
     child's value of every searched key (`best/<key>` tags), the trials finished, pruned and
     failed, the epochs trained against the epochs the same trials would have trained unpruned
     (`search/*` metrics), and search/history.png. Returns the parent's status, which follows the
-    children's, and the summary as `cifar-exp compare` prints it."""
+    children's (a search that `completed`, every trial told to its study, is never KILLED: a
+    child an earlier, killed controller left behind does not make it so), and the summary as
+    `cifar-exp compare` prints it."""
     from mlflow.entities import Metric, RunTag
 
     parent = client.get_run(parent_id)
@@ -58,6 +62,8 @@ def summarise(client: Any, parent_id: str, search: bool = False) -> tuple[str, s
     if best is not None:
         metrics += [Metric(f"best/{name}", value, now, 0) for name, value in best["metrics"].items()]
         tags += [RunTag("best_run_id", best["run_id"]), RunTag("best/chosen_on", metric)]
+        trial = next(r.get("trial", "") for r in rows if r["run_id"] == best["run_id"])
+        tags += [RunTag("best_trial", trial)] if trial != "" else []
     story = search_story(children, rows, epochs) if search else {}
     metrics += [Metric(f"search/{key}", value, now, 0) for key, value in story.items()]
     tags.append(RunTag(NOTE_TAG, sweep_note(parent, table, search, story)))
@@ -77,6 +83,7 @@ def summarise(client: Any, parent_id: str, search: bool = False) -> tuple[str, s
         runs.write_files(files, Path(tmp))
         client.log_artifacts(parent_id, tmp)
     status = parent_status([r["status"] for r in rows], search)
+    status = "FINISHED" if search and completed and status == "KILLED" else status
     return status, table.text(status)
 
 
@@ -176,12 +183,14 @@ def summary_rows(
     epochs: dict[str, list[float]],
     metric: str = "val/acc",
     maximize: bool = True,
+    best_trial: int | None = None,
 ) -> list[dict[str, Any]]:
     """One row per child, best first (by `metric`, then the lowest loss of its split; children
     without it last, in start order): `keys`' values, val/acc, test/acc, test/loss (and `metric`),
     train_s (the sum of `epochs`, the child's seconds per epoch), epochs (how many it trained),
-    status (PRUNED for a trial a search's pruner stopped), best (the best finished child),
-    run_id, the run's name and when it started."""
+    status (PRUNED for a trial a search's pruner stopped), best (the best finished child: in a
+    search, the child of the study's `best_trial`), run_id, the run's name, when it started and
+    its search trial's number (trial; '' outside a search)."""
     rows = []
     loss = metric.split("/")[0] + "/loss"
     for child in children:
@@ -195,6 +204,7 @@ def summary_rows(
         status = PRUNED if identity.PRUNED_TAG in child.data.tags else child.info.status
         row.update(status=status, best=False, run_id=child.info.run_id, run=child.info.run_name)
         row["started"] = child.info.start_time
+        row["trial"] = child.data.tags.get(identity.TRIAL_TAG, "")
         rows.append(row)
     sign = -1 if maximize else 1
 
@@ -204,8 +214,13 @@ def summary_rows(
 
     rows.sort(key=rank)
     finished = [r for r in rows if r["status"] == "FINISHED" and r[metric] != ""]
-    if finished:
-        finished[0]["best"] = True
+    # a search's best is its study's (one source with the console); ranked only if none matches
+    chosen = [r for r in finished if best_trial is not None and r["trial"] == str(best_trial)]
+    if chosen or finished:
+        best = (chosen or finished)[0]
+        best["best"] = True
+    if chosen:  # among equal values, the study's best is first
+        rows.insert(0, rows.pop(rows.index(chosen[0])))
     return rows
 
 
@@ -220,7 +235,9 @@ def read_summary(client: Any, parent: Any) -> tuple[Summary, list[Any], dict[str
     keys = varying_keys(parent, children)
     metric, maximize = objective(parent, children)
     epochs = epoch_seconds(client, children)
-    rows = summary_rows(children, keys, epochs, metric, maximize)
+    tags = parent.data.tags
+    best_trial = stored_best(tags[STUDY], tags.get(STORAGE, "")) if STUDY in tags else None
+    rows = summary_rows(children, keys, epochs, metric, maximize, best_trial)
     return Summary(parent, rows, keys, metric, maximize), children, epochs
 
 
@@ -299,6 +316,10 @@ class Summary:
             )
         if len({r["epochs"] for r in self.rows if r["status"] == "FINISHED"}) > 1:
             lines.append("the runs trained for different numbers of epochs (column epochs)")
+        best = next((r for r in self.rows if r["best"]), None)
+        if best is not None and best.get("trial", "") != "":  # as the search's console line names it
+            value = ACC_FORMAT.format(best[self.metric])
+            lines.append(f"best trial {best['trial']}: {self.metric} {value} (run {best['run_id'][:8]})")
         return lines
 
     def text(self, status: str | None = None) -> str:

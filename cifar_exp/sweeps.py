@@ -21,13 +21,13 @@ from cifar_exp.search import space
 from cifar_exp.search import study as search_study
 from cifar_exp.search import trial as search_trial
 from cifar_exp.search import trials as search_trials
-from cifar_exp.sweep_summary import summarise
+from cifar_exp.sweep_summary import STORAGE, STUDY, summarise
 from cifar_exp.tracking import identity, store
 from cifar_exp.tracking.identity import JobContext
 
 log = logging.getLogger(__name__)
 
-STUDY_TAG = "search/study"  # a search's parent: the Optuna study it runs (a re-run reopens it)
+STUDY_TAG = STUDY  # a search's parent: the Optuna study it runs (a re-run reopens it)
 PARAM_KEY = re.compile(r"^[\w\-. /:]+$")  # the characters MLflow accepts in a param's name
 PARAM_CHARS = 6000  # MLflow's longest param value
 
@@ -91,7 +91,7 @@ class SweepCallback(Callback):
         earlier = None
         if claim is not None:  # the parent of an earlier, stopped search of this study continues
             sweeper = config.hydra.sweeper
-            tags[STUDY_TAG], tags["search/storage"] = claim.name, claim.storage
+            tags[STUDY_TAG], tags[STORAGE] = claim.name, claim.storage
             tags["search/metric"], tags["search/direction"] = sweeper.metric, str(sweeper.direction)
             earlier = search_parent(client, experiment_id, claim.name)
         name = sweep_name(swept, self.search, time.time())
@@ -114,10 +114,12 @@ class SweepCallback(Callback):
             claim_gpu(config.hydra.job.num, Path(config.hydra.sweep.dir) / ".gpu_locks")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self.close()
+        self.close(completed=True)
 
-    def close(self) -> None:
-        """Writes the summary and sets the parent's status from its children (once)."""
+    def close(self, completed: bool = False) -> None:
+        """Writes the summary and sets the parent's status from its children (once). A search
+        that `completed` (every trial told to its study) ends FINISHED with a best trial, FAILED
+        without one, whatever an earlier controller of the study left behind."""
         if self.parent_id is None:
             return
         parent_id, self.parent_id = self.parent_id, None
@@ -127,7 +129,7 @@ class SweepCallback(Callback):
         client = MlflowClient(self.uri)
         status, text = "FAILED", ""
         try:
-            status, text = summarise(client, parent_id, self.search)
+            status, text = summarise(client, parent_id, self.search, completed)
         finally:
             client.set_terminated(parent_id, status)
         print(f"\n{text}", end="", flush=True)  # the sweep's answer, as `cifar-exp compare` prints it

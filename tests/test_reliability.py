@@ -626,3 +626,19 @@ def test_two_resumes_at_once_one_trains_and_a_kill_before_the_first_checkpoint_i
     assert f"closed run {orphan.info.run_id}" in listed.stderr, listed.stderr
     assert orphan.info.status == "KILLED" and orphan.data.tags["error"].startswith("its process")
     assert "checkpoint" not in orphan.data.tags
+
+
+@pytest.mark.slow
+def test_a_search_killed_at_random_moments_keeps_one_child_per_trial(tmp_path: Path) -> None:
+    """benchmarks/kill_resume.py --search-kills: the controller SIGKILLed, the same command run
+    again until the search completes; one child per trial, none RUNNING, one best trial."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "kill_resume.py"
+    args = ["--kills", "0", "--early", "0", "--concurrent", "0", "--search-kills", "2", "--seed", "3"]
+    result = subprocess.run(
+        [sys.executable, str(script), *args], env=_env(tmp_path), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = re.search(r"^search controller killed: 2 kills landed .*$", result.stdout, re.M)
+    assert summary, result.stdout
+    for zero in ("duplicated 0", "missing 0", "orphans 0", "disagreeing 0", "tracebacks 0"):
+        assert zero in summary[0], summary[0]

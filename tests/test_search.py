@@ -417,6 +417,85 @@ def test_bad_search_input_is_one_line_before_anything_is_written(
     assert store.runs() == []  # not even the search's parent run
 
 
+# ---------------------------------------------------------------- one child per trial
+def test_a_trial_run_again_keeps_one_child_its_finished_pruned_or_checkpointed_one(
+    new_store, tmp_path: Path
+) -> None:
+    """identity.previous_trial_run, on children as a killed controller leaves them: a trial's child
+    without a checkpoint (RUNNING, its process gone; or failed) is deleted and the trial trains
+    again; its FINISHED, pruned or checkpointed child stands; other trials' children are not touched;
+    a child another live process writes is one line, nothing deleted."""
+    import os
+    import socket
+    import time
+
+    from cifar_exp.tracking import identity, leases
+
+    store = new_store("trial-children")
+    client = store.client()
+    experiment = client.create_experiment("cifar_exp", str(store.root / "artifacts"))
+    parent = client.create_run(experiment, run_name="search").info.run_id
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(b"")
+    gone = leases.Lease(f"{socket.gethostname()}:999999999", "gone", time.time() + 60).tag()
+    alive = leases.Lease(f"{socket.gethostname()}:{os.getpid()}", "here", time.time() + 60).tag()
+
+    def child(trial: int, status: str, **tags: str) -> str:
+        tags = {
+            "mlflow.parentRunId": parent,
+            identity.HASH_TAG: f"h{trial}",
+            "search/trial": str(trial),
+            **tags,
+        }
+        run_id = client.create_run(experiment, tags=tags).info.run_id
+        if status != "RUNNING":
+            client.set_terminated(run_id, status)
+        return run_id
+
+    def again(trial: int) -> identity.PreviousRun | None:
+        return identity.previous_trial_run(client, experiment, parent, trial, f"h{trial}")
+
+    orphans = [child(0, "RUNNING", **gone), child(0, "FAILED", error="boom")]
+    assert again(0) is None  # trained again, into a new child
+    assert {client.get_run(r).info.lifecycle_stage for r in orphans} == {"deleted"}
+    finished = child(1, "FINISHED")
+    extra = child(1, "RUNNING", **gone)
+    assert (again(1).run_id, again(1).status) == (finished, "FINISHED")
+    assert client.get_run(extra).info.lifecycle_stage == "deleted"
+    pruned = child(2, "KILLED", pruned="after epoch 1 of 3: val/acc 0.1000")
+    assert (again(2).run_id, again(2).pruned) == (pruned, "after epoch 1 of 3: val/acc 0.1000")
+    killed = child(3, "KILLED", checkpoint=str(checkpoint))
+    assert (again(3).run_id, again(3).checkpoint) == (killed, str(checkpoint))
+    busy = child(4, "RUNNING", **alive)
+    with pytest.raises(UserError, match="is being continued by process"):
+        again(4)
+    assert client.get_run(busy).info.lifecycle_stage == "active"
+    assert client.get_run(finished).info.lifecycle_stage == "active"
+
+
+def test_a_searchs_best_is_its_studys_best_trial_never_a_pruned_one() -> None:
+    """Two trials with the same val/acc: the summary marks the one the study names (Optuna: the
+    lowest number), not the lower loss; a pruned trial's higher value is never best."""
+    from types import SimpleNamespace
+
+    from cifar_exp.sweep_summary import Summary, summary_rows
+
+    def child(trial: int, acc: float, loss: float, status: str = "FINISHED", **tags: str) -> Any:
+        data = SimpleNamespace(
+            metrics={"val/acc": acc, "val/loss": loss}, params={}, tags={"search/trial": str(trial), **tags}
+        )
+        info = SimpleNamespace(run_id=f"{trial:032d}", status=status, run_name=f"t{trial}", start_time=trial)
+        return SimpleNamespace(data=data, info=info)
+
+    children = [child(0, 0.5, 0.9), child(1, 0.5, 0.1), child(2, 0.9, 0.1, "KILLED", pruned="after epoch 1")]
+    rows = summary_rows(children, [], {}, "val/acc", True, best_trial=0)
+    assert [r["trial"] for r in rows if r["best"]] == ["0"] and rows[0]["trial"] == "0"
+    parent = SimpleNamespace(data=SimpleNamespace(tags={"search/metric": "val/acc"}))
+    assert "best trial 0: val/acc 0.5000" in Summary(parent, rows, [], "val/acc", True).footer()[-1]
+    fallback = summary_rows(children, [], {}, "val/acc", True)  # the study not readable here
+    assert [r["trial"] for r in fallback if r["best"]] == ["1"]
+
+
 # ---------------------------------------------------------------- slow: a real Ctrl-C, real workers
 @pytest.mark.slow
 def test_ctrl_c_then_the_same_command_continues_the_search(new_store) -> None:
@@ -461,3 +540,40 @@ def test_parallel_trials_in_joblib_workers_report_and_prune(new_store) -> None:
     assert any("pruned" in c.data.tags for c in sweep.children)  # workers reported to the study
     assert sweep.parent.info.status == "FINISHED"
     assert json.loads(sweep.parent.data.tags["sweep_params"]).keys() >= {"optimizer.lr"}
+
+
+@pytest.mark.slow
+def test_a_search_killed_before_a_trials_first_checkpoint_keeps_one_child_per_trial(new_store) -> None:
+    """SIGKILL of the controller while trial 1 trains its first epoch (no checkpoint yet), then the
+    same command: the trial trains again into one child (the orphan is replaced), none is left
+    RUNNING, the parent ends FINISHED, and it names the study's best trial, as the console does."""
+    import optuna
+
+    store = new_store("killed-search")
+    args = ["experiment=search", *synthetic(train=1500, val=100, test=100, epochs=1, batch=1, log_every=None)]
+    args += ["hydra.sweeper.n_trials=3", "hydra.sweeper.pruner.name=none", "-m"]
+    first = store.start_cli(*args)
+    first.wait_for(r"(?s)trial 1: .*^MLflow run [0-9a-f]{32} ")
+    first.proc.send_signal(signal.SIGKILL)
+    assert first.result().returncode == -signal.SIGKILL
+    assert not list(store.cwd.glob("multirun/*/*/1/checkpoint.pt")), (
+        "killed too late: trial 1 had a checkpoint"
+    )
+    second = ok(store.run_cli(*args))
+    output = second.stdout + second.stderr
+    assert "Traceback" not in output and "1 of 3 trials done, 1 to resume" in output, output
+    runs = store.runs()
+    (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    children = [r for r in runs if r.data.tags.get("sweep") != "true"]
+    assert sorted(c.data.tags["search/trial"] for c in children) == ["0", "1", "2"]
+    assert all(c.info.status == "FINISHED" for c in children), [c.info.status for c in children]
+    assert parent.info.status == "FINISHED"
+    tags = parent.data.tags
+    found = optuna.load_study(
+        study_name=tags["search/study"], storage=study.open_storage(tags["search/storage"])
+    )
+    best = found.best_trial.number
+    assert tags["best_trial"] == str(best)
+    assert store.run(tags["best_run_id"]).data.tags["search/trial"] == str(best)
+    assert f"best trial {best}: val/acc" in output  # the console's line, and the summary's
+    assert output.count(f"best trial {best}: val/acc") == 2, output

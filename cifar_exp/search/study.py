@@ -129,6 +129,33 @@ def open_storage(storage: str) -> Any:
         raise UserError(f"hydra.sweeper.storage={storage}: {first_line(e)}") from None
 
 
+def best_trial(found: Any) -> Any:
+    """The study's best trial (a FrozenTrial), None before one completed: the best value among
+    COMPLETE trials, pruned and failed ones never, the lowest number among equal values (Optuna's
+    rule). The one source of a search's best: the console's "best trial N", the parent run's
+    best (sweep_summary) and optimization_results.yaml all name it."""
+    import optuna
+
+    if not found.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        return None
+    return found.best_trial
+
+
+def stored_best(name: str, storage: str) -> int | None:
+    """The number of study `name`'s best trial (best_trial), read from `storage`; None when it
+    has none yet or cannot be read here (a storage on another machine)."""
+    import optuna
+
+    if "://" not in storage and not Path(storage).is_file():
+        return None  # not here: opening it would create an empty journal
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        best = best_trial(optuna.load_study(study_name=name, storage=open_storage(storage)))
+    except Exception:  # noqa: BLE001 - the summary then ranks the children itself
+        return None
+    return None if best is None else best.number
+
+
 def make_sampler(sampler: DictConfig, trials_so_far: int = 0) -> Any:
     """The sampler, seeded with sampler.seed plus the trials the study holds already: a continued
     study draws new values (seeded afresh, it would repeat its first trials), still reproducibly."""

@@ -199,12 +199,9 @@ class Trials:
     def _log_best(self) -> None:
         """The best trial, logged and written beside the sweep (optimization_results.yaml, as
         hydra-optuna-sweeper wrote it)."""
-        import optuna
-
-        complete = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if not complete:
+        best = study.best_trial(self.study)
+        if best is None:
             return
-        best = self.study.best_trial
         values = " ".join(space.overrides(best.params))
         log.info(f"best trial {best.number}: {self.sweeper.metric} {best.value:.4f} ({values})")
         results = {
