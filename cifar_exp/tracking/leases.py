@@ -94,11 +94,24 @@ def refuse_if_held(run_id: str, tags: dict[str, str], mine: Lease | None = None)
 def take(client: Any, run_id: str) -> Lease:
     """Takes the run's lease for this process, or refuses in one line. Written, then read back
     after SETTLE_S: of two processes taking it at once, the one whose write landed last holds it."""
-    refuse_if_held(run_id, client.get_run(run_id).data.tags)
+    from cifar_exp.tracking.store import retrying  # a busy SQLite file ("database is locked") waits
+
+    def tags() -> dict[str, str]:
+        return retrying(lambda: client.get_run(run_id), "reading the run's lease").data.tags
+
+    refuse_if_held(run_id, tags())
     lease = new_lease()
-    client.set_tag(run_id, LEASE_TAG, lease.tag()[LEASE_TAG])
+    def write() -> None:
+        retrying(lambda: client.set_tag(run_id, LEASE_TAG, lease.tag()[LEASE_TAG]), "writing the run's lease")
+
+    try:
+        write()
+    except Exception as e:  # SQLite: another process inserted the tag at the same moment
+        if "UNIQUE constraint" not in str(e):
+            raise
     time.sleep(SETTLE_S)
-    refuse_if_held(run_id, client.get_run(run_id).data.tags, lease)
+    refuse_if_held(run_id, tags(), lease)  # the other's lease, if its write is the one that landed
+    write()  # ours landed, or (a race lost to a writer that is gone) none did: ours now
     return lease
 
 
