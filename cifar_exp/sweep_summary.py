@@ -24,7 +24,8 @@ PLOT_ARTIFACT = "sweep/accuracy.png"  # the accuracies against what the sweep va
 PRUNED = "PRUNED"  # the summary's status of a run a search's pruner stopped (MLflow: KILLED)
 TRAIN_TIME = "time/epoch_s"  # a child's training time is the sum of this metric's history, s
 NOTE_TAG = "mlflow.note.content"  # the run's description in the UI, markdown
-STUDY, STORAGE = "search/study", "search/storage"  # a search parent's tags: its Optuna study
+# a search parent's tags: its Optuna study (a re-run of the search reopens it) and where it is stored
+STUDY, STORAGE = "search/study", "search/storage"
 ACC_FORMAT, LOSS_FORMAT = "{:.4f}", "{:.4f}"  # how tables show test/acc (a fraction) and test/loss
 
 

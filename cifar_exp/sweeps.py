@@ -27,7 +27,6 @@ from cifar_exp.tracking.identity import JobContext
 
 log = logging.getLogger(__name__)
 
-STUDY_TAG = STUDY  # a search's parent: the Optuna study it runs (a re-run reopens it)
 PARAM_KEY = re.compile(r"^[\w\-. /:]+$")  # the characters MLflow accepts in a param's name
 PARAM_CHARS = 6000  # MLflow's longest param value
 
@@ -91,7 +90,7 @@ class SweepCallback(Callback):
         earlier = None
         if claim is not None:  # the parent of an earlier, stopped search of this study continues
             sweeper = config.hydra.sweeper
-            tags[STUDY_TAG], tags[STORAGE] = claim.name, claim.storage
+            tags[STUDY], tags[STORAGE] = claim.name, claim.storage
             tags["search/metric"], tags["search/direction"] = sweeper.metric, str(sweeper.direction)
             earlier = search_parent(client, experiment_id, claim.name)
         name = sweep_name(swept, self.search, time.time())
@@ -143,7 +142,7 @@ class SweepCallback(Callback):
 def search_parent(client: Any, experiment_id: str, study_name: str) -> str | None:
     """The parent run of an earlier search of this study (stopped, or run with fewer trials)."""
     found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study_name}'", max_results=1
+        [experiment_id], filter_string=f"tags.`{STUDY}` = '{study_name}'", max_results=1
     )
     return found[0].info.run_id if found else None
 
