@@ -153,17 +153,10 @@ def per_class_rows(confusion: torch.Tensor, classes: list[str]) -> list[dict[str
     ]
 
 
-def _number(value: Any) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def _axis(values: list[Any]) -> tuple[list[float], list[str] | None, bool]:
     """Where each value goes on an axis: numbers at themselves (log scale when all positive and
     spanning more than 20x), anything else at 0, 1, 2... in first-seen order with its label."""
-    numbers = [_number(v) for v in values]
+    numbers = [tables.number(v) for v in values]
     if all(n is not None for n in numbers):
         log = min(numbers) > 0 and max(numbers) > 20 * min(numbers)
         return numbers, None, log
@@ -184,7 +177,7 @@ def sweep_figure(
     import matplotlib.pyplot as plt
 
     names = names or {k: k for k in keys}
-    done = [r for r in rows if _number(r.get(metric)) is not None]
+    done = [r for r in rows if tables.number(r.get(metric)) is not None]
     best = next((r for r in done if r.get("best")), None)
     if len(keys) == 2 and all(len({str(r[k]) for r in done}) > 1 for k in keys):
         return _heatmap(plt, done, keys, names, metric, best)
@@ -227,7 +220,7 @@ def _heatmap(
     x_key, y_key = keys
 
     def rank(value: str) -> tuple[bool, float, str]:  # numbers by size, then words by name
-        return _number(value) is None, _number(value) or 0.0, value
+        return tables.number(value) is None, tables.number(value) or 0.0, value
 
     order = {k: sorted({str(r[k]) for r in rows}, key=rank) for k in keys}
     grid = np.full((len(order[y_key]), len(order[x_key])), np.nan)
@@ -268,7 +261,8 @@ def group_figure(groups: list[dict[str, Any]], keys: list[str], names: dict[str,
     import matplotlib.pyplot as plt
 
     def rank(group: dict[str, Any]) -> list[tuple[bool, float, str]]:  # numbers by size, then words
-        return [(_number(group[k]) is None, _number(group[k]) or 0.0, str(group[k])) for k in keys]
+        values = [(tables.number(group[k]), str(group[k])) for k in keys]
+        return [(n is None, n or 0.0, text) for n, text in values]
 
     shown = sorted((g for g in groups if g["n"]), key=rank)
     labels = [",".join(str(g[k]) for k in keys) or "config" for g in shown]

@@ -21,7 +21,7 @@ def text_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
     keys, cells = _cells(rows)
-    numeric = [all(_is_number(row[i]) or row[i] == "" for row in cells) for i in range(len(keys))]
+    numeric = [all(number(row[i]) is not None or row[i] == "" for row in cells) for i in range(len(keys))]
     align = ["right" if n else "left" for n in numeric]
     text = tabulate(cells, keys, tablefmt="plain", disable_numparse=True, colalign=align)
     return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
@@ -44,9 +44,9 @@ def csv_table(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
-def _is_number(value: str) -> bool:
+def number(value: Any) -> float | None:
+    """The value as a number, if it reads as one ('0.1600', 8); None otherwise."""
     try:
-        float(value)
-    except ValueError:
-        return False
-    return True
+        return float(value)
+    except (TypeError, ValueError):
+        return None
