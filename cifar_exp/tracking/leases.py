@@ -101,6 +101,7 @@ def take(client: Any, run_id: str) -> Lease:
 
     refuse_if_held(run_id, tags())
     lease = new_lease()
+
     def write() -> None:
         retrying(lambda: client.set_tag(run_id, LEASE_TAG, lease.tag()[LEASE_TAG]), "writing the run's lease")
 
