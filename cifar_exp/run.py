@@ -60,7 +60,7 @@ def run(
         cfg = OmegaConf.merge(cfg, {"mlflow": {"tracking_uri": context.store_uri}})
     validate(cfg)  # every range, before anything is built or recorded
     number = context.trial.number if context.trial else None  # a search trial's: its own child
-    previous = identity.previous_run(cfg, context.parent_run_id, number)  # in a re-run sweep: its earlier run
+    previous = trial.earlier_run(cfg, context)  # in a re-run sweep or search: the job's earlier run
     if previous and previous.status == "FINISHED":
         log.info(f"skipped: run {previous.run_id} already finished this config")
         return previous.metrics

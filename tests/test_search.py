@@ -421,7 +421,7 @@ def test_bad_search_input_is_one_line_before_anything_is_written(
 def test_a_trial_run_again_keeps_one_child_its_finished_pruned_or_checkpointed_one(
     new_store, tmp_path: Path
 ) -> None:
-    """identity.previous_trial_run, on children as a killed controller leaves them: a trial's child
+    """search.trial.previous_trial_run, on children as a killed controller leaves them: a trial's child
     without a checkpoint (RUNNING, its process gone; or failed) is deleted and the trial trains
     again; its FINISHED, pruned or checkpointed child stands; other trials' children are not touched;
     a child another live process writes is one line, nothing deleted."""
@@ -429,6 +429,7 @@ def test_a_trial_run_again_keeps_one_child_its_finished_pruned_or_checkpointed_o
     import socket
     import time
 
+    from cifar_exp.search.trial import previous_trial_run
     from cifar_exp.tracking import identity, leases
 
     store = new_store("trial-children")
@@ -453,7 +454,7 @@ def test_a_trial_run_again_keeps_one_child_its_finished_pruned_or_checkpointed_o
         return run_id
 
     def again(trial: int) -> identity.PreviousRun | None:
-        return identity.previous_trial_run(client, experiment, parent, trial, f"h{trial}")
+        return previous_trial_run(client, experiment, parent, trial, f"h{trial}")
 
     orphans = [child(0, "RUNNING", **gone), child(0, "FAILED", error="boom")]
     assert again(0) is None  # trained again, into a new child

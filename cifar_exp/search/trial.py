@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from cifar_exp.errors import TrialPruned, UserError
 from cifar_exp.search import study
+from cifar_exp.tracking import identity, leases
 
 log = logging.getLogger(__name__)
 
@@ -98,3 +99,51 @@ def metric_value(metrics: dict[str, Any], name: str) -> float:
             f"hydra.sweeper.metric={name}: no run logs it; the run logs {logged}, test/acc/<class>"
         )
     return float(metrics[name])
+
+
+def earlier_run(cfg: DictConfig, context: identity.JobContext) -> identity.PreviousRun | None:
+    """A sweep job's earlier run (identity.previous_run); a search trial's is its own earlier
+    child, found by its number under the search's parent run (previous_trial_run)."""
+    parent = context.parent_run_id
+    if context.trial is None:
+        return identity.previous_run(cfg, parent)
+    if (store := identity.store_of(cfg, parent)) is None:
+        return None
+    return previous_trial_run(*store, parent, context.trial.number, identity.config_hash(cfg))
+
+
+def previous_trial_run(
+    client: Any, experiment_id: str, parent: str, trial: int, hashed: str
+) -> identity.PreviousRun | None:
+    """A search trial's earlier child: the study runs a trial again when a killed controller never
+    recorded how it ended, and the trial must keep one child. Its FINISHED child stands (not
+    trained again), a pruned one is pruned again, one with a checkpoint is resumed; any other
+    (killed before its first checkpoint, or failed) is deleted (MLflow keeps it restorable) and the
+    trial trains again from its first step into a new child: continuing it in place could lack
+    the params and files of a run killed as it opened. One line, and nothing deleted, if another
+    live process still writes one. Children recorded before identity.TRIAL_TAG are found by config."""
+    found = client.search_runs(
+        [experiment_id],
+        f"tags.mlflow.parentRunId = '{parent}' and tags.{identity.HASH_TAG} = '{hashed}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=100,
+    )
+    mine = [r for r in found if r.data.tags.get(identity.TRIAL_TAG, str(trial)) == str(trial)]
+    kept = next((r for r in mine if r.info.status == "FINISHED"), None)
+    kept = kept or next((r for r in mine if identity.PRUNED_TAG in r.data.tags), None)
+    kept = kept or next((r for r in mine if identity.resumable(r)), None)
+    replaced = [r for r in mine if r is not kept]
+    for run in replaced:  # all checked before any is deleted
+        if run.info.status == "RUNNING":
+            leases.refuse_if_held(run.info.run_id, run.data.tags)
+    for run in replaced:
+        if run.info.status == "RUNNING":  # its process is gone: it never ended it
+            client.set_terminated(run.info.run_id, "KILLED")
+        client.set_tag(run.info.run_id, "replaced", f"trial {trial} trained again in a new child")
+        client.delete_run(run.info.run_id)
+    if kept is None:
+        return None
+    tags = kept.data.tags
+    path = tags.get(identity.CHECKPOINT_TAG) if identity.resumable(kept) else None
+    run_id, status, metrics = kept.info.run_id, kept.info.status, dict(kept.data.metrics)
+    return identity.PreviousRun(run_id, status, metrics, path, tags.get(identity.PRUNED_TAG))

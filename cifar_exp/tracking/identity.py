@@ -220,23 +220,28 @@ class PreviousRun:
     pruned: str | None = None  # a search trial's child its pruner stopped: when (its `pruned` tag)
 
 
-def previous_run(cfg: DictConfig, parent: str | None, trial: int | None = None) -> PreviousRun | None:
-    """In a sweep (`parent`: its parent run), the earlier run of this same config: a FINISHED one
-    (the job is skipped and linked to this sweep's parent), else an interrupted one with a
-    checkpoint (it is resumed and moved under the parent). In a search, `trial`'s own earlier
-    child (previous_trial_run). None outside sweeps, with tracking off or resume set."""
+def store_of(cfg: DictConfig, parent: str | None) -> tuple[Any, str] | None:
+    """(client, experiment id) where a sweep's job (`parent`: its parent run) looks for its
+    earlier run; None outside sweeps, with tracking off or resume set, or before the experiment."""
     if not parent or not cfg.mlflow.enabled or cfg.resume:
         return None
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri(cfg.mlflow))
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment_name)
-    if experiment is None:
+    return (client, experiment.experiment_id) if experiment is not None else None
+
+
+def previous_run(cfg: DictConfig, parent: str | None) -> PreviousRun | None:
+    """In a sweep (`parent`: its parent run), the earlier run of this same config: a FINISHED one
+    (the job is skipped and linked to this sweep's parent), else an interrupted one with a
+    checkpoint (it is resumed and moved under the parent). A search trial's is found by its number
+    instead (search.trial.previous_child)."""
+    if (store := store_of(cfg, parent)) is None:
         return None
-    if trial is not None:
-        return previous_trial_run(client, experiment.experiment_id, parent, trial, config_hash(cfg))
+    client, experiment_id = store
     runs = client.search_runs(
-        [experiment.experiment_id],
+        [experiment_id],
         f"tags.{HASH_TAG} = '{config_hash(cfg)}'",
         order_by=["attributes.start_time DESC"],
         max_results=50,
@@ -246,53 +251,14 @@ def previous_run(cfg: DictConfig, parent: str | None, trial: int | None = None) 
             client.set_tag(parent, f"linked/{run.info.run_id}", "finished in an earlier sweep")
             return PreviousRun(run.info.run_id, "FINISHED", dict(run.data.metrics), None)
     for run in runs:
-        if _resumable(run):
+        if resumable(run):
             client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
             path = run.data.tags[CHECKPOINT_TAG]
             return PreviousRun(run.info.run_id, run.info.status, dict(run.data.metrics), path)
     return None
 
 
-def previous_trial_run(
-    client: Any, experiment_id: str, parent: str, trial: int, hashed: str
-) -> PreviousRun | None:
-    """A search trial's earlier child: the study runs a trial again when a killed controller never
-    recorded how it ended, and the trial must keep one child. Its FINISHED child stands (not
-    trained again), a pruned one is pruned again, one with a checkpoint is resumed; any other
-    (killed before its first checkpoint, or failed) is deleted (MLflow keeps it restorable) and the
-    trial trains again from its first step into a new child: continuing it in place could lack
-    the params and files of a run killed as it opened. One line, and nothing deleted, if another
-    live process still writes one. Children recorded before TRIAL_TAG are found by config."""
-    from cifar_exp.tracking import leases
-
-    found = client.search_runs(
-        [experiment_id],
-        f"tags.mlflow.parentRunId = '{parent}' and tags.{HASH_TAG} = '{hashed}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=100,
-    )
-    mine = [r for r in found if r.data.tags.get(TRIAL_TAG, str(trial)) == str(trial)]
-    kept = next((r for r in mine if r.info.status == "FINISHED"), None)
-    kept = kept or next((r for r in mine if PRUNED_TAG in r.data.tags), None)
-    kept = kept or next((r for r in mine if _resumable(r)), None)
-    replaced = [r for r in mine if r is not kept]
-    for run in replaced:  # all checked before any is deleted
-        if run.info.status == "RUNNING":
-            leases.refuse_if_held(run.info.run_id, run.data.tags)
-    for run in replaced:
-        if run.info.status == "RUNNING":  # its process is gone: it never ended it
-            client.set_terminated(run.info.run_id, "KILLED")
-        client.set_tag(run.info.run_id, "replaced", f"trial {trial} trained again in a new child")
-        client.delete_run(run.info.run_id)
-    if kept is None:
-        return None
-    tags = kept.data.tags
-    path = tags.get(CHECKPOINT_TAG) if _resumable(kept) else None
-    run_id, status, metrics = kept.info.run_id, kept.info.status, dict(kept.data.metrics)
-    return PreviousRun(run_id, status, metrics, path, tags.get(PRUNED_TAG))
-
-
-def _resumable(run: Any) -> bool:
+def resumable(run: Any) -> bool:
     """Interrupted (not pruned) with a checkpoint file on this machine to resume from."""
     path = run.data.tags.get(CHECKPOINT_TAG)
     interrupted = run.info.status in ("KILLED", "RUNNING") and PRUNED_TAG not in run.data.tags

@@ -67,16 +67,14 @@ def new_lease() -> Lease:
 
 def process_alive(pid: int) -> bool:
     """Whether `pid` runs on this host; one that exited but was not yet waited for does not."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except PermissionError:
-        return True  # someone else's
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True  # no /proc to ask: it exists
+    except psutil.AccessDenied:
+        return True  # someone else's
 
 
 def refuse_if_held(run_id: str, tags: dict[str, str], mine: Lease | None = None) -> None:
