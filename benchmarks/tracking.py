@@ -192,7 +192,7 @@ def breakdown(overrides: list[str]) -> dict[str, float]:
         (runs, "ensure_experiment"),
         (runs, "git_state"),
         (mlflow, "start_run"),
-        (runs, "config_files"),
+        (runs, "snapshot_files"),
         (reports, "sample_files"),
         (run, "result_files"),
         (runs.Tracker, "log_files"),

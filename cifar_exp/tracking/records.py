@@ -32,6 +32,14 @@ Call = Callable[[Any, str], Any]  # a store call made in order with the records:
 T = TypeVar("T")
 
 
+def batches(metrics: list, params: list, tags: list) -> list[tuple[list, list, list]]:
+    """The calls of log_batch that take them, within the store's limits per call: 1000 values, of
+    which at most 100 params and 100 tags."""
+    calls = [(metrics[i : i + 1000], [], []) for i in range(0, len(metrics), 1000)]
+    calls += [([], params[i : i + 100], []) for i in range(0, len(params), 100)]
+    return calls + [([], [], tags[i : i + 100]) for i in range(0, len(tags), 100)]
+
+
 class RecordWriter:
     """The run's one writer to the store; the training loop only puts plain tuples on a queue.
     With an `opener`, the thread first opens the run; until then records wait on the queue.
@@ -208,16 +216,12 @@ class RecordWriter:
         return self._store(call, what)[1] if self.run_id else self.open_error or "the run is not open"
 
     def _write(self, pending: dict[str, list]) -> None:
-        """Writes the pending metrics, params and tags within the store's limits per call (1000
-        values, at most 100 params and 100 tags); keeps what it does not take."""
+        """Writes the pending metrics, params and tags in batches; keeps what it does not take."""
         from mlflow.entities import Metric, Param, RunTag
 
         metrics, params, tags = pending["metrics"], pending["params"], pending["tags"]
         pending["metrics"], pending["params"], pending["tags"] = [], [], []
-        chunks = [(metrics[i : i + 1000], [], []) for i in range(0, len(metrics), 1000)]
-        chunks += [([], params[i : i + 100], []) for i in range(0, len(params), 100)]
-        chunks += [([], [], tags[i : i + 100]) for i in range(0, len(tags), 100)]
-        for m, p, t in chunks:
+        for m, p, t in batches(metrics, params, tags):
             batch = {"metrics": [Metric(*x) for x in m], "params": [Param(*x) for x in p]}
             batch["tags"] = [RunTag(*x) for x in t]
             if error := self._record(lambda b=batch: self.client.log_batch(self.run_id, **b), "record"):

@@ -227,7 +227,8 @@ def start_run(
         if run_id is None:  # a resumed run keeps the config it was first recorded with
             tracker.log_code()
             writer.params(flatten(OmegaConf.to_container(cfg, resolve=True)))
-            tracker.log_files(config_files(cfg), "the config")
+            config = {CONFIG_ARTIFACT: OmegaConf.to_yaml(cfg, resolve=True), **snapshot_files(folder)}
+            tracker.log_files(config, "the config")
         yield tracker
     except leases.TakenOver:  # another process continues the run: it is theirs to end
         writer.close(None)
@@ -245,15 +246,11 @@ def start_run(
         _end(writer, lease, "FINISHED", None, cleared=cleared)
 
 
-def config_files(cfg: DictConfig) -> Files:
-    """The resolved config and, under Hydra, its .hydra snapshot."""
-    files: Files = {CONFIG_ARTIFACT: OmegaConf.to_yaml(cfg, resolve=True)}
-    if HydraConfig.initialized():
-        snapshot = Path(HydraConfig.get().runtime.output_dir) / ".hydra"
-        for path in sorted(snapshot.glob("*")) if snapshot.is_dir() else []:
-            if path.is_file():
-                files[f"{Path(CONFIG_ARTIFACT).parent}/hydra/{path.name}"] = path.read_bytes()
-    return files
+def snapshot_files(folder: Path | None) -> Files:
+    """The run folder's .hydra snapshot (Hydra's config, overrides and its own), beside the config."""
+    snapshot = folder / ".hydra" if folder is not None else None
+    paths = sorted(p for p in snapshot.glob("*") if p.is_file()) if snapshot and snapshot.is_dir() else []
+    return {f"{Path(CONFIG_ARTIFACT).parent}/hydra/{path.name}": path.read_bytes() for path in paths}
 
 
 def _end(

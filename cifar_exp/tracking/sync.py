@@ -23,7 +23,7 @@ from cifar_exp.config import TrackingConfig
 from cifar_exp.errors import UserError, first_line
 from cifar_exp.tracking import leases
 from cifar_exp.tracking.identity import HASH_TAG, config_hash, run_name
-from cifar_exp.tracking.records import UNRECORDED_ARTIFACTS, UNRECORDED_METRICS
+from cifar_exp.tracking.records import UNRECORDED_ARTIFACTS, UNRECORDED_METRICS, batches
 from cifar_exp.tracking.store import ensure_experiment, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -143,11 +143,7 @@ def _replay(client: Any, run_id: str, lines: list[dict], folder: Path, created: 
         new_metrics.append(Metric(m["metric"], float(m["value"]), int(m["timestamp"]), int(m["step"])))
     tags = [RunTag(line["tag"], line["value"]) for line in lines if "tag" in line]
     tags = [t for t in tags if t.key not in NOT_REPLAYED]
-    # the store's limits per call: 1000 values, of which at most 100 params and 100 tags
-    batches = [(new_metrics[i : i + 1000], [], []) for i in range(0, len(new_metrics), 1000)]
-    batches += [([], new_params[i : i + 100], []) for i in range(0, len(new_params), 100)]
-    batches += [([], [], tags[i : i + 100]) for i in range(0, len(tags), 100)]
-    for batch in batches:
+    for batch in batches(new_metrics, new_params, tags):
         client.log_batch(run_id, *batch)
     synced.metrics, synced.params = len(new_metrics), len(new_params)
     if any("artifacts" in line for line in lines) and (folder / UNRECORDED_ARTIFACTS).is_dir():
@@ -216,7 +212,7 @@ def _open_never_opened(client: Any, folder: Path, uri: str, start: int | None) -
     tagged and named as the run would have been, with the .hydra snapshot as its config."""
     from omegaconf import OmegaConf
 
-    from cifar_exp.tracking.runs import CONFIG_ARTIFACT
+    from cifar_exp.tracking.runs import CONFIG_ARTIFACT, snapshot_files, write_files
 
     recorded = _recorded(folder)
     experiment_id = ensure_experiment(
@@ -228,7 +224,7 @@ def _open_never_opened(client: Any, folder: Path, uri: str, start: int | None) -
     if (snapshot / "overrides.yaml").is_file():
         overrides = [str(o) for o in OmegaConf.load(snapshot / "overrides.yaml")]
     tags = {SYNCED_FROM_TAG: where, "hydra_output_dir": where, "overrides": json.dumps(overrides)}
-    files: dict[str, bytes] = {}
+    files = snapshot_files(folder)
     if (snapshot / "config.yaml").is_file():
         config = OmegaConf.load(snapshot / "config.yaml")
         try:
@@ -236,15 +232,11 @@ def _open_never_opened(client: Any, folder: Path, uri: str, start: int | None) -
             tags[HASH_TAG] = config_hash(config)
         except Exception:  # noqa: BLE001 - an interpolation only Hydra resolves: keep it as written
             files[CONFIG_ARTIFACT] = (snapshot / "config.yaml").read_bytes()
-    for path in sorted(snapshot.glob("*")) if snapshot.is_dir() else []:
-        files[f"{Path(CONFIG_ARTIFACT).parent}/hydra/{path.name}"] = path.read_bytes()
     found = client.search_runs([experiment_id], f"tags.{SYNCED_FROM_TAG} = '{where}'", max_results=1)
     run_id = found[0].info.run_id if found else None
     if run_id is None:
         run_id = client.create_run(experiment_id, start, tags, run_name(overrides)).info.run_id
     with tempfile.TemporaryDirectory() as tmp:  # again when found: a sync cut short may have missed them
-        for name, content in files.items():
-            Path(tmp, name).parent.mkdir(parents=True, exist_ok=True)
-            Path(tmp, name).write_bytes(content)
+        write_files(files, Path(tmp))
         client.log_artifacts(run_id, tmp)
     return run_id
