@@ -195,7 +195,7 @@ def breakdown(overrides: list[str]) -> dict[str, float]:
         (runs, "snapshot_files"),
         (reports, "sample_files"),
         (run, "result_files"),
-        (runs.Tracker, "log_files"),
+        (records.RecordWriter, "log_files"),
         (reports, "image_grid"),
         (reports, "confusion_image"),
         (runs, "_end"),

@@ -97,7 +97,7 @@ def run(
     ):
         path = checkpoints.file_path(cfg.trainer.checkpoint)
         # the run id once the run is open; metrics flushed before each checkpoint, tagged after
-        save = checkpoints.writer(path, lambda: tracker.run_id, tracker.flush, tracker.set_checkpoint)
+        save = checkpoints.writer(path, tracker.wait_open, tracker.flush, tracker.set_checkpoint)
         loop = Loop(
             *(model, optimizer, tensors, data.classes, trainer, generator, tracker.log_metrics, save),
             on_report=reporter,

@@ -17,7 +17,7 @@ from typing import Any
 from cifar_exp import replicates, reports, tables
 from cifar_exp.evaluation import chosen_metric
 from cifar_exp.search.study import stored_best
-from cifar_exp.tracking import identity, runs, store
+from cifar_exp.tracking import identity, records, store
 
 METRICS = ("val/acc", "test/acc", "test/loss")  # the summary's columns, besides the swept values and time
 PLOT_ARTIFACT = "sweep/accuracy.png"  # the accuracies against what the sweep varies
@@ -81,7 +81,7 @@ def summarise(client: Any, parent_id: str, search: bool = False, completed: bool
             tags += [RunTag(f"best/{k}", v) for k, v in searched_values(parent, chosen).items()]
     client.log_batch(parent_id, metrics=metrics, tags=tags)
     with tempfile.TemporaryDirectory() as tmp:
-        runs.write_files(files, Path(tmp))
+        records.write_files(files, Path(tmp))
         client.log_artifacts(parent_id, tmp)
     status = parent_status([r["status"] for r in rows], search)
     status = "FINISHED" if search and completed and status == "KILLED" else status

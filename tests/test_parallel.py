@@ -154,9 +154,9 @@ def test_writers_of_parallel_runs_lose_nothing_on_one_sqlite_store(tmp_path: Pat
 
     def train(run_id: str, errors: list) -> None:
         writer = RecordWriter(MlflowClient(uri), run_id, tmp_path / run_id / "unrecorded.jsonl")
-        writer.params(params)
+        writer.log_params(params)
         for step in range(1, steps + 1):
-            writer.metrics({key: step / 7 for key in keys}, step)
+            writer.log_metrics({key: step / 7 for key in keys}, step)
             if step % 10 == 0:
                 time.sleep(0.01)  # training: what comes next goes out as another batch
         errors.append(writer.close())

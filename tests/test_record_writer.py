@@ -26,9 +26,9 @@ class FakeClient:
 def test_close_waits_for_every_queued_metric_and_param() -> None:
     client = FakeClient()
     writer = RecordWriter(client, "run")
-    writer.params({f"key{i}": str(i) for i in range(250)})  # more than the store's 100 per call
+    writer.log_params({f"key{i}": str(i) for i in range(250)})  # more than the store's 100 per call
     for step in range(1, 501):
-        writer.metrics({"train/loss": 1 / step, "lr": 0.1}, step)
+        writer.log_metrics({"train/loss": 1 / step, "lr": 0.1}, step)
     assert writer.close() is None
     assert all(run_id == "run" for run_id, _, _ in client.batches)
     for _, metrics, params in client.batches:  # the store's limits per call
@@ -42,5 +42,5 @@ def test_close_waits_for_every_queued_metric_and_param() -> None:
 
 def test_a_failed_write_is_reported_at_close() -> None:
     writer = RecordWriter(FakeClient(fail=True), "run")
-    writer.metrics({"train/loss": 1.0}, 1)  # does not raise here, in the training loop
+    writer.log_metrics({"train/loss": 1.0}, 1)  # does not raise here, in the training loop
     assert writer.close() == "database is locked"

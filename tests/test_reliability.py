@@ -29,7 +29,6 @@ from cifar_exp import checkpoints, commands, signals
 from cifar_exp.errors import UserError
 from cifar_exp.tracking import identity, leases, resumption, runs
 from cifar_exp.tracking.records import RecordWriter
-from cifar_exp.tracking.runs import Tracker
 
 
 def train(epochs: int = 3) -> list[str]:
@@ -398,10 +397,9 @@ def test_a_resumed_run_records_only_the_points_the_store_lacks() -> None:
         def log_batch(self, run_id: str, metrics: list, params: list, tags: list = ()) -> None:
             self.points += [(m.key, m.step) for m in metrics]
 
-    writer = RecordWriter(Client(), "run")
-    tracker = Tracker(writer, recorded={("train/loss", 15), ("test/acc", 20)})
-    tracker.log_metrics({"train/loss": 1.0}, 15)
-    tracker.log_metrics({"train/loss": 1.0, "test/acc": 0.5, "test/loss": 2.0}, 20)
+    writer = RecordWriter(Client(), "run", recorded={("train/loss", 15), ("test/acc", 20)})
+    writer.log_metrics({"train/loss": 1.0}, 15)
+    writer.log_metrics({"train/loss": 1.0, "test/acc": 0.5, "test/loss": 2.0}, 20)
     writer.close()
     assert Client.points == [("train/loss", 20), ("test/loss", 20)]
 

@@ -64,7 +64,7 @@ def _fill(writer: RecordWriter, steps: range) -> list[tuple[str, int, float]]:
     logged = []
     for step in steps:
         values = {"train/loss": 1 / step} | ({"test/acc": step / 100} if step % 10 == 0 else {})
-        writer.metrics(values, step)
+        writer.log_metrics(values, step)
         logged += [(key, step, value) for key, value in values.items()]
     return logged
 
@@ -88,7 +88,7 @@ def test_a_store_that_comes_back_gets_everything_in_order(
     client = FlakyClient(down=lambda: state["down"])
     spill = tmp_path / "unrecorded_metrics.jsonl"
     writer = RecordWriter(client, "run", spill, retry_s=600)  # far longer than this outage
-    writer.params({"model.conv1_out": "8", "seed": "0"})
+    writer.log_params({"model.conv1_out": "8", "seed": "0"})
     logged = _training(writer, range(1, 101))
     wait_until(lambda: client.calls >= 2, what="a second try")  # it retries while down...
     logged += _training(writer, range(101, 201))  # ...and the rest of the run piles up meanwhile
@@ -112,7 +112,7 @@ def test_a_store_that_never_comes_back_leaves_everything_in_the_file(
     spill = tmp_path / "outputs" / "unrecorded_metrics.jsonl"
     writer = RecordWriter(client, "run-1", spill, retry_s=0.6)
     with caplog.at_level(logging.WARNING, logger="cifar_exp.tracking"):
-        writer.params({"optimizer.lr": "0.01"})
+        writer.log_params({"optimizer.lr": "0.01"})
         logged = _fill(writer, range(1, 51))
         assert writer.close() == "Connection refused"
     assert client.calls > 1  # retried, then gave up
@@ -172,11 +172,10 @@ def test_an_outage_met_by_a_file_upload_does_not_hold_up_the_checkpoint(
     state = {"down": True}
     client = FlakyServer(down=lambda: state["down"])
     writer = RecordWriter(client, "run", tmp_path / records.UNRECORDED_METRICS, 600, uri="http://127.0.0.1:9")
-    tracker = runs.Tracker(writer)
-    tracker.log_files({"figures/train_samples.png": b"png"}, "the sample images")
+    writer.log_files({"figures/train_samples.png": b"png"}, "the sample images")
     wait_until(lambda: client.calls >= 2, what="a second try")  # retrying the upload...
     logged = _training(writer, range(1, 101))
-    checkpoint = threading.Thread(target=tracker.flush)  # ...when the first checkpoint comes
+    checkpoint = threading.Thread(target=writer.flush)  # ...when the first checkpoint comes
     checkpoint.start()
     checkpoint.join(60)  # generous: it returns at once unless it waits for the store
     assert not checkpoint.is_alive(), "the flush before a checkpoint waited for the store"
@@ -195,7 +194,7 @@ def test_a_refusal_is_not_retried(tmp_path: Path) -> None:
     client = FlakyClient(down=lambda: True, error=refused)
     spill = tmp_path / "unrecorded_metrics.jsonl"
     writer = RecordWriter(client, "run", spill, retry_s=30)
-    writer.params({"seed": "1"})
+    writer.log_params({"seed": "1"})
     assert writer.close() == "Changing param values is not allowed"
     assert client.calls == 1
     assert json.loads(spill.read_text()) == {"run_id": "run", "param": "seed", "value": "1"}
@@ -259,11 +258,10 @@ def test_a_dead_store_delays_the_end_of_a_run_by_at_most_end_wait(tmp_path: Path
         raise ConnectionError("Connection refused")
 
     writer = RecordWriter(spill_path=tmp_path / records.UNRECORDED_METRICS, retry_s=60, opener=dead, uri="X")
-    tracker = runs.Tracker(writer)
-    tracker.log_params({"seed": "0"})
-    tracker.log_metrics({"test/acc": 0.5}, 10)
-    tracker.log_files({"model/state_dict.pt": b"weights"}, "the weights")
-    assert tracker.run_id is None  # a checkpoint does not wait for the store
+    writer.log_params({"seed": "0"})
+    writer.log_metrics({"test/acc": 0.5}, 10)
+    writer.log_files({"model/state_dict.pt": b"weights"}, "the weights")
+    assert writer.wait_open() is None  # a checkpoint does not wait for the store
     started = time.monotonic()
     runs._end(writer, leases.new_lease(), "FINISHED", None)
     assert time.monotonic() - started < records.END_WAIT_S + 5  # + one backoff step, generously
@@ -394,12 +392,11 @@ def _outage(folder: Path, run_id: str | None, status: str = "FINISHED") -> None:
             raise ConnectionError("Connection refused")
 
     writer = RecordWriter(DeadClient(), run_id, folder / records.UNRECORDED_METRICS, 0.2, opener=opener)
-    tracker = runs.Tracker(writer)
-    tracker.log_params({"data": "synthetic"})
+    writer.log_params({"data": "synthetic"})
     if run_id is not None:
         for step in (5, 10, 15, 20):
-            tracker.log_metrics({"train/loss": 1 / step}, step)
-    tracker.log_files({"model/state_dict.pt": b"weights"}, "the weights")
+            writer.log_metrics({"train/loss": 1 / step}, step)
+    writer.log_files({"model/state_dict.pt": b"weights"}, "the weights")
     runs._end(writer, leases.new_lease(), status, None if status == "FINISHED" else "interrupted")
 
 
@@ -516,9 +513,8 @@ def test_a_dead_server_at_the_end_of_a_run_leaves_everything_for_sync(tmp_path: 
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
     writer = RecordWriter(MlflowClient(dead), "0" * 32, tmp_path / records.UNRECORDED_METRICS)
-    tracker = runs.Tracker(writer)
-    tracker.log_metrics({"test/acc": 0.5}, 100)
-    tracker.log_files({"model/state_dict.pt": b"weights"}, "the weights")
+    writer.log_metrics({"test/acc": 0.5}, 100)
+    writer.log_files({"model/state_dict.pt": b"weights"}, "the weights")
     runs._end(writer, leases.new_lease(), "FINISHED", None)
     lines = [json.loads(line) for line in (tmp_path / records.UNRECORDED_METRICS).read_text().splitlines()]
     assert [x["status"] for x in lines if "status" in x] == ["FINISHED"]

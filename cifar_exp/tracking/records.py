@@ -11,6 +11,7 @@ import json
 import logging
 import queue
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cifar_exp.errors import first_line
+from cifar_exp.tracking.identity import CHECKPOINT_TAG
+from cifar_exp.tracking.leases import TakenOver
 from cifar_exp.tracking.store import backoff, retry_seconds, transient
 
 log = logging.getLogger(__name__)
@@ -29,7 +32,16 @@ END_WAIT_S = 3.0  # seconds a failing store is still retried once the run has en
 
 Opener = Callable[[], tuple[Any, str]]  # opens (or reopens) the run: (MlflowClient, run id)
 Call = Callable[[Any, str], Any]  # a store call made in order with the records: (client, run id)
+Files = dict[str, str | bytes]  # artifact path -> content
 T = TypeVar("T")
+
+
+def write_files(files: Files, folder: Path) -> None:
+    """Each artifact path's text or bytes, as a file under `folder` (to be logged in one call)."""
+    for name, content in files.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
 
 
 def batches(metrics: list, params: list, tags: list) -> list[tuple[list, list, list]]:
@@ -41,10 +53,14 @@ def batches(metrics: list, params: list, tags: list) -> list[tuple[list, list, l
 
 
 class RecordWriter:
-    """The run's one writer to the store; the training loop only puts plain tuples on a queue.
-    With an `opener`, the thread first opens the run; until then records wait on the queue.
-    `heartbeat(client, run_id)` runs every `heartbeat_s` (the lease): it returns who took the run
-    over, if someone did, and from then on nothing more is written."""
+    """The run's handle for the runner, and its one writer to the store: the training loop only
+    puts plain tuples on a queue, written in order from the writer's thread. With an `opener`, the
+    thread first opens the run; until then records wait on the queue. `heartbeat(client, run_id)`
+    runs every `heartbeat_s` (the lease): it returns who took the run over, if someone did, and
+    from then on nothing more is written. `recorded`: the (metric, step) points a resumed run holds
+    already, not recorded twice."""
+
+    enabled = True  # runs.Untracked stands in with tracking off
 
     def __init__(
         self,
@@ -56,6 +72,7 @@ class RecordWriter:
         uri: str = "the store",
         heartbeat: Call | None = None,
         heartbeat_s: float = 60.0,
+        recorded: set[tuple[str, int]] | None = None,
     ) -> None:
         self.client, self.run_id, self.opener, self.uri = client, run_id, opener, uri
         self.spill_path = spill_path  # None: what the store does not take is lost (and counted)
@@ -72,24 +89,44 @@ class RecordWriter:
         self.unrecorded = 0  # metrics, params and tags kept in the folder (or lost)
         self.kept_files = False
         self.gave_up = False  # the run has ended and the store was down: no more tries
+        self.recorded = recorded or set()
+        self.checkpoint_tagged: Path | None = None
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="mlflow-record-writer", daemon=True)
         self.thread.start()
 
     # ------------------------------------------------------------ from the training thread
-    def metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queued, not written on the spot: training never waits for the store. A run another
+        process has taken over stops here, in one line."""
+        if self.taken_over:
+            raise TakenOver(f"run {self.run_id} was taken over by process {self.taken_over}")
         now = int(time.time() * 1000)  # ms since the epoch, as MLflow stamps metrics
-        self.queue.put(("metrics", [(k, float(v), now, step) for k, v in metrics.items()]))
+        points = [(k, float(v), now, step) for k, v in metrics.items() if (k, step) not in self.recorded]
+        self.queue.put(("metrics", points))
 
-    def params(self, params: dict[str, str]) -> None:
+    def log_params(self, params: dict[str, str]) -> None:
+        """Params beside the config's (each key once per run: MLflow refuses a changed value)."""
         self.queue.put(("params", list(params.items())))
 
-    def tags(self, tags: dict[str, str]) -> None:
+    def log_tags(self, tags: dict[str, str]) -> None:
         self.queue.put(("tags", list(tags.items())))
 
-    def files(self, folder: Path, what: str) -> None:
-        """Logs the files under `folder` ("the weights" says `what`), then removes the folder."""
-        self.queue.put(("files", [(folder, what)]))
+    def log_files(self, files: Files, what: str) -> None:
+        """Writes `files` (artifact path -> text or bytes; "the weights" says `what`) to a new
+        folder now; the writer's thread logs it in one call, then removes it."""
+        if files:
+            folder = Path(tempfile.mkdtemp(prefix="cifar_exp-artifacts-"))
+            write_files(files, folder)
+            self.queue.put(("files", [(folder, what)]))
+
+    def set_checkpoint(self, path: Path) -> None:
+        """Tags where this run's checkpoints go, for `cifar-exp resume RUN_ID`: called once the
+        first one is written, so the tag never names a file that is not there (a resumed run's
+        tag names its earlier checkpoint until then)."""
+        if self.checkpoint_tagged != path:
+            self.checkpoint_tagged = path
+            self.log_tags({CHECKPOINT_TAG: str(path.resolve())})
 
     def call(self, call: Call, what: str | None = None, kept: dict | None = None) -> None:
         """call(client, run_id) after the records queued before it. With `what` it is a store call,
@@ -109,14 +146,16 @@ class RecordWriter:
         return True
 
     def flush(self) -> bool:
-        """Waits until everything queued so far is written (or kept), so that a checkpoint never
-        gets ahead of the store."""
+        """Waits until everything queued so far is written (or kept), while the store does not
+        fail: called before each checkpoint, so the store holds every step a checkpoint has
+        trained, and a kill loses none."""
         done = threading.Event()
         self.call(lambda client, run_id: done.set())
         return self._wait(done)
 
     def wait_open(self) -> str | None:
-        """The run id once the run is open; None if it could not be, or while the store fails."""
+        """The run id once the run is open; None if it could not be, or while the store fails (a
+        checkpoint then names no run; `cifar-exp sync` records it later)."""
         return self.run_id if self._wait(self.opened) else None
 
     def close(self, end: dict[str, Any] | None = None) -> str | None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,6 @@ from cifar_exp.config import TrackingConfig
 from cifar_exp.errors import TrialPruned, first_line
 from cifar_exp.tracking import leases
 from cifar_exp.tracking.identity import (
-    CHECKPOINT_TAG,
     HASH_TAG,
     PRUNED_TAG,
     JobContext,
@@ -30,104 +28,27 @@ from cifar_exp.tracking.identity import (
     run_name,
     task_overrides,
 )
-from cifar_exp.tracking.records import UNRECORDED_METRICS, Opener, RecordWriter
+from cifar_exp.tracking.records import UNRECORDED_METRICS, Files, Opener, RecordWriter
 from cifar_exp.tracking.resumption import Resume
 from cifar_exp.tracking.store import check_store, ensure_experiment, local_store_folder, tracking_uri
 
 log = logging.getLogger(__name__)
 
 CONFIG_ARTIFACT = "config/config.yaml"
-Files = dict[str, str | bytes]  # artifact path -> content
 
 
-def write_files(files: Files, folder: Path) -> None:
-    """Each artifact path's text or bytes, as a file under `folder` (to be logged in one call)."""
-    for name, content in files.items():
-        path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+class Untracked:
+    """The run's handle with tracking off (mlflow.enabled=false): RecordWriter's calls, doing
+    nothing."""
 
+    enabled = False
 
-class Tracker:
-    """The run's handle for the runner: numbers and files go to the record writer's queue, in
-    order, and are written from its thread (records.py: what the store does not take is kept in
-    the run's folder). With tracking off (no writer) every call does nothing."""
-
-    def __init__(
-        self, writer: RecordWriter | None = None, recorded: set[tuple[str, int]] | None = None
-    ) -> None:
-        self.writer = writer
-        self.recorded = recorded or set()  # (metric, step) points a resumed run holds already
-        self.checkpoint_tagged: Path | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.writer is not None
-
-    @property
-    def run_id(self) -> str | None:
-        """The run's id once it is open; None with tracking off, or while the store does not
-        answer (a checkpoint then names no run; `cifar-exp sync` records it later)."""
-        return self.writer.wait_open() if self.writer is not None else None
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Queued, not written on the spot: training never waits for the store. A run another
-        process has taken over stops here, in one line."""
-        if self.writer is None:
-            return
-        if self.writer.taken_over:
-            raise leases.TakenOver(
-                f"run {self.writer.run_id} was taken over by process {self.writer.taken_over}"
-            )
-        if self.recorded:  # trained again after a kill: what the store holds is not recorded twice
-            metrics = {k: v for k, v in metrics.items() if (k, step) not in self.recorded}
-        self.writer.metrics(metrics, step)
-
-    def flush(self) -> None:
-        """Waits until the metrics and params queued so far are written (not while the store is
-        failing): called before each checkpoint, so the store holds every step a checkpoint has
-        trained, and a kill loses none."""
-        if self.writer is not None:
-            self.writer.flush()
-
-    def log_params(self, params: dict[str, str]) -> None:
-        """Params beside the config's (each key once per run: MLflow refuses a changed value)."""
-        if self.writer is not None:
-            self.writer.params(params)
-
-    def log_files(self, files: Files, what: str) -> None:
-        """Writes `files` (artifact path -> text or bytes) to a folder now; logs it in one call
-        from the writer's thread."""
-        if self.writer is not None:
-            self.writer.files(_folder_of(files), what)
-
-    def log_code(self) -> None:
-        """The checkout's uncommitted diff, when it is dirty (identity.code_files): git is asked
-        from the writer's thread, off the training path, and the diff is logged like any file."""
-        if self.writer is None:
-            return
-        writer = self.writer
-
-        def log_diff(client: Any, run_id: str | None) -> None:
-            if files := code_files():
-                writer.files(_folder_of(files), "the uncommitted diff")
-
-        writer.call(log_diff)
-
-    def set_checkpoint(self, path: Path) -> None:
-        """Tags where this run's checkpoints go, for `cifar-exp resume RUN_ID`: called once the
-        first one is written, so the tag never names a file that is not there (a resumed run's
-        tag names its earlier checkpoint until then)."""
-        if self.writer is not None and self.checkpoint_tagged != path:
-            self.checkpoint_tagged = path
-            self.writer.tags({CHECKPOINT_TAG: str(path.resolve())})
-
-
-def _folder_of(files: Files) -> Path:
-    """A new temporary folder holding `files`, to be logged in one call (and then removed)."""
-    folder = Path(tempfile.mkdtemp(prefix="cifar_exp-artifacts-"))
-    write_files(files, folder)
-    return folder
+    def wait_open(self) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_params(self, params: dict[str, str]) -> None: ...
+    def log_files(self, files: Files, what: str) -> None: ...
+    def flush(self) -> None: ...
+    def set_checkpoint(self, path: Path) -> None: ...
 
 
 def run_tags(
@@ -193,7 +114,7 @@ def start_run(
     resume: Resume | None = None,
     extra_tags: dict[str, str] | None = None,
     sweep: JobContext | None = None,
-) -> Iterator[Tracker]:
+) -> Iterator[RecordWriter | Untracked]:
     """Opens the MLflow run for one job (or reopens `resume.run_id` to continue it) from a background
     thread, so training starts at once; ends it FINISHED, FAILED (error as a tag) or KILLED, also
     when that happens before the run was even open (it is opened first, with its params).
@@ -202,7 +123,7 @@ def start_run(
     or is damaged, never stops training: everything is kept in the run's folder for `cifar-exp
     sync` (records.py)."""
     if not cfg.mlflow.enabled:
-        yield Tracker()
+        yield Untracked()
         return
     uri = tracking_uri(cfg.mlflow)
     if (local := local_store_folder(uri)) is not None:
@@ -220,16 +141,17 @@ def start_run(
         uri=uri,
         heartbeat=leases.heartbeat(lease),
         heartbeat_s=leases.HEARTBEAT_S,
+        recorded=resume.recorded if resume else None,
     )
-    tracker = Tracker(writer, resume.recorded if resume else None)
     cleared = resume.interrupted if resume else ()
     try:
         if run_id is None:  # a resumed run keeps the config it was first recorded with
-            tracker.log_code()
-            writer.params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+            # the checkout's uncommitted diff, when it is dirty: git is asked from the writer's thread
+            writer.call(lambda client, run_id: writer.log_files(code_files(), "the uncommitted diff"))
+            writer.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
             config = {CONFIG_ARTIFACT: OmegaConf.to_yaml(cfg, resolve=True), **snapshot_files(folder)}
-            tracker.log_files(config, "the config")
-        yield tracker
+            writer.log_files(config, "the config")
+        yield writer
     except leases.TakenOver:  # another process continues the run: it is theirs to end
         writer.close(None)
         raise
@@ -264,7 +186,7 @@ def _end(
     """Ends the run with `status` once its queued records are written or kept, its lease released;
     `cleared`: the tags of an earlier interruption, gone now that it finished. Never raises."""
     tags = {"error": error[:5000]} if error else {}
-    writer.tags({**tags, **(extra_tags or {}), **lease.tag(time.time())})
+    writer.log_tags({**tags, **(extra_tags or {}), **lease.tag(time.time())})
     for key in cleared:
         writer.call(lambda client, run_id, k=key: client.delete_tag(run_id, k), "clear a tag", {"untag": key})
     writer.close({"status": status, "end_time": int(time.time() * 1000)})

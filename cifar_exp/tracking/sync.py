@@ -212,7 +212,8 @@ def _open_never_opened(client: Any, folder: Path, uri: str, start: int | None) -
     tagged and named as the run would have been, with the .hydra snapshot as its config."""
     from omegaconf import OmegaConf
 
-    from cifar_exp.tracking.runs import CONFIG_ARTIFACT, snapshot_files, write_files
+    from cifar_exp.tracking.records import write_files
+    from cifar_exp.tracking.runs import CONFIG_ARTIFACT, snapshot_files
 
     recorded = _recorded(folder)
     experiment_id = ensure_experiment(
