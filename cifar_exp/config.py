@@ -85,32 +85,6 @@ class DecodedDatasetConfig(DatasetConfig):
     cache_dir: str | None = None
 
 
-@dataclass
-class Cifar10Config(DecodedDatasetConfig):
-    _target_: str = "cifar_exp.data.load_cifar10"
-    download: bool = MISSING
-    fallback: bool = MISSING
-
-
-@dataclass
-class Cifar10SampleConfig(DecodedDatasetConfig):
-    _target_: str = "cifar_exp.data.load_cifar10_sample"
-
-
-@dataclass
-class ImageFolderConfig(DecodedDatasetConfig):
-    _target_: str = "cifar_exp.data.load_imagefolder"
-
-
-@dataclass
-class SyntheticConfig(DatasetConfig):
-    _target_: str = "cifar_exp.data.load_synthetic"
-    train_size: int = MISSING
-    test_size: int = MISSING
-    noise: float = MISSING
-    seed: int = MISSING
-
-
 # ---------------------------------------------------------------- optimizer
 @dataclass
 class OptimizerConfig:
@@ -204,10 +178,7 @@ class Config:
 
 
 SCHEMAS = {  # name in the ConfigStore (top level, outside the option lists): schema
-    "dataset_cifar10_schema": Cifar10Config,
-    "dataset_cifar10_sample_schema": Cifar10SampleConfig,
-    "dataset_imagefolder_schema": ImageFolderConfig,
-    "dataset_synthetic_schema": SyntheticConfig,
+    "config_schema": Config,
     "optimizer_sgd_schema": SGDConfig,
     "optimizer_adam_schema": AdamConfig,
     "optimizer_adamw_schema": AdamWConfig,
@@ -231,21 +202,19 @@ BASES = {"model": ModelConfig, "dataset": DatasetConfig, "optimizer": OptimizerC
 
 def register_schemas() -> None:
     strict_bools()  # a bool key takes true or false only
-    cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
     for name, node in {**SCHEMAS, **generated_schemas(CONF_DIR)}.items():
-        cs.store(name=name, node=node)
+        ConfigStore.instance().store(name=name, node=node)
 
 
 def generated_schemas(conf_dir: Path) -> dict[str, type]:
-    """`<group>_<option>_schema` for each option of conf/model/ and conf/dataset/ that has no
-    schema in SCHEMAS: the schema of its `_target_`, so adding a network is a module and a YAML."""
+    """`<group>_<option>_schema` for each option of conf/model/ and conf/dataset/: the schema of
+    its `_target_`, so adding a network or a dataset is a module and a YAML."""
     found = {}
     for group in ("model", "dataset"):
         for path in sorted((conf_dir / group).glob("*.yaml")):
             name = f"{group}_{path.stem}_schema"
             target = (yaml.safe_load(path.read_text()) or {}).get("_target_")
-            if name not in SCHEMAS and target:
+            if target:
                 module, _, attribute = target.rpartition(".")
                 found[name] = schema_of(getattr(importlib.import_module(module), attribute), group)
     return found
@@ -255,7 +224,8 @@ def schema_of(made: Any, group: str) -> type:
     """A structured config of `made`'s arguments, their types and defaults from its signature
     (hydra-zen's builds), on the group's base schema (a dataset's val_size, an optimizer's
     _partial_); an argument without a default is ??? (the YAML gives it)."""
-    base = DecodedDatasetConfig if group == "dataset" and _takes(made, "cache") else BASES[group]
+    decoded = group == "dataset" and "cache" in (_parameters(made) or {})  # decoded from files, cached
+    base = DecodedDatasetConfig if decoded else BASES[group]
     own = {f.name for f in dataclasses.fields(base)}
     built = hydra_zen.builds(made, populate_full_signature=True, zen_exclude=(*own, *FROM_THE_RUN))
     fields = [("_target_", str, field(default=f"{made.__module__}.{made.__qualname__}"))]
@@ -282,11 +252,12 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _takes(made: Any, name: str) -> bool:
+def _parameters(made: Any) -> dict[str, inspect.Parameter] | None:
+    """The arguments `made`'s signature names; None when it has none to read (or is not callable)."""
     try:
-        return name in inspect.signature(made).parameters
+        return dict(inspect.signature(made).parameters)
     except (TypeError, ValueError):
-        return False
+        return None
 
 
 # ---------------------------------------------------------------- the one place that instantiates
@@ -332,12 +303,12 @@ def locate(node: Any, trust: bool) -> Any:
         ) from None
 
 
-def check_arguments(node: Any, made: Any) -> None:
+def check_arguments(node: Any, made: Any, key: str) -> None:
     """The node's keys against `made`'s signature, as its schema would check them at compose time
     (a config of your own, or one read back, has none): an unknown key or a wrong type is one line."""
-    key = group_of(node)
-    if key not in BASES or not callable(made) or _has_var_keyword(made):
-        return
+    parameters = _parameters(made)
+    if key not in BASES or parameters is None or any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return  # no signature to check against, or one that takes any keyword
     try:
         schema = OmegaConf.structured(schema_of(made, key))
         OmegaConf.merge(schema, OmegaConf.to_container(node, resolve=True))
@@ -349,14 +320,6 @@ def check_arguments(node: Any, made: Any) -> None:
     except ValidationError as e:
         value = OmegaConf.select(node, str(e.full_key))
         raise UserError(f"{key}.{e.full_key}={value!r}: {first_line(e)} ({node._target_})") from None
-
-
-def _has_var_keyword(made: Any) -> bool:
-    try:
-        parameters = inspect.signature(made).parameters.values()
-    except (TypeError, ValueError):
-        return True  # no signature to check against
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def group_of(node: Any) -> str:
@@ -375,15 +338,14 @@ OWN_KEYS = ("norm_bias_lr_scale", "val_size", "split_seed")
 
 
 def build(node: Any, trust: bool, **kwargs: Any) -> Any:
-    """instantiate() behind locate()'s trust decision; every object built from config goes
-    through here. `trust`: may it name code outside this package (see locate). A constructor's own
-    complaint (torch.optim's ValueError, a wrong keyword) becomes one line naming the config node,
-    and its argument's key where the message starts with the argument; also when a `_partial_`
-    node is called later. A model is a torch.nn.Module; one of your own gets the training loop's
-    hooks (models.Network) if it lacks them."""
+    """instantiate() behind locate()'s trust decision (`trust`: may it name code outside this
+    package); every object built from config goes through here. A constructor's own complaint
+    (torch.optim's ValueError, a wrong keyword) becomes one line (_complaint), also when a
+    `_partial_` node is called later. A model is a torch.nn.Module; one of your own gets the
+    training loop's hooks (models.Network) if it lacks them."""
     made = locate(node, trust)
-    check_arguments(node, made)
     key, target = group_of(node), str(node._target_)
+    check_arguments(node, made, key)
     if isinstance(node, DictConfig) and any(k in node for k in OWN_KEYS):
         arguments = OmegaConf.to_container(node, resolve=True)
         node = OmegaConf.create({k: v for k, v in arguments.items() if k not in OWN_KEYS})

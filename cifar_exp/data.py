@@ -56,7 +56,7 @@ class ImageData:
 
 
 # ---------------------------------------------------------------- loaders (config `_target_`s)
-# Their arguments are the keys of conf/dataset/*, whose values live there and in the schema.
+# Their arguments are the keys of conf/dataset/* (their schemas are generated from these signatures).
 def load_cifar10(
     *,
     root: str,
@@ -190,7 +190,7 @@ def load_imagefolder(
                 f"{root}/train/<class>/ and {root}/test/<class>/"
             )
     splits = image_files.list_splits(base)  # links checked across both splits
-    listed = _listed_classes(root, splits)
+    listed = image_files.listed_classes(root, splits)
     classes = sorted(listed["train"])
 
     def decode() -> decoded_cache.Decoded:
@@ -208,46 +208,6 @@ def load_imagefolder(
     source = decoded_cache.Source("imagefolder", base, every_file, _decode_rule(classes))
     tensors, _ = decoded_cache.load(source, decode, decoded_cache.cache_folder(cache, cache_dir))
     return ImageData(**tensors, classes=classes, mean=tuple(mean), std=tuple(std), name="imagefolder")
-
-
-def _listed_classes(root: str, splits: dict[str, image_files.Listing]) -> dict[str, dict[str, list[str]]]:
-    """split -> class -> image files, for the classes with images in both splits. A class folder
-    without images in either split is skipped with a warning; one with images in only one split,
-    or a broken link, stops here with one line."""
-    broken = [path for listing in splits.values() for path in listing.broken]
-    if broken:
-        raise UserError(
-            f"dataset.root={root}: {image_files.some(broken)}: broken symbolic link(s), their target is "
-            "gone; remove them or restore the targets"
-        )
-    strays = [path for listing in splits.values() for path in listing.strays]
-    if strays:
-        log.warning(
-            f"dataset.root={root}: skipped {len(strays)} file(s) that are not images in a class folder: "
-            f"{image_files.some(strays)} (images end in {', '.join(sorted(image_files.IMAGE_SUFFIXES))})"
-        )
-    train, test = splits["train"].classes, splits["test"].classes
-    names = sorted(set(train) | set(test))
-    empty = [name for name in names if not train.get(name) and not test.get(name)]
-    if empty:
-        log.warning(f"dataset.root={root}: skipped class folders without images in train/ or test/: {empty}")
-    for name in names:
-        for have, lack, other in (("train", "test", test), ("test", "train", train)):
-            if splits[have].classes.get(name) and not other.get(name):
-                state = "has no images" if name in other else "is missing"
-                count = len(splits[have].classes[name])
-                raise UserError(
-                    f"dataset.root={root}: {have}/{name}/ has {count} image{'s' * (count != 1)} but "
-                    f"{lack}/{name}/ {state}; every class needs images in both train/ and test/: add "
-                    f"images to {lack}/{name}/ or move {have}/{name}/ out of {root}/{have}"
-                )
-    kept = [name for name in names if name not in empty]
-    if not kept:
-        raise UserError(
-            f"dataset.root={root}: no images in {root}/train/<class>/ and {root}/test/<class>/ "
-            f"(images end in {', '.join(sorted(image_files.IMAGE_SUFFIXES))}, in any case)"
-        )
-    return {split: {name: splits[split].classes[name] for name in kept} for split in ("train", "test")}
 
 
 def load_synthetic(

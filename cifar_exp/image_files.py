@@ -15,6 +15,7 @@ it: it was meant as data.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,8 @@ SYSTEM_FILES = {"thumbs.db", "desktop.ini", "__macosx"}  # left by Windows and m
 SIXTEEN_BIT_GREYS = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # "I": how Pillow may open a 16-bit PNG
 ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 EXAMPLES = 3  # files named in a one-line message; the rest are counted
+
+log = logging.getLogger(__name__)
 
 
 class UndecodableImage(UserError):
@@ -160,6 +163,46 @@ def some(paths: Sequence[str]) -> str:
     """The first few of `paths`, and how many more: for a one-line message."""
     shown = ", ".join(printable(path) for path in paths[:EXAMPLES])
     return shown + (f" and {len(paths) - EXAMPLES} more" if len(paths) > EXAMPLES else "")
+
+
+def listed_classes(root: str, splits: dict[str, Listing]) -> dict[str, dict[str, list[str]]]:
+    """split -> class -> image files, for the classes with images in both splits. A class folder
+    without images in either split is skipped with a warning; one with images in only one split,
+    or a broken link, stops here with one line."""
+    broken = [path for listing in splits.values() for path in listing.broken]
+    if broken:
+        raise UserError(
+            f"dataset.root={root}: {some(broken)}: broken symbolic link(s), their target is "
+            "gone; remove them or restore the targets"
+        )
+    strays = [path for listing in splits.values() for path in listing.strays]
+    if strays:
+        log.warning(
+            f"dataset.root={root}: skipped {len(strays)} file(s) that are not images in a class folder: "
+            f"{some(strays)} (images end in {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    train, test = splits["train"].classes, splits["test"].classes
+    names = sorted(set(train) | set(test))
+    empty = [name for name in names if not train.get(name) and not test.get(name)]
+    if empty:
+        log.warning(f"dataset.root={root}: skipped class folders without images in train/ or test/: {empty}")
+    for name in names:
+        for have, lack, other in (("train", "test", test), ("test", "train", train)):
+            if splits[have].classes.get(name) and not other.get(name):
+                state = "has no images" if name in other else "is missing"
+                count = len(splits[have].classes[name])
+                raise UserError(
+                    f"dataset.root={root}: {have}/{name}/ has {count} image{'s' * (count != 1)} but "
+                    f"{lack}/{name}/ {state}; every class needs images in both train/ and test/: add "
+                    f"images to {lack}/{name}/ or move {have}/{name}/ out of {root}/{have}"
+                )
+    kept = [name for name in names if name not in empty]
+    if not kept:
+        raise UserError(
+            f"dataset.root={root}: no images in {root}/train/<class>/ and {root}/test/<class>/ "
+            f"(images end in {', '.join(sorted(IMAGE_SUFFIXES))}, in any case)"
+        )
+    return {split: {name: splits[split].classes[name] for name in kept} for split in ("train", "test")}
 
 
 # ---------------------------------------------------------------- decoding

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,55 +65,39 @@ def run(
     if previous and previous.status == "FINISHED":
         log.info(f"skipped: run {previous.run_id} already finished this config")
         return previous.metrics
-    if previous and previous.pruned:  # the study never heard it: it does now, without training
-        raise TrialPruned(previous.pruned)
-    resume_from = cfg.resume or (previous.run_id if previous and previous.checkpoint else None)
-    state = checkpoints.load(identity.checkpoint_path(resume_from, cfg.mlflow)) if resume_from else None
-    resume = None  # may it continue that run? Checked before anything is written (one line if not)
-    if state:
-        resume = resumption.check(cfg, resume_from, checkpoints.run_id(state), state["progress"])
+    resume_from, state, resume = resume_point(cfg, previous)  # checked before anything is written
     seed_everything(cfg.seed)
     device = select_device(cfg.device, cfg.trainer.batch_size)
     rank = distributed()[0]
     if rank:  # under DDP only rank 0 talks to MLflow, writes checkpoints and reports
         cfg = OmegaConf.merge(cfg, {"mlflow": {"enabled": False}, "trainer": {"checkpoint": False}})
         logging.getLogger("cifar_exp").setLevel(logging.WARNING)
-    data = load_data(OmegaConf.to_yaml(cfg.dataset), cfg.trust)
+    dataset = OmegaConf.to_yaml(cfg.dataset)  # the key of the per-process data caches
+    data = load_data(dataset, cfg.trust)
     check_batch_size(cfg, len(data.train_images))
     trainer = cfg.trainer
-    tensors = prepare_data(
-        OmegaConf.to_yaml(cfg.dataset), str(device), trainer.channels_last, trainer.half, cfg.trust
-    )
+    tensors = prepare_data(dataset, str(device), trainer.channels_last, trainer.half, cfg.trust)
     net, model, gpus = build_network(cfg, len(data.classes), tensors, device)
     optimizer = build(cfg.optimizer, cfg.trust)(param_groups(net, cfg.optimizer))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    reporter = trial.Reporter(context.trial) if context.trial else None  # a search reports each epoch
-    extra_tags = {"data": data.source, **(tags or {})}
-    if number is not None:  # one child per trial, found again by its number (previous_trial_run)
-        extra_tags[identity.TRIAL_TAG] = str(number)
+    reporting = search_reporting(context.trial)  # a search trial reports to its study each epoch
     continued = resume.run_id if resume else None  # a finished sweep that holds it is summarised again
     with (
         sweep_refresh.refreshed_after(cfg.mlflow, continued),
-        runs.start_run(cfg, device.type, gpus, resume, extra_tags, context) as tracker,
+        runs.start_run(cfg, device.type, gpus, resume, run_tags(data, tags, number), context) as tracker,
     ):
         path = checkpoints.file_path(cfg.trainer.checkpoint)
         # the run id once the run is open; metrics flushed before each checkpoint, tagged after
         save = checkpoints.writer(path, tracker.wait_open, tracker.flush, tracker.set_checkpoint)
         loop = Loop(
             *(model, optimizer, tensors, data.classes, trainer, generator, tracker.log_metrics, save),
-            on_report=reporter,
-            reports_per_epoch=reporter.link.reports_per_epoch if reporter else 1,
-            test_each_epoch=bool(reporter and reporter.link.metric.startswith("test/")),  # asked for by name
+            **reporting,
         )
         if state:
             checkpoints.resume(loop, state)
             log.info(f"resumed from {resume_from}: epoch {loop.progress.epoch}, step {loop.progress.step}")
         elif tracker.enabled:
-            # what trained it (the fallback may stand in), and which images it held out to choose on
-            split = {f"split/{k}": v for k, v in (data.split or {"val_images": "0"}).items()}
-            tracker.log_params({"data": data.name, **split})
-            samples = reports.sample_files(data.train_images, data.train_labels, data.classes)
-            tracker.log_files(samples, "the sample images")
+            record_inputs(tracker, data)
         with signals.deferred():  # Ctrl-C/SIGTERM: finish the step, checkpoint, then stop
             metrics, confusion = loop.fit()
         if rank == 0:
@@ -120,6 +105,53 @@ def run(
         if tracker.enabled:
             tracker.log_files(result_files(net, data, tensors, confusion), "the figures, tables and weights")
     return metrics
+
+
+def resume_point(
+    cfg: DictConfig, previous: identity.PreviousRun | None
+) -> tuple[str | None, dict[str, Any] | None, resumption.Resume | None]:
+    """(resume_from, state, resume): what the run continues from (cfg.resume, or the earlier run of
+    a re-run sweep that left a checkpoint), its checkpoint, and the run it may reopen (None: a new
+    run); all None for a fresh start. A resume that may not proceed is one line (UserError)."""
+    if previous and previous.pruned:  # the study never heard it: it does now, without training
+        raise TrialPruned(previous.pruned)
+    resume_from = cfg.resume or (previous.run_id if previous and previous.checkpoint else None)
+    if not resume_from:
+        return None, None, None
+    state = checkpoints.load(identity.checkpoint_path(resume_from, cfg.mlflow))
+    resume = resumption.check(cfg, resume_from, checkpoints.run_id(state), state["progress"])
+    return resume_from, state, resume
+
+
+def run_tags(data: ImageData, tags: dict[str, str] | None, number: int | None) -> dict[str, str]:
+    """The tags a new run starts with: where its data came from, the caller's `tags`, and a search
+    trial's number (one child per trial, found again by it: previous_trial_run)."""
+    extra_tags = {"data": data.source, **(tags or {})}
+    if number is not None:
+        extra_tags[identity.TRIAL_TAG] = str(number)
+    return extra_tags
+
+
+def search_reporting(link: trial.TrialLink | None) -> dict[str, Any]:
+    """Loop's arguments for a search trial: the reporter its pruner reads, `reports_per_epoch`
+    times an epoch, and the test split each epoch when its metric is a test/ one. {} outside a
+    search (one report an epoch, nobody listening)."""
+    if link is None:
+        return {}
+    return {
+        "on_report": trial.Reporter(link),
+        "reports_per_epoch": link.reports_per_epoch,
+        "test_each_epoch": link.metric.startswith("test/"),  # asked for by name
+    }
+
+
+def record_inputs(tracker: runs.Tracker, data: ImageData) -> None:
+    """The first records of a new run: what trained it (the fallback may stand in), which images
+    it held out to choose on, and a grid of its training images."""
+    split = {f"split/{k}": v for k, v in (data.split or {"val_images": "0"}).items()}
+    tracker.log_params({"data": data.name, **split})
+    samples = reports.sample_files(data.train_images, data.train_labels, data.classes)
+    tracker.log_files(samples, "the sample images")
 
 
 def build_network(

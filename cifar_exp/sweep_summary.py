@@ -7,56 +7,46 @@ when the sweep ends (sweeps.SweepCallback), and again when a child changes after
 from __future__ import annotations
 
 import json
-import math
-import re
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from cifar_exp import replicates, reports, tables
+from cifar_exp import replicates, sweep_plots, tables
 from cifar_exp.evaluation import chosen_metric
+from cifar_exp.search.outcome import PRUNED, history, search_story, searched_values
 from cifar_exp.search.study import stored_best
 from cifar_exp.tracking import identity, records, store
 
 METRICS = ("val/acc", "test/acc", "test/loss")  # the summary's columns, besides the swept values and time
 PLOT_ARTIFACT = "sweep/accuracy.png"  # the accuracies against what the sweep varies
-PRUNED = "PRUNED"  # the summary's status of a run a search's pruner stopped (MLflow: KILLED)
 TRAIN_TIME = "time/epoch_s"  # a child's training time is the sum of this metric's history, s
 NOTE_TAG = "mlflow.note.content"  # the run's description in the UI, markdown
 # a search parent's tags: its Optuna study (a re-run of the search reopens it) and where it is stored
 STUDY, STORAGE = "search/study", "search/storage"
-ACC_FORMAT, LOSS_FORMAT = "{:.4f}", "{:.4f}"  # how tables show test/acc (a fraction) and test/loss
+ACC_FORMAT = "{:.4f}"  # how tables show accuracies (fractions) and losses
 
 
 def summarise(client: Any, parent_id: str, search: bool = False, completed: bool = False) -> tuple[str, str]:
-    """Records on the parent run the sweep table (what varies against each child's, or with seeds
-    swept each config's, validation and test accuracy and training time; CSV for scripts, markdown
-    for people), a plot of the accuracies against what varies, the best (chosen on val/acc, or a
-    search's metric; test/acc reported beside it, never used to choose): best/<metric>,
-    best/test/acc, best_run_id, and a description that links it; for a search also the best
-    child's value of every searched key (`best/<key>` tags), the trials finished, pruned and
-    failed, the epochs trained against the epochs the same trials would have trained unpruned
-    (`search/*` metrics), and search/history.png. Returns the parent's status, which follows the
-    children's (a search that `completed`, every trial told to its study, is never KILLED: a
-    child an earlier, killed controller left behind does not make it so), and the summary as
-    `cifar-exp compare` prints it."""
+    """Records on the parent run the sweep table (Summary; CSV for scripts, markdown for people),
+    its plot, the best (chosen on val/acc or a search's metric, never on test/acc): best/<metric>,
+    best/test/acc, best_run_id, and a description that links it (sweep_note); for a search also
+    the best child's searched values (`best/<key>` tags), search_story's `search/*` metrics and
+    search/history.png. Returns the parent's status, which follows the children's (a search that
+    `completed`, every trial told to its study, is never KILLED: a child an earlier, killed
+    controller left behind does not make it so), and the summary as `cifar-exp compare` prints it."""
     from mlflow.entities import Metric, RunTag
 
     parent = client.get_run(parent_id)
     table, children, epochs = read_summary(client, parent)
     rows, keys, metric, maximize = table.rows, table.keys, table.metric, table.maximize
-    files: dict[str, str | bytes] = {
-        "sweep/summary.csv": tables.csv_table(table.csv_rows()),
-        "sweep/summary.md": tables.markdown_table(table.display())
-        + "\n"
-        + "\n\n".join(table.footer())
-        + "\n",
-    }
+    footer = "\n\n".join(table.footer())
+    files: dict[str, str | bytes] = {"sweep/summary.csv": tables.csv_table(table.csv_rows())}
+    files["sweep/summary.md"] = f"{tables.markdown_table(table.display())}\n{footer}\n"
     if table.groups is not None:
         files["sweep/runs.csv"] = tables.csv_table(rows)
     if any(r[metric] != "" for r in rows) and keys:
-        files[PLOT_ARTIFACT] = reports.figure_png(table.figure())
+        files[PLOT_ARTIFACT] = sweep_plots.figure_png(table.figure())
     now = int(time.time() * 1000)
     tags, metrics = [], []
     best = table.best()
@@ -69,15 +59,11 @@ def summarise(client: Any, parent_id: str, search: bool = False, completed: bool
     metrics += [Metric(f"search/{key}", value, now, 0) for key, value in story.items()]
     tags.append(RunTag(NOTE_TAG, sweep_note(parent, table, search, story)))
     if search:
-        order = sorted(rows, key=lambda r: r["started"])
-        values = [
-            r[metric] if r["status"] in ("FINISHED", PRUNED) and r[metric] != "" else None for r in order
-        ]
-        pruned = [r["status"] == PRUNED for r in order]
-        figure = reports.search_history_figure(values, metric, pruned, maximize)
-        files["search/history.png"] = reports.figure_png(figure)
+        values, pruned = history(rows, metric)
+        figure = sweep_plots.search_history_figure(values, metric, pruned, maximize)
+        files["search/history.png"] = sweep_plots.figure_png(figure)
         if best is not None:
-            chosen = next(c for c in children if c.info.run_id == best["run_id"])
+            chosen = child_values(next(c for c in children if c.info.run_id == best["run_id"]))
             tags += [RunTag(f"best/{k}", v) for k, v in searched_values(parent, chosen).items()]
     client.log_batch(parent_id, metrics=metrics, tags=tags)
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,28 +95,6 @@ def objective(parent: Any, children: list[Any] | None = None) -> tuple[str, bool
     tags = parent.data.tags
     metric = chosen_metric(tags.get("search/metric", "val/acc"), [c.data.metrics for c in children or []])
     return metric, tags.get("search/direction", "maximize") == "maximize"
-
-
-def search_story(
-    children: list[Any], rows: list[dict[str, Any]], epochs: dict[str, list[float]]
-) -> dict[str, float]:
-    """Trials finished, pruned and failed; epochs trained (a trial pruned within an epoch counts
-    the fraction it trained, from its `pruned` tag: "after epoch 1.5 of 4"), and what the same
-    trials would have trained without pruning (each child's trainer.epochs, rounded up as the
-    loop counts them)."""
-    statuses = [r["status"] for r in rows]
-    planned = sum(math.ceil(float(c.data.params.get("trainer.epochs", 0) or 0)) for c in children)
-    trained = 0.0
-    for child in children:
-        stopped = re.match(r"after epoch ([\d.]+) ", child.data.tags.get(identity.PRUNED_TAG, ""))
-        trained += float(stopped.group(1)) if stopped else len(epochs.get(child.info.run_id, []))
-    return {
-        "trials_finished": statuses.count("FINISHED"),
-        "trials_pruned": statuses.count(PRUNED),
-        "trials_failed": statuses.count("FAILED"),
-        "epochs_trained": trained,
-        "epochs_unpruned": planned,
-    }
 
 
 def sweep_children(client: Any, parent: Any) -> list[Any]:
@@ -255,18 +219,17 @@ class Summary:
     def best(self) -> dict[str, Any] | None:
         """The chosen run and the metrics the parent records for the choice: best/<metric> and
         best/test/acc (a group's means over its seeds, and best/n)."""
+        names = dict.fromkeys([self.metric, "test/acc"])
         if self.groups is not None:
-            group = self.groups[0] if self.groups and self.groups[0]["best"] else None
-            if group is None:
+            if not (self.groups and self.groups[0]["best"]):
                 return None
-            names = dict.fromkeys([self.metric, "test/acc"])
+            group = self.groups[0]
             values = {name: group[f"{name}_mean"] for name in names if group[f"{name}_mean"] != ""}
             return {"run_id": group["best_run_id"], "metrics": {**values, "n": group["n"]}}
         row = next((r for r in self.rows if r["best"]), None)
         if row is None:
             return None
-        values = {name: row[name] for name in dict.fromkeys([self.metric, "test/acc"]) if row[name] != ""}
-        return {"run_id": row["run_id"], "metrics": values}
+        return {"run_id": row["run_id"], "metrics": {name: row[name] for name in names if row[name] != ""}}
 
     def csv_rows(self) -> list[dict[str, Any]]:
         """Full precision: one row per config (with seeds swept) or per run."""
@@ -335,8 +298,8 @@ class Summary:
     def figure(self) -> Any:
         names = identity.short_keys(self.keys)
         if self.groups is not None:
-            return reports.group_figure(self.groups, self.config_keys, names, self.metric)
-        return reports.sweep_figure(self.rows, self.keys, names, self.metric)
+            return sweep_plots.group_figure(self.groups, self.config_keys, names, self.metric)
+        return sweep_plots.sweep_figure(self.rows, self.keys, names, self.metric)
 
 
 def display_rows(
@@ -399,17 +362,3 @@ def sweep_note(parent: Any, table: Summary, search: bool, story: dict[str, float
         )
     text = tables.text_table(table.display(mark="*"))  # the UI squeezes markdown tables
     return "\n\n".join([*lines, f"```\n{text}```", *table.footer()])
-
-
-def searched_values(parent: Any, best: Any) -> dict[str, str]:
-    """The best child's value of every key the search chose: hydra.sweeper.params and the sweep
-    overrides of the command line (both in sweep_params; older parents: also the overrides tag)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    overrides = json.loads(parent.data.tags.get("overrides", "[]"))
-    searched = list(json.loads(parent.data.tags.get("sweep_params", "{}")))
-    searched += [
-        o.key_or_group for o in OverridesParser.create().parse_overrides(overrides) if o.is_sweep_override()
-    ]
-    chosen = child_values(best)
-    return {key: chosen[key] for key in dict.fromkeys(searched) if key in chosen}

@@ -73,14 +73,10 @@ def prepare(
             images = images.contiguous(memory_format=torch.channels_last)
         return normalise(images, data.mean, data.std, dtype)
 
+    train = (move(data.train_images), data.train_labels.to(device))
+    test = (move(data.test_images), data.test_labels.to(device))
     val = (move(data.val_images), data.val_labels.to(device)) if data.has_val else (None, None)
-    return Tensors(
-        move(data.train_images),
-        data.train_labels.to(device),
-        move(data.test_images),
-        data.test_labels.to(device),
-        *val,
-    )
+    return Tensors(*train, *test, *val)
 
 
 @dataclass
@@ -194,9 +190,8 @@ class Loop:
         self.total_steps = total = math.ceil(self.steps_per_epoch * cfg.epochs)
         self.epochs = math.ceil(total / self.steps_per_epoch)
         # steps between a search's reports within an epoch (0: only at the epoch's end)
-        self.report_every = (
-            math.ceil(self.steps_per_epoch / reports_per_epoch) if reports_per_epoch > 1 else 0
-        )
+        every = math.ceil(self.steps_per_epoch / reports_per_epoch)
+        self.report_every = every if reports_per_epoch > 1 else 0
         self.loss_scale = 1  # trainer.half: the loss summed over each process's batch
         if cfg.half:
             self.loss_scale = cfg.batch_size // self.world
@@ -297,17 +292,9 @@ class Loop:
     def _evaluate(
         self, images: torch.Tensor, labels: torch.Tensor, split: str
     ) -> tuple[dict[str, float], torch.Tensor]:
-        return evaluate(
-            unwrap_model(self.model) if self.world > 1 else self.model,  # no collectives
-            images,
-            labels,
-            self.classes,
-            self.cfg.test_batch_size,
-            self.cfg.tta,
-            self.cfg.autocast,
-            self.cfg.autocast_dtype,
-            split,
-        )
+        model = unwrap_model(self.model) if self.world > 1 else self.model  # no collectives
+        settings = (self.cfg.test_batch_size, self.cfg.tta, self.cfg.autocast, self.cfg.autocast_dtype)
+        return evaluate(model, images, labels, self.classes, *settings, split)
 
     def _report_within_epoch(self) -> None:
         """A search's report between two of an epoch's ends: the validation metrics now, recorded

@@ -241,12 +241,12 @@ def test_sweep_parent_holds_the_summary(server_sweep: Sweep, tmp_path: Path) -> 
 
 # ---------------------------------------------------------------- hyperparameter search
 def test_search_history_figure_marks_failed_trials() -> None:
-    from cifar_exp import reports
+    from cifar_exp import sweep_plots
 
-    fig = reports.search_history_figure([0.2, None, 0.5, 0.3])
+    fig = sweep_plots.search_history_figure([0.2, None, 0.5, 0.3])
     ax = fig.axes[0]
     best_so_far = next(line for line in ax.lines if line.get_label() == "best so far")
     assert list(best_so_far.get_ydata()) == [0.2, 0.5, 0.5]
     failed = next(line for line in ax.lines if line.get_label() == "failed")
     assert list(failed.get_xdata()) == [2]
-    reports.close(fig)
+    sweep_plots.close(fig)

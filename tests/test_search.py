@@ -380,14 +380,16 @@ def test_compare_tells_pruned_from_finished(
 
 
 def test_the_search_history_marks_pruned_trials() -> None:
-    from cifar_exp import reports
+    from cifar_exp import sweep_plots
 
-    fig = reports.search_history_figure([0.2, 0.1, 0.5, 0.3, None], pruned=[False, True, False, False, False])
+    fig = sweep_plots.search_history_figure(
+        [0.2, 0.1, 0.5, 0.3, None], pruned=[False, True, False, False, False]
+    )
     lines = {line.get_label(): line for line in fig.axes[0].lines}
     assert list(lines["best so far"].get_ydata()) == [0.2, 0.5, 0.5]  # finished trials only
     assert list(lines["pruned (last value)"].get_xdata()) == [2]
     assert list(lines["failed"].get_xdata()) == [5]
-    reports.close(fig)
+    sweep_plots.close(fig)
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from cifar_exp import commands, reports, sweep_summary, sweeps, tables, ui_server
+from cifar_exp import commands, sweep_plots, sweep_summary, sweeps, tables, ui_server
 from cifar_exp.errors import UserError
 from cifar_exp.tracking import identity
 
@@ -244,7 +244,7 @@ def test_seeds_are_replicates_grouped_with_mean_ci_and_welchs_test(seeded: tuple
     figure = summary.figure()  # means with their confidence intervals as error bars
     assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["4", "8", "16"]
     assert len(figure.axes[0].containers) == 2  # val/acc and test/acc, each with error bars
-    reports.close(figure)
+    sweep_plots.close(figure)
 
 
 def test_one_seed_per_group_has_no_error_bars_and_no_test(seeded: tuple[Any, list[Any]]) -> None:
@@ -280,18 +280,18 @@ def test_sweep_plot_one_panel_per_varying_key_or_a_heatmap(grid: tuple[Any, list
     parent, children = grid
     two = sweep_summary.varying_keys(parent, children)
     rows = sweep_summary.summary_rows(children, [*two, "seed"], {}, "test/acc")
-    heatmap = reports.sweep_figure(rows, two, identity.short_keys(two))
+    heatmap = sweep_plots.sweep_figure(rows, two, identity.short_keys(two))
     assert len(heatmap.axes) == 2 and heatmap.axes[0].images  # the grid and its colour bar
     assert [t.get_text() for t in heatmap.axes[0].get_xticklabels()] == ["4", "8", "16"]
-    assert png_size(reports.figure_png(heatmap))[0] <= 1000
-    one = reports.sweep_figure(rows, ["model.conv1_out"], {"model.conv1_out": "conv1_out"})
+    assert png_size(sweep_plots.figure_png(heatmap))[0] <= 1000
+    one = sweep_plots.sweep_figure(rows, ["model.conv1_out"], {"model.conv1_out": "conv1_out"})
     assert [ax.get_xlabel() for ax in one.axes] == ["conv1_out"]
-    width, height = png_size(reports.figure_png(one))
+    width, height = png_size(sweep_plots.figure_png(one))
     assert 400 <= width <= 1000 and 300 <= height <= 800  # legible in MLflow's artifact preview
-    three = reports.sweep_figure(rows, [*two, "seed"])
+    three = sweep_plots.sweep_figure(rows, [*two, "seed"])
     visible = [ax for ax in three.axes if ax.get_visible()]
     assert [ax.get_xlabel() for ax in visible] == [*two, "seed"]
-    assert png_size(reports.figure_png(three))[0] <= 1000  # two panels a row, not one long strip
+    assert png_size(sweep_plots.figure_png(three))[0] <= 1000  # two panels a row, not one long strip
 
 
 # ---------------------------------------------------------------- a tidy store
