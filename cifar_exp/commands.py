@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import yaml
 
-from cifar_exp import reports, sweep_summary, tables, ui_server
+from cifar_exp import reports, run_names, sweep_summary, tables, ui_server
 from cifar_exp.config import TrackingConfig
 from cifar_exp.errors import UserError, first_line
 from cifar_exp.store_reading import asking, find_experiment, find_sweep, open_store
@@ -242,7 +242,7 @@ def rerun(
         tags = None
         if not resume:
             recorded = json.loads(original.data.tags.get("overrides", "[]"))  # named by its own values
-            tags = {"rerun_of": run_id, "mlflow.runName": identity.rerun_name(recorded, overrides)}
+            tags = {"rerun_of": run_id, "mlflow.runName": run_names.rerun_name(recorded, overrides)}
         hydra_main(["--config-dir", tmp, "--config-name", "rerun", *overrides], tags)
     return 0
 

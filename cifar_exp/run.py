@@ -145,7 +145,7 @@ def search_reporting(link: trial.TrialLink | None) -> dict[str, Any]:
     }
 
 
-def record_inputs(tracker: runs.Tracker, data: ImageData) -> None:
+def record_inputs(tracker: runs.RecordWriter, data: ImageData) -> None:
     """The first records of a new run: what trained it (the fallback may stand in), which images
     it held out to choose on, and a grid of its training images."""
     split = {f"split/{k}": v for k, v in (data.split or {"val_images": "0"}).items()}

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cifar_exp import replicates, sweep_plots, tables
+from cifar_exp import replicates, run_names, sweep_plots, tables
 from cifar_exp.evaluation import chosen_metric
 from cifar_exp.search.outcome import PRUNED, history, search_story, searched_values
 from cifar_exp.search.study import stored_best
@@ -114,7 +114,7 @@ def child_values(run: Any) -> dict[str, str]:
     also name config groups, e.g. model=airbench94)."""
     values = dict(run.data.params)
     for item in json.loads(run.data.tags.get("overrides", "[]")):
-        key, value = identity.split_override(item)
+        key, value = run_names.split_override(item)
         values[key] = value
     return values
 
@@ -127,7 +127,7 @@ def varying_keys(parent: Any, children: list[Any]) -> list[str]:
     values = [child_values(child) for child in children]
     if not swept:
         overrides = [json.loads(c.data.tags.get("overrides", "[]")) for c in children]
-        keys = [identity.split_override(item)[0] for items in overrides for item in items]
+        keys = [run_names.split_override(item)[0] for items in overrides for item in items]
         swept = [k for k in dict.fromkeys(keys) if not k.startswith(("mlflow.", "hydra."))]
     varying = [key for key in swept if len({v.get(key, "") for v in values}) > 1]
     return varying or swept
@@ -238,12 +238,12 @@ class Summary:
     def display(self, mark: str = "★") -> list[dict[str, str]]:
         if self.groups is None:
             return display_rows(self.rows, self.keys, mark, self.metric)
-        short = identity.short_keys(self.config_keys)
+        short = run_names.short_keys(self.config_keys)
         epochs = {r["run_id"]: r["epochs"] for r in self.rows if r["status"] == "FINISHED"}
         out = []
         for g in self.groups:
             row = {"best": mark if g["best"] else ""}
-            row.update({short[k]: identity.short_value(str(g[k])) for k in self.config_keys})
+            row.update({short[k]: run_names.short_value(str(g[k])) for k in self.config_keys})
             row["n"] = str(g["n"])
             if len(set(epochs.values())) > 1:  # its finished seeds' epochs: "2", or "2-4" when they differ
                 trained = sorted({epochs[i] for i in g["run_ids"].split() if i in epochs}) or [""]
@@ -296,7 +296,7 @@ class Summary:
         return f"{head}\n{table}" + "".join(f"{line}\n" for line in self.footer())
 
     def figure(self) -> Any:
-        names = identity.short_keys(self.keys)
+        names = run_names.short_keys(self.keys)
         if self.groups is not None:
             return sweep_plots.group_figure(self.groups, self.config_keys, names, self.metric)
         return sweep_plots.sweep_figure(self.rows, self.keys, names, self.metric)
@@ -309,14 +309,14 @@ def display_rows(
     key names, `metric` and test/acc (choosing on the test split: test/acc and test/loss) to 4
     decimals, training seconds to 0.01, the epochs and the status only when not all the same,
     and the run id's first 8 characters."""
-    short = identity.short_keys(keys)
+    short = run_names.short_keys(keys)
     all_finished = all(r["status"] == "FINISHED" for r in rows)
     same_epochs = len({r["epochs"] for r in rows if r["status"] == "FINISHED"}) <= 1
     columns = [metric, "test/acc"] if not metric.startswith("test/") else [metric, "test/acc", "test/loss"]
     out = []
     for r in rows:
         row = {"best": mark if r["best"] else ""}
-        row.update({short[k]: identity.short_value(str(r[k])) for k in keys})
+        row.update({short[k]: run_names.short_value(str(r[k])) for k in keys})
         row.update({name: _fraction(r[name]) for name in dict.fromkeys(columns)})
         row["train s"] = "" if r["train_s"] == "" else f"{r['train_s']:.2f}"
         if not same_epochs:
@@ -334,7 +334,7 @@ def sweep_note(parent: Any, table: Summary, search: bool, story: dict[str, float
     the lines under it (as `cifar-exp compare` prints them)."""
     link = f"#/experiments/{parent.info.experiment_id}/runs/{{}}?{store.MODEL_TRAINING_VIEW}"
     rows, metric = table.rows, table.metric
-    short = identity.short_keys(table.keys)
+    short = run_names.short_keys(table.keys)
     statuses = [r["status"] for r in rows]
     done = "all finished" if set(statuses) == {"FINISHED"} else f"{statuses.count('FINISHED')} finished"
     if statuses.count(PRUNED):
@@ -345,7 +345,7 @@ def sweep_note(parent: Any, table: Summary, search: bool, story: dict[str, float
     if best is not None:
         row = next(r for r in rows if r["run_id"] == best["run_id"])
         keys = table.config_keys
-        values = ",".join(f"{short[k]}={identity.short_value(str(row[k]))}" for k in keys)
+        values = ",".join(f"{short[k]}={run_names.short_value(str(row[k]))}" for k in keys)
         scores = ", ".join(
             f"{name} {ACC_FORMAT.format(v)}" for name, v in best["metrics"].items() if name != "n"
         )

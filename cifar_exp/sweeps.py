@@ -16,6 +16,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from cifar_exp import run_names
 from cifar_exp.errors import UserError
 from cifar_exp.search import space
 from cifar_exp.search import study as search_study
@@ -199,7 +200,7 @@ def sweep_name(swept: dict[str, str], search: bool, started: float) -> str:
     """'sweep conv1_out=8,16,32 lr=0.01,0.1 @ 06-12 15:30:12': what it varies (short keys; only the
     keys when the values are long, or for a search, whose values are distributions) and when it
     started, which tells two sweeps of the same keys apart."""
-    short = identity.short_keys(list(swept))
+    short = run_names.short_keys(list(swept))
     what = " ".join(f"{short[key]}={values}" for key, values in swept.items())
     if search or len(what) > 48:
         what = ",".join(short.values())

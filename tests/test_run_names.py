@@ -12,8 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cifar_exp import commands
-from cifar_exp.tracking import identity
+from cifar_exp import commands, run_names
 
 TOKEN = r" #[a-z0-9]{6}"
 
@@ -25,12 +24,12 @@ def body(name: str) -> str:
 
 
 def test_a_single_run_is_named_by_its_experiment_and_changed_keys() -> None:
-    assert body(identity.run_name([], [])) == "default"
+    assert body(run_names.run_name([], [])) == "default"
     assert body(
-        identity.run_name(["model.conv1_out=8", "mlflow.tracking_uri=x", "optimizer.lr=0.01"], [])
+        run_names.run_name(["model.conv1_out=8", "mlflow.tracking_uri=x", "optimizer.lr=0.01"], [])
     ) == ("conv1_out=8,lr=0.01")
     typed = ["trainer.epochs=1", "experiment=tutorial_fast", "hydra.run.dir=/tmp/x", "hydra/launcher=joblib"]
-    assert body(identity.run_name(typed, [])) == "tutorial_fast,epochs=1"
+    assert body(run_names.run_name(typed, [])) == "tutorial_fast,epochs=1"
 
 
 @pytest.mark.parametrize(
@@ -46,7 +45,7 @@ def test_a_single_run_is_named_by_its_experiment_and_changed_keys() -> None:
     ],
 )
 def test_a_name_never_holds_a_path(override: str, shown: str | None) -> None:
-    name = body(identity.run_name(["experiment=tutorial_fast", override, "trainer.epochs=1"], []))
+    name = body(run_names.run_name(["experiment=tutorial_fast", override, "trainer.epochs=1"], []))
     assert name == ",".join(filter(None, ["tutorial_fast", shown, "epochs=1"]))
     assert "/" not in name and "\\" not in name
 
@@ -57,8 +56,8 @@ def test_the_issues_long_name_is_short_and_ends_with_what_is_tried() -> None:
         "experiment=tutorial_fast", "dataset=imagefolder", "dataset.root=/path/to/cifar10",
         "trainer.batch_size=512", "model.conv1_out=8", "optimizer.lr=0.0123456", "trainer.epochs=1",
     ]  # fmt: skip
-    name = identity.run_name(typed, [])
-    assert len(name) <= identity.NAME_CHARS == 60
+    name = run_names.run_name(typed, [])
+    assert len(name) <= run_names.NAME_CHARS == 60
     assert body(name).startswith("tutorial_fast,…+") and body(name).endswith(",lr=0.01235,epochs=1"), name
 
 
@@ -69,24 +68,24 @@ def test_names_stay_within_60_characters_whatever_is_typed() -> None:
             f"{'g' * rng.randint(1, 30)}.{'k' * rng.randint(1, 40)}{j}={'v' * rng.randint(0, 60)}"
             for j in range(rng.randint(0, 10))
         ]
-        assert len(identity.run_name(typed, [])) <= identity.NAME_CHARS, typed
-        assert len(identity.rerun_name(typed, typed[:1])) <= identity.NAME_CHARS, typed
+        assert len(run_names.run_name(typed, [])) <= run_names.NAME_CHARS, typed
+        assert len(run_names.rerun_name(typed, typed[:1])) <= run_names.NAME_CHARS, typed
 
 
 def test_two_runs_of_the_same_config_never_share_a_name() -> None:
     """`make run` twice: both 'default' before; now each has its own token."""
-    names = [identity.run_name([], []) for _ in range(1000)]
+    names = [run_names.run_name([], []) for _ in range(1000)]
     assert len(set(names)) == len(names)
     assert {body(name) for name in names} == {"default"}
 
 
 def test_a_sweeps_job_keeps_its_swept_values_as_its_name() -> None:
-    assert identity.run_name(["seed=3", "model.conv1_out=16"], ["model.conv1_out"]) == "conv1_out=16"
+    assert run_names.run_name(["seed=3", "model.conv1_out=16"], ["model.conv1_out"]) == "conv1_out=16"
 
 
 def test_a_rerun_is_named_by_its_own_values(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """`rerun RUN_ID trainer.epochs=3` of a run trained with trainer.epochs=1: epochs=3 in its name."""
-    assert body(identity.rerun_name(["trainer.epochs=1", "optimizer.lr=0.01"], ["trainer.epochs=3"])) == (
+    assert body(run_names.rerun_name(["trainer.epochs=1", "optimizer.lr=0.01"], ["trainer.epochs=3"])) == (
         "rerun:epochs=3,lr=0.01"
     )
     snapshot = tmp_path / "config.yaml"
@@ -114,5 +113,5 @@ def test_without_an_experiment_the_last_overrides_typed_stay() -> None:
         "optimizer=adam",
         "optimizer.lr=0.01",
     ]
-    name = body(identity.run_name(typed, []))
+    name = body(run_names.run_name(typed, []))
     assert name.startswith("…+") and name.endswith(",conv1_out=8,optimizer=adam,lr=0.01"), name

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from cifar_exp import commands, sweep_plots, sweep_summary, sweeps, tables, ui_server
+from cifar_exp import commands, run_names, sweep_plots, sweep_summary, sweeps, tables, ui_server
 from cifar_exp.errors import UserError
 from cifar_exp.tracking import identity
 
@@ -41,11 +41,11 @@ SMALL = [  # as a user types it: fixed overrides first
 
 # ---------------------------------------------------------------- names
 def test_short_keys_are_the_shortest_unambiguous_endings() -> None:
-    assert identity.short_keys(["model.conv1_out", "optimizer.lr"]) == {
+    assert run_names.short_keys(["model.conv1_out", "optimizer.lr"]) == {
         "model.conv1_out": "conv1_out",
         "optimizer.lr": "lr",
     }
-    assert identity.short_keys(["optimizer.lr", "scheduler.lr", "seed"]) == {
+    assert run_names.short_keys(["optimizer.lr", "scheduler.lr", "seed"]) == {
         "optimizer.lr": "optimizer.lr",
         "scheduler.lr": "scheduler.lr",
         "seed": "seed",
@@ -55,8 +55,8 @@ def test_short_keys_are_the_shortest_unambiguous_endings() -> None:
 def test_a_sweeps_job_is_named_by_its_swept_values_only() -> None:
     overrides = [*SMALL, "+extra=1", "model.conv1_out=16", "optimizer.lr=0.0123456789"]
     swept = ["model.conv1_out", "optimizer.lr"]
-    assert identity.run_name(overrides, swept) == "conv1_out=16,lr=0.01235"
-    assert identity.run_name(["model=airbench94", "seed=3"], ["model", "seed"]) == "model=airbench94,seed=3"
+    assert run_names.run_name(overrides, swept) == "conv1_out=16,lr=0.01235"
+    assert run_names.run_name(["model=airbench94", "seed=3"], ["model", "seed"]) == "model=airbench94,seed=3"
 
 
 def test_sweep_overrides_split_what_varies_from_what_is_fixed() -> None:
@@ -96,7 +96,7 @@ def test_a_sweeps_parent_is_named_by_what_it_varies_and_when() -> None:
 
 # ---------------------------------------------------------------- the summary, on fake runs
 def fake_run(n: int, overrides: list[str], acc: float | None, status: str = "FINISHED", **tags: str) -> Any:
-    values = dict(identity.split_override(o) for o in overrides)
+    values = dict(run_names.split_override(o) for o in overrides)
     metrics = {} if acc is None else {"test/acc": acc, "test/loss": 2.0 - acc}
     return SimpleNamespace(
         info=SimpleNamespace(
@@ -280,7 +280,7 @@ def test_sweep_plot_one_panel_per_varying_key_or_a_heatmap(grid: tuple[Any, list
     parent, children = grid
     two = sweep_summary.varying_keys(parent, children)
     rows = sweep_summary.summary_rows(children, [*two, "seed"], {}, "test/acc")
-    heatmap = sweep_plots.sweep_figure(rows, two, identity.short_keys(two))
+    heatmap = sweep_plots.sweep_figure(rows, two, run_names.short_keys(two))
     assert len(heatmap.axes) == 2 and heatmap.axes[0].images  # the grid and its colour bar
     assert [t.get_text() for t in heatmap.axes[0].get_xticklabels()] == ["4", "8", "16"]
     assert png_size(sweep_plots.figure_png(heatmap))[0] <= 1000
@@ -410,7 +410,7 @@ def test_sweep_names_parent_and_children_by_what_varies(recorded: Recorded) -> N
     assert sorted(c.info.run_name for c in children) == ["conv1_out=4", "conv1_out=8"]
     assert parent.info.run_name.startswith("sweep conv1_out=4,8 @ ")
     assert json.loads(parent.data.tags["sweep_params"]) == {"model.conv1_out": "4,8"}
-    fixed = dict(identity.split_override(o) for o in SMALL)
+    fixed = dict(run_names.split_override(o) for o in SMALL)
     assert parent.data.params == {**fixed, "model.conv1_out": "4,8"}
     best = max(children, key=lambda c: (c.data.metrics["val/acc"], -c.data.metrics["val/loss"]))
     assert parent.data.tags["best_run_id"] == best.info.run_id  # chosen on the validation split

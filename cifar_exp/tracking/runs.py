@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifar_exp.config import TrackingConfig
 from cifar_exp.errors import TrialPruned, first_line
+from cifar_exp.run_names import run_name
 from cifar_exp.tracking import leases
 from cifar_exp.tracking.identity import (
     HASH_TAG,
@@ -25,7 +26,6 @@ from cifar_exp.tracking.identity import (
     config_hash,
     flatten,
     git_state,
-    run_name,
     task_overrides,
 )
 from cifar_exp.tracking.records import UNRECORDED_METRICS, Files, Opener, RecordWriter

@@ -21,8 +21,9 @@ from typing import Any
 
 from cifar_exp.config import TrackingConfig
 from cifar_exp.errors import UserError, first_line
+from cifar_exp.run_names import run_name
 from cifar_exp.tracking import leases
-from cifar_exp.tracking.identity import HASH_TAG, config_hash, run_name
+from cifar_exp.tracking.identity import HASH_TAG, config_hash
 from cifar_exp.tracking.records import UNRECORDED_ARTIFACTS, UNRECORDED_METRICS, batches
 from cifar_exp.tracking.store import ensure_experiment, tracking_uri
 
