@@ -176,7 +176,7 @@ DRIVER = """
 import sys
 from cifar_exp import signals, ui_server
 signals.install()  # as cifar-exp does: SIGTERM raised like Ctrl-C
-ui_server.STOP_GRACE_S = 1
+ui_server.STOP_GRACE_S = 0.2  # the deaf child outwaits any grace: only a wait
 port, pids, fake = sys.argv[1:]
 command = [sys.executable, fake, port, pids]
 sys.exit(ui_server.serve(command, f"http://127.0.0.1:{port}", lambda s: print("ready", flush=True)))
