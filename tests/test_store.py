@@ -250,10 +250,13 @@ def test_retrying_waits_out_a_busy_store_and_raises_anything_else(monkeypatch: p
         )
 
 
-def test_a_dead_store_delays_the_end_of_a_run_by_at_most_end_wait(tmp_path: Path) -> None:
+def test_a_dead_store_delays_the_end_of_a_run_by_at_most_end_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The run never opened (the store refused every connection, retried for up to 60 s while
     training went on): its end waits at most END_WAIT_S more, then everything is in the folder and
     the last line names the sync command. Bounded by the writer's own rule, not measured."""
+    monkeypatch.setattr(records, "END_WAIT_S", 0.5)  # the rule, not its 3 s: they would only be waited
 
     def dead() -> tuple[Any, str]:
         raise ConnectionError("Connection refused")
