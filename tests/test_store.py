@@ -492,10 +492,11 @@ def test_mlflow_retries_each_request_a_bounded_number_of_times(
 
     for name in tracking_store.HTTP_RETRY_DEFAULTS:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")  # a user's value wins
+    # a user's value wins (here no backoff: the default's 1 + 2 s between tries only wait)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     tracking_store.limit_http_retries()
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
-    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+    assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "0"
 
     uri, accepted = silent_server
     with pytest.raises(MlflowException) as error:
