@@ -1,8 +1,8 @@
 """The whole program, end to end, on generated data: what a user sees after `python -m cifar_exp`.
-Commands run in temporary folders (Hydra writes outputs/ and multirun/ there) with tracking off,
-in this process through the front door's own code (conftest's main_in_process), a fresh clone
-offline on the bundled sample too. (One tracked run's output, in a real process, and that
-tracking leaves its numbers alone, are tests/test_tracking.py's.)
+Commands run in temporary folders (Hydra writes outputs/ and multirun/ there) in this process
+through the front door's own code (conftest's main_in_process), with tracking off but for a fresh
+clone offline on the bundled sample, whose run records the data it fell back to. (One tracked
+run's output, and that tracking leaves its numbers alone, are tests/test_tracking.py's.)
 Hydra's job logging (loss lines, epoch summaries) goes to stdout, as do the report's prints."""
 
 from __future__ import annotations
