@@ -264,6 +264,43 @@ class Ended:
     stderr: str
 
 
+def _main_here(args: tuple[str, ...]) -> int:
+    """cifar_exp.__main__.main with `args`, in this process: its exit status. What a command
+    changes of its process is put back when it ends: sys.argv and sys.path, the environment, the
+    SIGINT/SIGTERM handlers, Hydra's record of the job it ran (HydraConfig: run() called directly
+    would take it for its own job); its exit hooks (atexit: a failed sweep's parent run is closed
+    then) run then, as at a process's exit."""
+    import atexit
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from cifar_exp.__main__ import main
+
+    at_exit: list[Callable[[], Any]] = []
+    environ = dict(os.environ)
+    signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.MonkeyPatch.context() as inner:
+        inner.setattr(sys, "argv", ["cifar-exp", *args])
+        inner.setattr(sys, "path", sys.path[:])
+        inner.setattr(atexit, "register", lambda f, *a, **k: at_exit.append(lambda: f(*a, **k)) or f)
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        finally:
+            for hook in reversed(at_exit):
+                hook()
+            os.environ.clear()
+            os.environ.update(environ)
+            for signum, handler in signals.items():
+                signal.signal(signum, handler)
+            HydraConfig.instance().cfg = None
+            GlobalHydra.instance().clear()
+    return code
+
+
 @pytest.fixture
 def main_in_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -272,50 +309,43 @@ def main_in_process(
     point (cifar_exp.__main__.main: Hydra's command line or a subcommand, compose, the task, the
     one-line report) without a new interpreter's ~4 s of imports. What only a real process shows
     (the exit status the shell gets, signals, a clean environment) needs start_cli. What a command
-    changes of its process is put back when it ends: sys.argv and sys.path, the environment, the
-    SIGINT/SIGTERM handlers, Hydra's record of the job it ran (HydraConfig: run() called directly
-    would take it for its own job); its exit hooks (atexit: a failed sweep's parent run is closed
-    then) run then, as at a process's exit; and Hydra's logging handlers are taken away after the
-    test."""
-    import atexit
+    changes of its process is put back when it ends (see _main_here), and Hydra's logging handlers
+    are taken away after the test."""
     import logging
-
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    from cifar_exp.__main__ import main
 
     monkeypatch.chdir(tmp_path)
     handlers = logging.getLogger().handlers[:]
 
     def run(*args: str) -> Ended:
         capsys.readouterr()
-        at_exit: list[Callable[[], Any]] = []
-        environ = dict(os.environ)
-        signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        with monkeypatch.context() as patch:
-            patch.setattr(sys, "argv", ["cifar-exp", *args])
-            patch.setattr(sys, "path", sys.path[:])
-            patch.setattr(atexit, "register", lambda f, *a, **k: at_exit.append(lambda: f(*a, **k)) or f)
-            try:
-                main()
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
-            finally:
-                for hook in reversed(at_exit):
-                    hook()
-                os.environ.clear()
-                os.environ.update(environ)
-                for signum, handler in signals.items():
-                    signal.signal(signum, handler)
-                HydraConfig.instance().cfg = None
-                GlobalHydra.instance().clear()
+        code = _main_here(args)
         out, err = capsys.readouterr()
         return Ended(code, out, err)
 
     yield run
     logging.getLogger().handlers[:] = handlers
+
+
+def run_in_process(*args: str, cwd: Path, env: dict[str, str | None] | None = None) -> Ended:
+    """main_in_process for fixtures wider than one test (which cannot take it): `cifar-exp ARGS`
+    in this process from `cwd`, with `env` set (None unsets) while it runs, its output captured
+    here; Hydra's logging handlers are taken away after it."""
+    import contextlib
+    import logging
+
+    handlers = logging.getLogger().handlers[:]
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        for key, value in (env or {}).items():
+            if value is None:
+                patch.delenv(key, raising=False)
+            else:
+                patch.setenv(key, value)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = _main_here(args)
+    logging.getLogger().handlers[:] = handlers
+    return Ended(code, out.getvalue(), err.getvalue())
 
 
 def signal_ignored(signum: int) -> bool:
@@ -392,7 +422,7 @@ class Sweep:
 
     store: Store
     cwd: Path  # where it ran: Hydra's multirun/ is in it
-    result: subprocess.CompletedProcess[str]
+    result: subprocess.CompletedProcess[str] | Ended  # Ended: run in this process
     parent: Any
     children: list[Any]  # in start order
 
@@ -403,12 +433,16 @@ class Sweep:
 
 
 def finished_sweep(store: Store, command: Command) -> Sweep:
-    result = command.result()
+    return recorded_sweep(store, command.result(), command.cwd)
+
+
+def recorded_sweep(store: Store, result: subprocess.CompletedProcess[str] | Ended, cwd: Path) -> Sweep:
+    """The sweep that ended with `result` (run from `cwd`), read back from its store."""
     runs = store.runs()
     parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
     assert len(parents) == 1, f"{[r.info.run_name for r in runs]}\n{result.stdout}\n{result.stderr}"
     children = [r for r in runs if r.info.run_id != parents[0].info.run_id]
-    return Sweep(store, command.cwd, result, parents[0], children)
+    return Sweep(store, cwd, result, parents[0], children)
 
 
 @pytest.fixture(scope="session")

@@ -141,16 +141,16 @@ HALF = ["trainer.half=true", "trainer.autocast=false"]
 def test_airbench94_experiment_trains_a_few_batches_on_cpu(main_in_process, precision: list[str]) -> None:
     result = main_in_process(
         "experiment=airbench94",
-        *synthetic(train=256, test=100, epochs=1.5, batch=128, log_every=None),  # 3 steps, epoch 2 cut short
-        "model.block1=16",
-        "model.block2=32",
-        "model.block3=32",
+        *synthetic(train=128, test=50, epochs=1.5, batch=64, log_every=None),  # 3 steps, epoch 2 cut short
+        "model.block1=8",
+        "model.block2=8",
+        "model.block3=8",
         "mlflow.enabled=false",
         *precision,
     )
     assert result.returncode == 0, result.stderr
     assert "epoch 2/2:" in result.stdout
-    assert re.search(r"Accuracy of the network on the 100 test images: \d+ %", result.stdout)
+    assert re.search(r"Accuracy of the network on the 50 test images: \d+ %", result.stdout)
 
 
 # ---------------------------------------------------------------- the training loop's options

@@ -13,17 +13,23 @@ from conftest import compose_config, ok, start, synthetic
 
 from cifar_exp.config import build
 
-# 640 images in global batches of 16; each command names its device.
-ARGS = [*synthetic(train=640, test=200, epochs=2, batch=16, log_every=10, device=None), "optimizer.lr=0.01"]
+# 320 images in global batches of 16 (20 steps an epoch, the loss logged every 10); each command
+# names its device.
+ARGS = [*synthetic(train=320, test=100, epochs=2, batch=16, log_every=10, device=None), "optimizer.lr=0.01"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def test_two_gloo_processes_match_one_process(new_store, tmp_path: Path) -> None:
+def test_two_gloo_processes_match_one_process(
+    new_store, main_in_process, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The one process is this one (main_in_process), training while torchrun's two start."""
     single, ddp = new_store("single"), new_store("ddp")
-    one = single.start_cli("device=cpu", *ARGS)  # both at once: they share the cores
     env = {"MLFLOW_TRACKING_URI": ddp.uri}
-    two = ok(start([*TORCHRUN, "-m", "cifar_exp", "device=ddp", *ARGS], ddp.cwd, env).result())
-    ok(one.result())
+    started = start([*TORCHRUN, "-m", "cifar_exp", "device=ddp", *ARGS], ddp.cwd, env)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", single.uri)
+    one = main_in_process("device=cpu", *ARGS)
+    two = ok(started.result())
+    assert one.returncode == 0, one.stderr
     assert two.stdout.count("Accuracy of the network") == 1, "only rank 0 reports"
 
     [a] = single.runs()  # exactly one run each: only rank 0 talks to MLflow

@@ -1,8 +1,8 @@
 """The whole program, end to end, on generated data: what a user sees after `python -m cifar_exp`.
-Commands run in temporary folders (Hydra writes outputs/ and multirun/ there) with tracking off,
-in this process through the front door's own code (conftest's main_in_process), but for one real
-command: a fresh clone offline, on the bundled sample. (One tracked run's output, and that
-tracking leaves its numbers alone, are tests/test_tracking.py's.)
+Commands run in temporary folders (Hydra writes outputs/ and multirun/ there) in this process
+through the front door's own code (conftest's main_in_process), with tracking off but for a fresh
+clone offline on the bundled sample, whose run records the data it fell back to. (One tracked
+run's output, and that tracking leaves its numbers alone, are tests/test_tracking.py's.)
 Hydra's job logging (loss lines, epoch summaries) goes to stdout, as do the report's prints."""
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from conftest import (
     TOTAL,
     Ended,
     accuracy_report,
-    ok,
-    run_cli,
     synthetic,
 )
 
@@ -107,18 +105,20 @@ def test_cifar10_run_in_process(
     assert {f"test/acc/{c}" for c in cifar_folder.classes} <= set(metrics)
 
 
-def test_offline_clone_trains_on_the_bundled_sample(tmp_path: Path, mlflow_store: str) -> None:
+def test_offline_clone_trains_on_the_bundled_sample(
+    main_in_process, fresh_data_cache, tmp_path: Path, mlflow_store: str
+) -> None:
     """A fresh clone offline: no data/, so the default dataset falls back to the CIFAR-10 sample
     with one warning line, the report and the MLflow run say so, and a short recipe still clearly
-    beats chance (10 %)."""
-    result = run_cli(
-        "experiment=tutorial_fast",
-        "trainer.batch_size=32",  # 2 epochs of 157 steps on the 5,000 images: about 39 %
-        "dataset.download=false",  # offline even where there is a network
-        "device=cpu",
-        cwd=tmp_path,
+    beats chance (10 %). (In this process, data cache emptied: what a fresh process would load.)"""
+    result = clean_exit(
+        main_in_process(
+            "experiment=tutorial_fast",
+            "trainer.batch_size=32",  # 2 epochs of 157 steps on the 5,000 images: about 39 %
+            "dataset.download=false",  # offline even where there is a network
+            "device=cpu",
+        )
     )
-    ok(result)
     (warning,) = [
         line for line in result.stdout.splitlines() if "not found" in line and "Trained" not in line
     ]

@@ -107,13 +107,13 @@ def test_yaml_meanings_are_read_beside_or_above_each_key(tmp_path: Path) -> None
     }
 
 
-def test_help_prints_the_meanings_and_refuses_a_bad_override_in_one_line(run_cli, tmp_path: Path) -> None:
-    result = run_cli("experiment=airbench94", "--help", cwd=tmp_path, timeout=60)
+def test_help_prints_the_meanings_and_refuses_a_bad_override_in_one_line(main_in_process) -> None:
+    result = main_in_process("experiment=airbench94", "--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("cifar-exp: train CIFAR-10 classifiers")
     assert "== Configuration groups ==" in result.stdout and "HYDRA_FULL_ERROR=1" in result.stdout
     assert re.search(r"\n  tta: 2 +# test-time augmentation: 0 none", result.stdout)
     assert re.search(r"\n  cache_dir: null +# null: \$CIFAR_EXP_CACHE_DIR", result.stdout)
-    refused = run_cli("trainer.tta=x", "--help", cwd=tmp_path, timeout=60)
+    refused = main_in_process("trainer.tta=x", "--help")
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert "trainer.tta=x" in refused.stderr and not refused.stdout

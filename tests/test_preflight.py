@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, free_port, run_cli, start_cli, wait_until
+from conftest import cli_env, free_port, start_cli, wait_until
 from omegaconf import OmegaConf
 
 from cifar_exp import commands, ui_server
@@ -58,14 +58,14 @@ def test_a_sweep_folder_is_checked_before_the_sweep_opens_its_run(
     ]
 
 
-def test_a_run_into_a_folder_it_cannot_make_is_one_line_and_records_nothing(tmp_path: Path) -> None:
+def test_a_run_into_a_folder_it_cannot_make_is_one_line_and_records_nothing(
+    main_in_process, tmp_path: Path
+) -> None:
+    """In this process (the exit status a shell gets: test_errors.py's real command)."""
     (tmp_path / "file").write_text("")
     store = tmp_path / "store" / "mlflow.db"
-    result = run_cli(
-        "dataset=synthetic",
-        f"hydra.run.dir={tmp_path}/file/run",
-        f"mlflow.tracking_uri=sqlite:///{store}",
-        cwd=tmp_path,
+    result = main_in_process(
+        "dataset=synthetic", f"hydra.run.dir={tmp_path}/file/run", f"mlflow.tracking_uri=sqlite:///{store}"
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
@@ -176,7 +176,7 @@ DRIVER = """
 import sys
 from cifar_exp import signals, ui_server
 signals.install()  # as cifar-exp does: SIGTERM raised like Ctrl-C
-ui_server.STOP_GRACE_S = 1
+ui_server.STOP_GRACE_S = 0.2  # the deaf child outwaits any grace: only a wait
 port, pids, fake = sys.argv[1:]
 command = [sys.executable, fake, port, pids]
 sys.exit(ui_server.serve(command, f"http://127.0.0.1:{port}", lambda s: print("ready", flush=True)))

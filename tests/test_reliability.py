@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import Command, Store, cli_env, ok, signal_ignored, synthetic
+from conftest import Command, Ended, Store, cli_env, ok, run_in_process, signal_ignored, synthetic
 from mlflow.tracking import MlflowClient
 
 from cifar_exp import checkpoints, commands, signals
@@ -99,7 +99,8 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatc
 
 
 # ---------------------------------------------------------------- the commands, started together
-SWEEP = [*train(epochs=1), "model.conv1_out=4,8", "-m"]
+# Two jobs of 10 steps: what is tested is that the second sweep skips them, not their training.
+SWEEP = [*synthetic(train=320, test=100, epochs=1, batch=32, log_every=None), "model.conv1_out=4,8", "-m"]
 
 
 @dataclass
@@ -114,37 +115,48 @@ class Scenario:
     then: Command | None = None
 
 
+@dataclass
+class Started:
+    scenarios: dict[str, Scenario]  # only those whose signal reaches a command started here
+    whole: Store  # the uninterrupted run that "cut" is resumed to match, run in this process
+    whole_run: Ended
+
+
 @pytest.fixture(scope="module")
-def started(new_store) -> Iterator[dict[str, Scenario]]:
-    """The scenarios below, started together so that they share the cores. The two interrupted
-    runs get their signal here, mid-training (statuses_at_ctrl_c: the runs just before it); what
-    follows a command starts as soon as that has ended: the resume."""
+def started(new_store) -> Iterator[Started]:
+    """The interrupted runs, started together so that they share the cores, get their signal
+    here, mid-training (statuses_at_ctrl_c: the runs just before it); a scenario whose signal is
+    ignored here is not started (its test skips). The resume starts as soon as "cut" has ended;
+    the uninterrupted run then trains in this process beside it (conftest's run_in_process: the
+    numbers do not depend on which process computes them)."""
     first = {
-        "whole": [*train(), "hydra.run.dir=whole"],  # the run that "cut" is resumed to match
-        "cut": [*train(), "hydra.run.dir=cut"],
-        "ctrl_c": [*train(epochs=100), "hydra.run.dir=cut"],  # still training whenever it comes
-    }
-    then = {
-        "cut": lambda runs: ["resume", runs[-1].info.run_id],
+        "cut": (signal.SIGTERM, [*train(), "hydra.run.dir=cut"]),
+        "ctrl_c": (signal.SIGINT, [*train(epochs=100), "hydra.run.dir=cut"]),  # still training then
     }
     scenarios = {}
-    for name, args in first.items():
-        store = new_store(name)
-        scenarios[name] = Scenario(store, store.start_cli(*args))
+    for name, (signum, args) in first.items():
+        if not signal_ignored(signum):
+            store = new_store(name)
+            scenarios[name] = Scenario(store, store.start_cli(*args))
     try:
-        scenarios["cut"].first.wait_for(r"^\[2,\s+25\] loss")  # mid-epoch 2, 375 of 600 steps to go
-        scenarios["cut"].first.proc.send_signal(signal.SIGTERM)
-        scenarios["ctrl_c"].first.wait_for(r"^\[1,\s+50\] loss")
-        scenarios["ctrl_c"].first.wait_for(r"^MLflow run [0-9a-f]{32} ")  # opened in the background
-        scenarios["ctrl_c"].runs = scenarios["ctrl_c"].store.runs()
-        scenarios["ctrl_c"].first.proc.send_signal(signal.SIGINT)
-        for name, follow in then.items():
-            scenario = scenarios[name]
-            scenario.result = scenario.first.result()
-            scenario.runs = scenario.store.runs()
-            if scenario.runs:  # else its test fails on what `first` did
-                scenario.then = scenario.store.start_cli(*follow(scenario.runs))
-        yield scenarios
+        if cut := scenarios.get("cut"):
+            cut.first.wait_for(r"^\[2,\s+25\] loss")  # mid-epoch 2, 375 of 600 steps to go
+            cut.first.proc.send_signal(signal.SIGTERM)
+        if ctrl_c := scenarios.get("ctrl_c"):
+            ctrl_c.first.wait_for(r"^\[1,\s+50\] loss")
+            ctrl_c.first.wait_for(r"^MLflow run [0-9a-f]{32} ")  # opened in the background
+            ctrl_c.runs = ctrl_c.store.runs()
+            ctrl_c.first.proc.send_signal(signal.SIGINT)
+        if cut:
+            cut.result = cut.first.result()
+            cut.runs = cut.store.runs()
+            if cut.runs:  # else its test fails on what `first` did
+                cut.then = cut.store.start_cli("resume", cut.runs[-1].info.run_id)
+        whole, whole_run = new_store("whole"), Ended(0, "", "")
+        if cut:  # only "cut" is compared with it
+            env = {"MLFLOW_TRACKING_URI": whole.uri}
+            whole_run = run_in_process(*train(), "hydra.run.dir=whole", cwd=whole.cwd, env=env)
+        yield Started(scenarios, whole, whole_run)
     finally:
         for scenario in scenarios.values():
             for command in (scenario.first, scenario.then):
@@ -153,10 +165,10 @@ def started(new_store) -> Iterator[dict[str, Scenario]]:
 
 
 # ---------------------------------------------------------------- signals and exact resume
-def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(started: dict[str, Scenario]) -> None:
+def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(started: Started) -> None:
     if signal_ignored(signal.SIGTERM):
         pytest.skip("SIGTERM is ignored here, so the command would ignore it too")
-    cut, whole = started["cut"], started["whole"]
+    cut, whole = started.scenarios["cut"], started.whole
     assert cut.result.returncode == 143, cut.result.stdout + cut.result.stderr
     [interrupted] = cut.runs
     assert interrupted.info.status == "KILLED"
@@ -167,21 +179,21 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(started: di
     assert final.info.run_id == interrupted.info.run_id
     assert final.info.status == "FINISHED"
 
-    ok(whole.first.result())
-    [uninterrupted] = whole.store.runs()
+    assert started.whole_run.returncode == 0, started.whole_run.stderr
+    [uninterrupted] = whole.runs()
     for key in ("train/loss", "train/loss_epoch", "val/loss", "val/acc", "test/loss", "test/acc"):
-        expected = whole.store.history(uninterrupted.info.run_id, key)
+        expected = whole.history(uninterrupted.info.run_id, key)
         assert cut.store.history(final.info.run_id, key) == expected, key
-    a = torch.load(whole.store.cwd / "whole" / "checkpoint.pt", weights_only=True)["model"]
+    a = torch.load(whole.cwd / "whole" / "checkpoint.pt", weights_only=True)["model"]
     new_dir = Path(final.data.tags["checkpoint"]).parent
     b = torch.load(new_dir / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights must be bit-identical"
 
 
-def test_ctrl_c_exits_130_and_the_run_ends_killed_with_what_it_logged(started: dict[str, Scenario]) -> None:
+def test_ctrl_c_exits_130_and_the_run_ends_killed_with_what_it_logged(started: Started) -> None:
     if signal_ignored(signal.SIGINT):
         pytest.skip("SIGINT is ignored here, so the command would ignore it too")
-    ctrl_c = started["ctrl_c"]
+    ctrl_c = started.scenarios["ctrl_c"]
     result = ctrl_c.first.result()
     assert [r.info.status for r in ctrl_c.runs] == ["RUNNING"]  # one run, open while it trained
     assert result.returncode == 130, result.stdout + result.stderr
@@ -253,12 +265,15 @@ def _history(store: Path, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def test_resume_leaves_a_finished_run_alone_unless_asked_to_train_it_further(
-    tmp_path: Path, main_in_process, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, main_in_process, monkeypatch: pytest.MonkeyPatch, empty_store_file: Path
 ) -> None:
     """Each command in this process (conftest's main_in_process), one after another on one store."""
     store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy(empty_store_file, store / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
-    short = main_in_process(*TRAIN, "trainer.epochs=1")
+    # 400 training images in batches of 8: 50 steps an epoch, the loss logged every 25
+    short = main_in_process(*TRAIN, "dataset.train_size=560", "trainer.epochs=1")
     assert short.returncode == 0, short.stderr
     (run,) = _runs(store)
     client = MlflowClient(f"sqlite:///{store}/mlflow.db")
@@ -275,10 +290,10 @@ def test_resume_leaves_a_finished_run_alone_unless_asked_to_train_it_further(
     assert longer.returncode == 0, longer.stderr
     after = client.get_run(run.info.run_id)
     assert after.info.status == "FINISHED"
-    assert [s for s, _ in _history(store, run.info.run_id, "val/acc")] == [200, 400]  # appended
-    assert [s for s, _ in _history(store, run.info.run_id, "test/acc")] == [200, 400]  # each end's test
+    assert [s for s, _ in _history(store, run.info.run_id, "val/acc")] == [50, 100]  # appended
+    assert [s for s, _ in _history(store, run.info.run_id, "test/acc")] == [50, 100]  # each end's test
     losses = [s for s, _ in _history(store, run.info.run_id, "train/loss")]
-    assert losses == list(range(25, 401, 25)), "each step once"
+    assert losses == list(range(25, 101, 25)), "each step once"
     assert after.data.params == before[2], "params stay as first recorded"
     assert after.data.tags[resumption.EPOCHS_TAG] == "2"
     again = main_in_process("resume", run.info.run_id)  # it ran 2 epochs now
@@ -297,14 +312,16 @@ def _snapshot(client: MlflowClient, run_id: str) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def recorded(compose_config, tmp_path_factory: pytest.TempPathFactory):
+def recorded(compose_config, tmp_path_factory: pytest.TempPathFactory, empty_store_file: Path):
     """make(status, tags) records a run as training 2 epochs of 10 steps leaves it (its params,
     train/loss every 5 steps, test/acc per epoch); returns (config, client, make). One store for
-    the module: creating one takes seconds."""
+    the module: creating one takes seconds (copied: conftest's empty_store_file)."""
     from mlflow.entities import Metric, Param
     from omegaconf import OmegaConf
 
-    uri = f"sqlite:///{tmp_path_factory.mktemp('resume')}/mlflow.db"
+    folder = tmp_path_factory.mktemp("resume")
+    shutil.copy(empty_store_file, folder / "mlflow.db")
+    uri = f"sqlite:///{folder}/mlflow.db"
     cfg = compose_config("dataset=synthetic", "trainer.epochs=2", "device=cpu", f"mlflow.tracking_uri={uri}")
     params = identity.flatten(OmegaConf.to_container(cfg, resolve=True))
     client = MlflowClient(uri)

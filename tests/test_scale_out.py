@@ -3,9 +3,10 @@
 experiment=slurm asks SLURM for; a sweep into a team's `mlflow server`, with its parent run,
 children and summary. (A search end to end, its parent run and best trial: test_search.py.)
 
-Every command runs as a subprocess (`python -m cifar_exp ... -m`) from a temporary folder on tiny
-generated data. The submitit sweep and the server start together, so their imports and
-training share the cores instead of queueing; the sweep into the server starts once it answers."""
+Every command runs from a temporary folder on tiny generated data. The submitit sweep (a
+subprocess, `python -m cifar_exp ... -m`) and the server start together, so their imports and
+training share the cores instead of queueing; the sweep into the server runs in this process once
+it answers."""
 
 from __future__ import annotations
 
@@ -18,7 +19,19 @@ from pathlib import Path
 import cloudpickle
 import pytest
 import yaml
-from conftest import PNG, Command, Server, Store, Sweep, finished_sweep, ok, start, synthetic
+from conftest import (
+    PNG,
+    Command,
+    Server,
+    Store,
+    Sweep,
+    finished_sweep,
+    ok,
+    recorded_sweep,
+    run_in_process,
+    start,
+    synthetic,
+)
 
 TINY = synthetic(train=320, test=100, epochs=1, batch=32, log_every=None)  # 10 steps: a job is ~1 s
 WIDTHS = "model.conv1_out=4,8"  # the two jobs of a sweep
@@ -42,34 +55,35 @@ def assert_parent_and_finished_children(sweep: Sweep, count: int) -> None:
 # ---------------------------------------------------------------- the commands, started together
 @dataclass
 class Launched:
-    commands: dict[str, tuple[Store, Command]]
+    submitit: tuple[Store, Command]
     server: Server
-    server_problem: str | None  # why the server never answered, if it did not
+    server_sweep: Sweep | str  # str: why the server never answered
     decoy: Store  # $MLFLOW_TRACKING_URI of the sweep into the server
 
 
 @pytest.fixture(scope="module")
 def launched(new_store, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
-    """The submitit sweep and a tracking server start together; once the server
-    answers, a sweep into it. Each sweep has its own folder and store."""
+    """The submitit sweep and a tracking server start together; once the server answers, a sweep
+    into it runs in this process (conftest's run_in_process: the submitit sweep is the one whose
+    own processes are tested). Each sweep has its own folder and store."""
     server = Server(tmp_path_factory.mktemp("server")).start()
-    started: dict[str, tuple[Store, Command]] = {}
+    command = None
     try:
         store = new_store("submitit")
-        started["submitit"] = (store, store.start_cli("hydra/launcher=submitit_local", *TINY, WIDTHS, "-m"))
+        command = store.start_cli("hydra/launcher=submitit_local", *TINY, WIDTHS, "-m")
         # The server by mlflow.tracking_uri, while $MLFLOW_TRACKING_URI names a decoy store.
         decoy = new_store("decoy", created=False)
         try:
             server.wait_until_up()
-            problem = None
         except AssertionError as e:
-            problem = str(e)
+            server_sweep: Sweep | str = str(e)
         else:
-            command = decoy.start_cli(*TINY, WIDTHS, f"mlflow.tracking_uri={server.uri}", "-m")
-            started["server"] = (Store(server.uri), command)
-        yield Launched(started, server, problem, decoy)
+            args = [*TINY, WIDTHS, f"mlflow.tracking_uri={server.uri}", "-m"]
+            ended = run_in_process(*args, cwd=decoy.cwd, env={"MLFLOW_TRACKING_URI": decoy.uri})
+            server_sweep = recorded_sweep(Store(server.uri), ended, decoy.cwd)
+        yield Launched((store, command), server, server_sweep, decoy)
     finally:
-        for _, command in started.values():
+        if command is not None:
             command.stop()
         server.stop()
 
@@ -77,7 +91,7 @@ def launched(new_store, tmp_path_factory: pytest.TempPathFactory) -> Iterator[La
 # ---------------------------------------------------------------- a cluster: submitit jobs
 @pytest.fixture(scope="module")
 def submitit_sweep(launched: Launched) -> Sweep:
-    return finished_sweep(*launched.commands["submitit"])
+    return finished_sweep(*launched.submitit)
 
 
 def test_submitit_jobs_are_children_of_the_sweeps_parent_run(submitit_sweep: Sweep) -> None:
@@ -182,9 +196,9 @@ def test_submitit_jobs_without_the_sweeps_environment_are_still_children(new_sto
 @pytest.fixture(scope="module")
 def server_sweep(launched: Launched) -> Sweep:
     """The two-job sweep into the server, read back through the server."""
-    if launched.server_problem:
-        pytest.fail(launched.server_problem)
-    return finished_sweep(*launched.commands["server"])
+    if isinstance(launched.server_sweep, str):
+        pytest.fail(launched.server_sweep)
+    return launched.server_sweep
 
 
 def test_sweep_into_a_tracking_server_has_a_parent_and_a_child_per_job(server_sweep: Sweep) -> None:

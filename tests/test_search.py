@@ -17,7 +17,17 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import PNG, Store, compose_config, finished_sweep, ok, signal_ignored, synthetic
+from conftest import (
+    PNG,
+    Store,
+    compose_config,
+    finished_sweep,
+    ok,
+    recorded_sweep,
+    run_in_process,
+    signal_ignored,
+    synthetic,
+)
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import DictConfig
 
@@ -274,8 +284,10 @@ PRUNING = [
 
 @pytest.fixture(scope="module")
 def pruned_search(new_store) -> Any:
+    """Run in this process (conftest's run_in_process); the slow tests below run real ones."""
     store = new_store("search")
-    return finished_sweep(store, store.start_cli(*PRUNING))
+    ended = run_in_process(*PRUNING, cwd=store.cwd, env={"MLFLOW_TRACKING_URI": store.uri})
+    return recorded_sweep(store, ended, store.cwd)
 
 
 def test_a_pruned_trial_is_a_child_with_its_metrics_so_far_and_a_clear_mark(pruned_search) -> None:

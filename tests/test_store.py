@@ -249,10 +249,13 @@ def test_retrying_waits_out_a_busy_store_and_raises_anything_else(monkeypatch: p
         )
 
 
-def test_a_dead_store_delays_the_end_of_a_run_by_at_most_end_wait(tmp_path: Path) -> None:
+def test_a_dead_store_delays_the_end_of_a_run_by_at_most_end_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The run never opened (the store refused every connection, retried for up to 60 s while
     training went on): its end waits at most END_WAIT_S more, then everything is in the folder and
     the last line names the sync command. Bounded by the writer's own rule, not measured."""
+    monkeypatch.setattr(records, "END_WAIT_S", 0.5)  # the rule, not its 3 s: they would only be waited
 
     def dead() -> tuple[Any, str]:
         raise ConnectionError("Connection refused")
@@ -486,10 +489,11 @@ def test_mlflow_retries_each_request_a_bounded_number_of_times(
 
     for name in tracking_store.HTTP_RETRY_DEFAULTS:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")  # a user's value wins
+    # a user's value wins (here no backoff: the default's 1 + 2 s between tries only wait)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     tracking_store.limit_http_retries()
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
-    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+    assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "0"
 
     uri, accepted = silent_server
     with pytest.raises(MlflowException) as error:

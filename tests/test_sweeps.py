@@ -4,8 +4,8 @@ code: the uncommitted diff kept with it, and `rerun` warning when the code diffe
 metrics once the recorded commit and diff are restored.
 
 Naming, the summary and the plot are unit-tested on fake runs; one two-job sweep and one run from a
-dirty copy of the project (with its reruns from clean clones) run end to end, the sweep and that run
-started together so their imports and training share the cores."""
+dirty copy of the project (with its reruns from clean clones) run end to end, the sweep in this
+process while that run's subprocess starts, so their imports and training share the cores."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from conftest import Ended, run_in_process
 
 from cifar_exp import commands, run_names, sweep_plots, sweep_summary, sweeps, tables, ui_server
 from cifar_exp.errors import UserError
@@ -343,7 +344,7 @@ def git(*args: str, cwd: Path) -> str:
 @dataclass
 class Recorded:
     uri: str
-    sweep: subprocess.CompletedProcess
+    sweep: Ended
     copy: Path  # a git copy of the project with an uncommitted change that alters training
     commit: str
     diff: str
@@ -352,8 +353,9 @@ class Recorded:
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory: pytest.TempPathFactory) -> Recorded:
-    """A two-job sweep of this project, and a run from a copy of the project whose run.py seeds
-    differently (uncommitted), both into one store, started together."""
+    """A two-job sweep of this project (in this process: conftest's run_in_process), and a run
+    from a copy of the project whose run.py seeds differently (uncommitted, a subprocess), both
+    into one store, at once."""
     root = tmp_path_factory.mktemp("recorded")
     uri = f"sqlite:///{root / 'store' / 'mlflow.db'}"
     (root / "store").mkdir()
@@ -369,11 +371,15 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Recorded:
     source = run_py.read_text()
     assert "torch.manual_seed(seed)" in source
     run_py.write_text(source.replace("torch.manual_seed(seed)", "torch.manual_seed(seed + 1)"))
-    sweep = start([*SMALL, "model.conv1_out=4,8", "-m"], root / "sweep_cwd", uri)
     dirty = start([*SMALL, "model.conv1_out=6"], root / "dirty_cwd", uri, pythonpath=copy)
+    (root / "sweep_cwd").mkdir()  # the sweep runs this checkout's code: in this process, meanwhile
+    sweep = run_in_process(
+        *SMALL, "model.conv1_out=4,8", "-m", cwd=root / "sweep_cwd", env={"MLFLOW_TRACKING_URI": uri}
+    )
+    assert sweep.returncode == 0, sweep.stderr
     return Recorded(
         uri,
-        finish(sweep),
+        sweep,
         copy,
         git("rev-parse", "HEAD", cwd=copy),
         git("diff", "HEAD", cwd=copy),

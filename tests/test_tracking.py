@@ -3,9 +3,8 @@ that tracking leaves its numbers alone), `rerun`, `predict`, and a sweep with a 
 (A sweep's parent run, children and summary: test_scale_out.py, through a tracking server. Runs
 stopped by SIGTERM or Ctrl-C: test_reliability.py.)
 
-Every command runs as a subprocess (`python -m cifar_exp ...`) from a temporary folder against its own
-temporary SQLite store. The independent commands start together in the background on first use, so
-their imports and training share the cores instead of queueing."""
+Every command runs in this process through the front door's own code (conftest's main_in_process
+and run_in_process) from a temporary folder against its own temporary SQLite store."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ import math
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,12 +33,11 @@ from conftest import (
     RUN_ARTIFACTS,
     SYNTHETIC_CLASSES,
     TOTAL,
-    Command,
     Ended,
     Store,
     Sweep,
     accuracy_report,
-    ok,
+    run_in_process,
     synthetic,
 )
 from omegaconf import OmegaConf
@@ -81,33 +79,21 @@ def resolved(compose_config, overrides: list[str]) -> dict[str, Any]:
     return OmegaConf.to_container(compose_config(*overrides), resolve=True)
 
 
-# ---------------------------------------------------------------- the commands, started together
-@pytest.fixture(scope="module")
-def launched(new_store) -> Iterator[dict[str, tuple[Store, Command]]]:
-    """The one run, into a folder with no store yet."""
-    started = {}
-    for name, args, created in [
-        ("single", SINGLE, False),
-    ]:
-        store = new_store(name, created=created)
-        started[name] = (store, store.start_cli(*args))
-    yield started
-    for _, command in started.values():
-        command.stop()
-
-
 # ---------------------------------------------------------------- one run
 @dataclass
 class Recorded:
     store: Store
-    result: subprocess.CompletedProcess
+    result: Ended
     run: Any
 
 
 @pytest.fixture(scope="module")
-def single(launched: dict[str, tuple[Store, Command]]) -> Recorded:
-    store, command = launched["single"]
-    result = ok(command.result())
+def single(new_store) -> Recorded:
+    """The one run, into a folder with no store yet, in this process (conftest's run_in_process:
+    a tracked run as a real process is test_progress.py's and test_reliability.py's)."""
+    store = new_store("single", created=False)
+    result = run_in_process(*SINGLE, cwd=store.cwd, env={"MLFLOW_TRACKING_URI": store.uri})
+    assert result.returncode == 0, result.stdout + result.stderr
     runs = store.runs()
     assert len(runs) == 1, [r.info.run_name for r in runs]
     return Recorded(store, result, runs[0])
