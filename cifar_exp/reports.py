@@ -73,17 +73,14 @@ def image_grid(
     rows = (n + columns - 1) // columns
     caption = LINE_PX * (1 if predicted is None else 2)
     cell_w, cell_h = w * scale + PAD_PX, caption + h * scale + PAD_PX
-    pixels = np.full((PAD_PX + rows * cell_h, PAD_PX + columns * cell_w, 3), 255, dtype=np.uint8)
-    big = images.expand(-1, 3, -1, -1).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
-    big = big.permute(0, 2, 3, 1).numpy()  # N x H' x W' x 3, what Pillow reads
-    for i in range(n):
-        x, y = PAD_PX + (i % columns) * cell_w, PAD_PX + (i // columns) * cell_h + caption
-        pixels[y : y + h * scale, x : x + w * scale] = big[i]
-    picture = Image.fromarray(pixels)
+    picture = Image.new("RGB", (PAD_PX + columns * cell_w, PAD_PX + rows * cell_h), WHITE)
     draw = ImageDraw.Draw(picture)
+    big = images.expand(-1, 3, -1, -1).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    big = big.permute(0, 2, 3, 1).contiguous().numpy()  # N x H' x W' x 3, what Pillow reads
     true, guess = labels.tolist(), None if predicted is None else predicted.tolist()
     for i in range(n):
         x, y = PAD_PX + (i % columns) * cell_w, PAD_PX + (i // columns) * cell_h
+        picture.paste(Image.fromarray(big[i]), (x, y + caption))
         lines, colour = [classes[true[i]]], BLACK
         if guess is not None:
             lines.append(f"-> {classes[guess[i]]}")
@@ -134,15 +131,10 @@ def confusion_image(confusion: torch.Tensor, classes: list[str]) -> Image.Image:
 
 
 def per_class_rows(confusion: torch.Tensor, classes: list[str]) -> list[dict[str, Any]]:
-    correct, total = confusion.diag(), confusion.sum(1)
+    counts = zip(classes, confusion.diag().tolist(), confusion.sum(1).tolist(), strict=True)
     return [
-        {
-            "class": name,
-            "correct": int(correct[i]),
-            "total": int(total[i]),
-            "accuracy": round(float(correct[i]) / max(1, int(total[i])), 4),
-        }
-        for i, name in enumerate(classes)
+        {"class": name, "correct": right, "total": total, "accuracy": round(right / max(1, total), 4)}
+        for name, right, total in counts
     ]
 
 
