@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import statistics
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 REPLICATE_KEY = "seed"  # runs that differ only in this key are replicates of one config
@@ -15,31 +14,17 @@ CONFIDENCE = 0.95
 ALPHA = 0.05  # Welch's p below this: the difference is unlikely to be seed noise
 
 
-@dataclass(frozen=True)
-class Spread:
-    """Replicate values of one metric: n, mean, sample standard deviation and the CONFIDENCE
-    interval of the mean (t-distribution, n - 1 degrees of freedom); sd and the interval are None
-    below two values."""
-
-    n: int
-    mean: float
-    sd: float | None
-    low: float | None
-    high: float | None
-
-
-def spread(values: list[float]) -> Spread | None:
-    """None for no values."""
-    if not values:
-        return None
-    mean = statistics.fmean(values)
+def spread(values: list[float]) -> dict[str, float | str]:
+    """Replicate values of one metric as a group's columns: mean, sd (sample standard deviation),
+    ci_low and ci_high (the CONFIDENCE interval of the mean: t-distribution, n - 1 degrees of
+    freedom); '' where there is none (sd and the interval below two values, all of them for none)."""
     if len(values) < 2:
-        return Spread(len(values), mean, None, None, None)
+        return {"mean": statistics.fmean(values) if values else "", "sd": "", "ci_low": "", "ci_high": ""}
     from scipy import stats
 
-    sd = statistics.stdev(values)
+    mean, sd = statistics.fmean(values), statistics.stdev(values)
     half = stats.t.ppf((1 + CONFIDENCE) / 2, len(values) - 1) * sd / math.sqrt(len(values))
-    return Spread(len(values), mean, sd, mean - half, mean + half)
+    return {"mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half}
 
 
 def welch_p(a: list[float], b: list[float]) -> float | None:
@@ -75,20 +60,15 @@ def group_rows(
         group: dict[str, Any] = {k: members[0][k] for k in config_keys}
         group["n"] = len(done)
         for name in measured:
-            s = spread([float(r[name]) for r in done if r[name] != ""])
-            for field in ("mean", "sd", "low", "high"):
-                value = getattr(s, field) if s else None
-                group[f"{name}_{'ci_' + field if field in ('low', 'high') else field}"] = (
-                    "" if value is None else value
-                )
-        ranked = sorted(done, key=lambda r: -sign * float(r[metric]))
+            values = spread([float(r[name]) for r in done if r[name] != ""])
+            group.update({f"{name}_{field}": value for field, value in values.items()})
         group.update(
             p_vs_best="",
             distinguishable="",
             best=False,
             seeds=" ".join(sorted((str(r.get(REPLICATE_KEY, "")) for r in done), key=_natural)),
             run_ids=" ".join(r["run_id"] for r in members),
-            best_run_id=ranked[0]["run_id"] if ranked else "",
+            best_run_id=max(done, key=lambda r: sign * float(r[metric]))["run_id"] if done else "",
             _values=[float(r[metric]) for r in done],
         )
         out.append(group)
