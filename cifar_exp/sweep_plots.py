@@ -49,6 +49,11 @@ def _axis(values: list[Any]) -> tuple[list[float], list[str] | None, bool]:
     return [float(labels.index(str(v))) for v in values], labels, False
 
 
+def _rank(value: str) -> tuple[bool, float, str]:
+    """Values in axis order: numbers by size, then words by name."""
+    return tables.number(value) is None, tables.number(value) or 0.0, value
+
+
 def sweep_figure(
     rows: list[dict[str, Any]], keys: list[str], names: dict[str, str] | None = None, metric: str = "test/acc"
 ) -> Any:
@@ -99,11 +104,7 @@ def _heatmap(
     """`metric` over a two-key grid: one cell per pair of values (the mean if several runs), each
     written in its cell; the best boxed."""
     x_key, y_key = keys
-
-    def rank(value: str) -> tuple[bool, float, str]:  # numbers by size, then words by name
-        return tables.number(value) is None, tables.number(value) or 0.0, value
-
-    order = {k: sorted({str(r[k]) for r in rows}, key=rank) for k in keys}
+    order = {k: sorted({str(r[k]) for r in rows}, key=_rank) for k in keys}
     grid = np.full((len(order[y_key]), len(order[x_key])), np.nan)
     cells: dict[tuple[int, int], list[float]] = {}
     for r in rows:
@@ -137,12 +138,7 @@ def group_figure(groups: list[dict[str, Any]], keys: list[str], names: dict[str,
     and its mean test/acc beside it (never used to choose); the best config starred. Configs in
     the order of their values, labelled by them."""
     plt = _pyplot()
-
-    def rank(group: dict[str, Any]) -> list[tuple[bool, float, str]]:  # numbers by size, then words
-        values = [(tables.number(group[k]), str(group[k])) for k in keys]
-        return [(n is None, n or 0.0, text) for n, text in values]
-
-    shown = sorted((g for g in groups if g["n"]), key=rank)
+    shown = sorted((g for g in groups if g["n"]), key=lambda g: [_rank(str(g[k])) for k in keys])
     labels = [",".join(str(g[k]) for k in keys) or "config" for g in shown]
     fig, ax = plt.subplots(figsize=(min(9.6, 3.2 + 0.9 * len(shown)), 3.8), dpi=100)
     xs = np.arange(len(shown))
