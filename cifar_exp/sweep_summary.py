@@ -77,23 +77,18 @@ def summarise(client: Any, parent_id: str, search: bool = False, completed: bool
 def parent_status(statuses: list[str], search: bool) -> str:
     """FINISHED when every child finished (or, in a search, was pruned or diverged: outcomes of a
     search); FAILED when one failed (in a search: when none finished); else KILLED (stopped)."""
-    if not statuses:
+    if not statuses or ("FINISHED" not in statuses if search else "FAILED" in statuses):
         return "FAILED"
-    if search:
-        if "FINISHED" not in statuses:
-            return "FAILED"
-        return "FINISHED" if set(statuses) <= {"FINISHED", PRUNED, "FAILED"} else "KILLED"
-    if "FAILED" in statuses:
-        return "FAILED"
-    return "FINISHED" if set(statuses) == {"FINISHED"} else "KILLED"
+    ended = {"FINISHED", PRUNED, "FAILED"} if search else {"FINISHED"}
+    return "FINISHED" if set(statuses) <= ended else "KILLED"
 
 
-def objective(parent: Any, children: list[Any] | None = None) -> tuple[str, bool]:
+def objective(parent: Any, children: list[Any]) -> tuple[str, bool]:
     """(metric, maximize): what chooses the best. A search's metric (its parent's tags); for a
     sweep val/acc, higher is better. Children without a validation split (dataset.val_size=0)
     choose on its test/ twin (evaluation.chosen_metric), and the summary says so."""
     tags = parent.data.tags
-    metric = chosen_metric(tags.get("search/metric", "val/acc"), [c.data.metrics for c in children or []])
+    metric = chosen_metric(tags.get("search/metric", "val/acc"), [c.data.metrics for c in children])
     return metric, tags.get("search/direction", "maximize") == "maximize"
 
 
@@ -131,15 +126,6 @@ def varying_keys(parent: Any, children: list[Any]) -> list[str]:
         swept = [k for k in dict.fromkeys(keys) if not k.startswith(("mlflow.", "hydra."))]
     varying = [key for key in swept if len({v.get(key, "") for v in values}) > 1]
     return varying or swept
-
-
-def epoch_seconds(client: Any, children: list[Any]) -> dict[str, list[float]]:
-    """Each child's training time per epoch (time/epoch_s; evaluation excluded): its sum is the
-    child's training time, its length the epochs it trained."""
-    return {
-        c.info.run_id: [m.value for m in client.get_metric_history(c.info.run_id, TRAIN_TIME)]
-        for c in children
-    }
 
 
 def summary_rows(
@@ -182,8 +168,7 @@ def summary_rows(
     # a search's best is its study's (one source with the console); ranked only if none matches
     chosen = [r for r in finished if best_trial is not None and r["trial"] == str(best_trial)]
     if chosen or finished:
-        best = (chosen or finished)[0]
-        best["best"] = True
+        (chosen or finished)[0]["best"] = True
     if chosen:  # among equal values, the study's best is first
         rows.insert(0, rows.pop(rows.index(chosen[0])))
     return rows
@@ -195,11 +180,14 @@ def _fraction(value: Any) -> str:
 
 def read_summary(client: Any, parent: Any) -> tuple[Summary, list[Any], dict[str, list[float]]]:
     """A sweep's summary read back from the store, with its children and each child's seconds per
-    epoch (for a search's story)."""
+    epoch (TRAIN_TIME's history, evaluation excluded; for a search's story)."""
     children = sweep_children(client, parent)
     keys = varying_keys(parent, children)
     metric, maximize = objective(parent, children)
-    epochs = epoch_seconds(client, children)
+    epochs = {
+        c.info.run_id: [m.value for m in client.get_metric_history(c.info.run_id, TRAIN_TIME)]
+        for c in children
+    }
     tags = parent.data.tags
     best_trial = stored_best(tags[STUDY], tags.get(STORAGE, "")) if STUDY in tags else None
     rows = summary_rows(children, keys, epochs, metric, maximize, best_trial)
