@@ -39,13 +39,9 @@ def refresh(client: Any, run_id: str) -> list[str]:
     `cifar-exp compare` reads the children live."""
     try:
         run = client.get_run(run_id)
-        parents = [run.data.tags.get("mlflow.parentRunId")]
-        parents += [
-            p.info.run_id
-            for p in client.search_runs(
-                [run.info.experiment_id], f"tags.`{LINK_PREFIX}{run_id}` != ''", max_results=1000
-            )
-        ]
+        linking = f"tags.`{LINK_PREFIX}{run_id}` != ''"
+        linked = client.search_runs([run.info.experiment_id], linking, max_results=1000)
+        parents = [run.data.tags.get("mlflow.parentRunId"), *(p.info.run_id for p in linked)]
         refreshed = []
         for parent in [client.get_run(p) for p in dict.fromkeys(parents) if p]:
             if parent.info.status == "RUNNING":  # its sweep is on: it summarises when it ends
