@@ -38,9 +38,7 @@ def short_value(value: str) -> str:
         number = float(value)
     except ValueError:
         return value if len(value) <= 24 else value[:23] + "…"
-    if "." in value or "e" in value.lower():
-        return f"{number:.4g}"
-    return value
+    return f"{number:.4g}" if "." in value or "e" in value.lower() else value
 
 
 TOKEN_CHARS = string.ascii_lowercase + string.digits  # a single run's distinguishing token
