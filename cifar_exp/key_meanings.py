@@ -80,11 +80,7 @@ def argument_meanings(target: str) -> dict[str, str]:
     except Exception:  # noqa: BLE001 - not importable, or no source: help still prints, without these
         return {}
     found = {}
-    docs = (
-        [inspect.getdoc(made), inspect.getdoc(made.__init__)]
-        if inspect.isclass(made)
-        else [inspect.getdoc(made)]
-    )
+    docs = [inspect.getdoc(made), inspect.getdoc(made.__init__) if inspect.isclass(made) else None]
     param, indent = "", 0
     for line in "\n".join(doc or "" for doc in docs).splitlines():
         depth = len(line) - len(line.lstrip())
