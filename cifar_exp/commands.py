@@ -152,13 +152,9 @@ def list_runs(uri: str, limit: int) -> int:
     """The newest runs of the experiment, sweeps' parents included: id, name, status, final
     val/acc and test/acc (a sweep: its best's), duration."""
     client = open_store(uri)
-    experiment = find_experiment(client)
-    found = asking(
-        client,
-        lambda: client.search_runs(
-            [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=limit
-        ),
-    )
+    eid = find_experiment(client).experiment_id
+    newest = ["attributes.start_time DESC"]
+    found = asking(client, lambda: client.search_runs([eid], order_by=newest, max_results=limit))
     rows = []
     for run in found:
         metrics = run.data.metrics

@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -55,7 +54,7 @@ def answers(base: str) -> bool:
     try:
         with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
             return response.status == 200
-    except (urllib.error.URLError, OSError):
+    except OSError:  # URLError is one
         return False
 
 
