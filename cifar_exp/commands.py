@@ -11,10 +11,9 @@ import os
 import sys
 import tempfile
 import time
-import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import yaml
@@ -44,7 +43,7 @@ USAGE = {
 class OneLineParser(argparse.ArgumentParser):
     """argparse, with a bad flag said in one line (not the usage block, then the error)."""
 
-    def error(self, message: str) -> typing.NoReturn:
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
@@ -62,7 +61,6 @@ def counting(least: int, most: int | None = None) -> Callable[[str], int]:
 
 
 def parser_for(command: str) -> OneLineParser:
-    """The subcommand's flags and arguments (each has --help)."""
     parser = OneLineParser(prog=f"cifar-exp {command}", description=USAGE[command])
     parser.add_argument(
         "--tracking-uri",
