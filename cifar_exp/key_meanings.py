@@ -117,8 +117,7 @@ def yaml_meanings(path: Path, package: str) -> dict[str, str]:
         if line.strip().startswith("#"):
             above.append(line.strip().lstrip("#").strip())
             continue
-        match = YAML_KEY.match(line)
-        if match:
+        if match := YAML_KEY.match(line):
             indent = len(match["indent"])
             parents = [(i, k) for i, k in parents if i < indent] + [(indent, match["key"])]
             beside = re.search(r"\s#\s*(.*)$", match["rest"])
