@@ -231,8 +231,8 @@ def rerun(
 
 
 def check_code(uri: str, run: Any, tmp: str) -> None:
-    """Checks this checkout runs the code `run` ran: its commit plus its uncommitted diff. If not,
-    says so on stderr with the commands that restore it (the diff saved to a file to apply);
+    """Warns on stderr when this checkout does not run the code `run` ran (its commit plus its
+    uncommitted diff), with the commands that restore it (the diff saved to a file to apply);
     silent outside git or for a run recorded outside git."""
     recorded, run_id = run.data.tags.get("git_commit", "unknown"), run.info.run_id
     commit, dirty = identity.git_state()
