@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 from hydra import version
 from omegaconf import DictConfig
 
 from cifar_exp import console, help_text, signals
-from cifar_exp.config import register_schemas
+from cifar_exp.config import CONF_DIR, register_schemas
 from cifar_exp.errors import report_in_one_line
 from cifar_exp.hydra_private import run_command_line
 from cifar_exp.sweeps import Job
 from cifar_exp.tracking import store
 from cifar_exp.tracking.identity import JobContext
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 COMMANDS = ("ui", "compare", "runs", "rerun", "resume", "predict", "sync")
 help_text.register()  # --help: conf/config.yaml's hydra.help.template calls it
 register_schemas()
@@ -48,7 +46,7 @@ def hydra_main(argv: list[str], tags: dict[str, str] | None = None) -> None:
     def task(cfg: DictConfig, context: JobContext | None) -> float:
         return train(cfg, context, tags)
 
-    run_command_line(argv, Job(task), CONF_DIR, "config")
+    run_command_line(argv, Job(task), str(CONF_DIR), "config")
 
 
 def main() -> None:

@@ -5,15 +5,15 @@ kept from the store) or `sync --stale`. Reading the store: store_reading.py."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
-import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import yaml
@@ -43,7 +43,7 @@ USAGE = {
 class OneLineParser(argparse.ArgumentParser):
     """argparse, with a bad flag said in one line (not the usage block, then the error)."""
 
-    def error(self, message: str) -> typing.NoReturn:
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
@@ -51,20 +51,16 @@ def counting(least: int, most: int | None = None) -> Callable[[str], int]:
     """An argparse type: a whole number from `least` (to `most`)."""
 
     def whole_number(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < least or (most is not None and value > most):
-            allowed = f"from {least} to {most}" if most is not None else f"at least {least}"
-            raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number, {allowed}")
-        return value
+        with contextlib.suppress(ValueError):
+            if least <= (value := int(text)) and (most is None or value <= most):
+                return value
+        allowed = f"from {least} to {most}" if most is not None else f"at least {least}"
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number, {allowed}")
 
     return whole_number
 
 
 def parser_for(command: str) -> OneLineParser:
-    """The subcommand's flags and arguments (each has --help)."""
     parser = OneLineParser(prog=f"cifar-exp {command}", description=USAGE[command])
     parser.add_argument(
         "--tracking-uri",
@@ -106,8 +102,7 @@ def parser_for(command: str) -> OneLineParser:
 
 def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
     """Runs one subcommand; `hydra_main(argv, tags)` is the training command line."""
-    parser = parser_for(command)
-    args = parser.parse_args(argv)
+    args = parser_for(command).parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if command in ("ui", "compare", "runs"):  # reading: a server that does not answer is said at once
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -131,8 +126,7 @@ def dispatch(command: str, argv: list[str], hydra_main: HydraMain) -> int:
                 sync.sync(args.tracking_uri, args.output_dir)
             return 0
         if command in ("rerun", "resume"):
-            resume = command == "resume"
-            return rerun(uri, args.run_id, args.overrides, hydra_main, resume=resume, trust=args.trust)
+            return rerun(uri, args.run_id, args.overrides, hydra_main, command == "resume", args.trust)
         return predict(uri, args.run_id, args.images, args.top, args.trust)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -156,13 +150,9 @@ def list_runs(uri: str, limit: int) -> int:
     """The newest runs of the experiment, sweeps' parents included: id, name, status, final
     val/acc and test/acc (a sweep: its best's), duration."""
     client = open_store(uri)
-    experiment = find_experiment(client)
-    found = asking(
-        client,
-        lambda: client.search_runs(
-            [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=limit
-        ),
-    )
+    eid = find_experiment(client).experiment_id
+    newest = ["attributes.start_time DESC"]
+    found = asking(client, lambda: client.search_runs([eid], order_by=newest, max_results=limit))
     rows = []
     for run in found:
         metrics = run.data.metrics
@@ -202,11 +192,8 @@ def _download(uri: str, run_id: str, artifact: str, dest: str) -> Path:
                 run_id=run_id, artifact_path=artifact, dst_path=dest, tracking_uri=uri
             )
         )
-    except MlflowException as e:
-        message = first_line(e)
-        raise UserError(f"run {run_id}: cannot read {artifact} from {uri} ({message})") from None
-    except OSError as e:
-        raise UserError(f"run {run_id}: cannot read {artifact} from {uri} ({e})") from None
+    except (MlflowException, OSError) as e:
+        raise UserError(f"run {run_id}: cannot read {artifact} from {uri} ({first_line(e)})") from None
 
 
 def rerun(
@@ -230,12 +217,8 @@ def rerun(
             snapshot["trainer"]["epochs"] = epochs
         if "norm_bias_lr_scale" in snapshot.get("trainer", {}):  # recorded before it moved (#13)
             snapshot["optimizer"]["norm_bias_lr_scale"] = snapshot["trainer"].pop("norm_bias_lr_scale")
-        hydra_settings = yaml.safe_load(Path(store.PROJECT_ROOT, "conf/config.yaml").read_text())
-        primary = {
-            "defaults": ["config_schema", "_self_"],
-            **snapshot,
-            "hydra": hydra_settings.get("hydra", {}),
-        }
+        project = yaml.safe_load(Path(store.PROJECT_ROOT, "conf/config.yaml").read_text())
+        primary = {"defaults": ["config_schema", "_self_"], **snapshot, "hydra": project.get("hydra", {})}
         Path(tmp, "rerun.yaml").write_text(yaml.safe_dump(primary, sort_keys=False))
         original = MlflowClient(uri).get_run(run_id)
         check_code(uri, original, tmp)
@@ -247,14 +230,14 @@ def rerun(
     return 0
 
 
-def check_code(uri: str, run: Any, tmp: str) -> bool:
-    """Whether this checkout runs the code `run` ran: its commit plus its uncommitted diff. If not,
-    says so on stderr with the commands that restore it (the diff saved to a file to apply);
+def check_code(uri: str, run: Any, tmp: str) -> None:
+    """Warns on stderr when this checkout does not run the code `run` ran (its commit plus its
+    uncommitted diff), with the commands that restore it (the diff saved to a file to apply);
     silent outside git or for a run recorded outside git."""
     recorded, run_id = run.data.tags.get("git_commit", "unknown"), run.info.run_id
     commit, dirty = identity.git_state()
     if "unknown" in (recorded, commit):
-        return True
+        return
     diff: str | None = ""
     if run.data.tags.get("git_dirty") == "True":
         try:
@@ -262,7 +245,7 @@ def check_code(uri: str, run: Any, tmp: str) -> bool:
         except UserError:
             diff = None  # recorded before the diff was kept
     if commit == recorded and diff == (identity.uncommitted_diff() if dirty else ""):
-        return True
+        return
     restore = f"git checkout {recorded[:12]}"
     if diff:
         saved = Path(tempfile.gettempdir()) / f"cifar_exp-{run_id[:8]}.diff"
@@ -277,7 +260,6 @@ def check_code(uri: str, run: Any, tmp: str) -> bool:
         file=sys.stderr,
         flush=True,
     )
-    return False
 
 
 def predict(uri: str, run_id: str, images: list[str], top: int, trust: bool) -> int:
@@ -297,13 +279,9 @@ def predict(uri: str, run_id: str, images: list[str], top: int, trust: bool) -> 
         model = build(cfg.model, trust, num_classes=len(classes["classes"]))
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.eval()
+    mean, std = tuple(cfg.dataset.mean), tuple(cfg.dataset.std)
     for path in images:
-        x = normalise(
-            read_image(Path(path))[None],
-            tuple(cfg.dataset.mean),
-            tuple(cfg.dataset.std),
-            torch.float32,
-        )
+        x = normalise(read_image(Path(path))[None], mean, std, torch.float32)
         with torch.no_grad():
             probs = torch.softmax(model(x), 1)[0]
         values, indices = probs.topk(min(top, len(probs)))

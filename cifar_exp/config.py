@@ -231,10 +231,9 @@ def schema_of(made: Any, group: str) -> type:
     fields = [("_target_", str, field(default=f"{made.__module__}.{made.__qualname__}"))]
     for f in dataclasses.fields(built):
         if f.name not in own:
-            default = f.default if f.default is not dataclasses.MISSING else MISSING
-            made_default = f.default_factory  # a list default: a new list per config
-            extra = {"default_factory": made_default} if made_default is not dataclasses.MISSING else {}
-            fields.append((f.name, f.type, field(**(extra or {"default": default}))))
+            default = MISSING if f.default is f.default_factory is dataclasses.MISSING else f.default
+            # a list default keeps its factory: a new list per config
+            fields.append((f.name, f.type, field(default=default, default_factory=f.default_factory)))
     schema = dataclasses.make_dataclass(f"{group}_{made.__name__}_schema", fields, bases=(base,))
     # A config holding it is pickled to other processes (submitit, joblib): the class must be
     # found by name in this module there (see __getattr__ below)

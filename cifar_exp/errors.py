@@ -9,6 +9,8 @@ from typing import Any
 
 from hydra.errors import CompactHydraException
 
+RunAndReport = Callable[[Callable[[], Any]], Any]  # calls the function it is given, reporting its errors
+
 
 class UserError(CompactHydraException):
     """A mistake a user can fix (bad value, missing file, no GPU): Hydra prints only its message."""
@@ -31,15 +33,12 @@ def compact_message(error: CompactHydraException) -> str:
     full_key/object_type lines left out; a list of available options joined onto the line)."""
     message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     message = message.split(" Config search path:")[0]  # where Hydra looked: not the user's mistake
-    cause = error.__cause__
-    if cause is not None and type(cause).__module__.startswith("omegaconf"):
-        message = f"{message}: {first_line(cause)}"
+    if type(error.__cause__).__module__.startswith("omegaconf"):  # None's is builtins
+        message = f"{message}: {first_line(error.__cause__)}"
     return message
 
 
-def report_in_one_line(
-    run_and_report: Callable[[Callable[[], Any]], Any],
-) -> Callable[[Callable[[], Any]], Any]:
+def report_in_one_line(run_and_report: RunAndReport) -> RunAndReport:
     """Hydra's run_and_report, with its user errors (compose-time mistakes, UserError) printed as
     one line on stderr and exit status 1, instead of several lines and a HYDRA_FULL_ERROR hint.
     HYDRA_FULL_ERROR=1 still shows the traceback; other errors go to Hydra as before."""

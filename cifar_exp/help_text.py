@@ -14,7 +14,6 @@ from cifar_exp.key_meanings import KeyMeanings
 
 WIDTH = 110  # longest line printed (a value longer than that still prints whole)
 COLUMN = 32  # where the meanings start, for keys and values shorter than that
-RESOLVER = "cifar_exp.config_help"
 
 
 def _line(text: str, meaning: str, indent: str) -> list[str]:
@@ -55,4 +54,4 @@ def config_help(*, _root_: DictConfig) -> str:
 
 def register() -> None:
     """Make `${cifar_exp.config_help:}` (conf/config.yaml's hydra.help.template) known to OmegaConf."""
-    OmegaConf.register_new_resolver(RESOLVER, config_help, replace=True)
+    OmegaConf.register_new_resolver("cifar_exp.config_help", config_help, replace=True)

@@ -80,11 +80,7 @@ def argument_meanings(target: str) -> dict[str, str]:
     except Exception:  # noqa: BLE001 - not importable, or no source: help still prints, without these
         return {}
     found = {}
-    docs = (
-        [inspect.getdoc(made), inspect.getdoc(made.__init__)]
-        if inspect.isclass(made)
-        else [inspect.getdoc(made)]
-    )
+    docs = [inspect.getdoc(made), inspect.getdoc(made.__init__) if inspect.isclass(made) else None]
     param, indent = "", 0
     for line in "\n".join(doc or "" for doc in docs).splitlines():
         depth = len(line) - len(line.lstrip())
@@ -121,8 +117,7 @@ def yaml_meanings(path: Path, package: str) -> dict[str, str]:
         if line.strip().startswith("#"):
             above.append(line.strip().lstrip("#").strip())
             continue
-        match = YAML_KEY.match(line)
-        if match:
+        if match := YAML_KEY.match(line):
             indent = len(match["indent"])
             parents = [(i, k) for i, k in parents if i < indent] + [(indent, match["key"])]
             beside = re.search(r"\s#\s*(.*)$", match["rest"])

@@ -36,8 +36,8 @@ def asking(client: Any, call: Callable[[], Any]) -> Any:
         raise UserError(f"the MLflow store {client.tracking_uri} does not answer: {first_line(e)}") from None
 
 
-def find_experiment(client: Any, name: str | None = None) -> Any:
-    name = name or TrackingConfig().experiment_name
+def find_experiment(client: Any) -> Any:
+    name = TrackingConfig().experiment_name
     experiment = asking(client, lambda: client.get_experiment_by_name(name))
     if experiment is None:
         raise UserError(f"nothing recorded yet: no experiment {name} in {client.tracking_uri}")

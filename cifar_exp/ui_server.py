@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -52,11 +51,10 @@ def check_port(port: int, host: str = "127.0.0.1") -> None:
 
 
 def answers(base: str) -> bool:
-    """Whether the server at `base` answers its health check."""
     try:
         with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
             return response.status == 200
-    except (urllib.error.URLError, OSError):
+    except OSError:  # URLError is one
         return False
 
 
@@ -91,8 +89,6 @@ def stop_group(server: subprocess.Popen) -> None:
         deadline = time.monotonic() + STOP_GRACE_S
         while time.monotonic() < deadline and _group_alive(server):
             time.sleep(0.1)
-        if not _group_alive(server):
-            return
 
 
 def _group_alive(server: subprocess.Popen) -> bool:
@@ -142,11 +138,10 @@ def ui(uri: str, port: int) -> int:
         return serve(command, base, ready)
 
 
-def ui_links(client: Any, base: str, experiment_name: str | None = None) -> dict[str, str]:
+def ui_links(client: Any, base: str) -> dict[str, str]:
     """{what: URL}: the experiment's runs in the model-training view, and for the latest sweep its
     parent run and the compare view of its children."""
-    experiment = find_experiment(client, experiment_name)
-    eid = experiment.experiment_id
+    eid = find_experiment(client).experiment_id
     view = store.MODEL_TRAINING_VIEW
     # An empty searchFilter: the UI keeps the last search per experiment, and would show only that.
     links = {"runs:": f"{base}/#/experiments/{eid}/runs?{view}&searchFilter="}

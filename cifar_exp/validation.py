@@ -13,8 +13,7 @@ import inspect
 import logging
 import math
 import re
-import typing
-from typing import Any
+from typing import Annotated, Any, get_origin, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
@@ -116,15 +115,13 @@ def hinted_ranges(cfg: DictConfig) -> dict[str, Range]:
 def argument_ranges(target: Any) -> dict[str, Range]:
     """{argument: Range} for the arguments hinted `Annotated[..., Range(...)]`."""
     try:
-        hints = typing.get_type_hints(
-            target.__init__ if inspect.isclass(target) else target, include_extras=True
-        )
+        hints = get_type_hints(target.__init__ if inspect.isclass(target) else target, include_extras=True)
     except Exception:  # noqa: BLE001 - hints that do not resolve state no ranges
         return {}
     return {
         name: rule
         for name, hint in hints.items()
-        if typing.get_origin(hint) is typing.Annotated
+        if get_origin(hint) is Annotated
         for rule in hint.__metadata__
         if isinstance(rule, Range)
     }
