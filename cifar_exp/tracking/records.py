@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -174,13 +175,12 @@ class RecordWriter:
             opened, self.open_error = self._store(self.opener, "open the run")
             self.client, self.run_id = opened or (None, None)
         self.opened.set()
-        pending: dict[str, list] = {key: [] for key in ("metrics", "params", "tags", "files", "calls", "end")}
         beat, closing = time.monotonic() + self.heartbeat_s, False
         while not closing:
-            closing = self._take(pending, beat if self.heartbeat else None)
+            pending, closing = self._take(beat if self.heartbeat else None)
             if self.taken_over:  # not this process's run any more: what it would write is not kept
-                pending = {key: [] for key in pending}
-            self._write(pending)
+                pending.clear()
+            self._write(pending["metrics"], pending["params"], pending["tags"])
             for folder, what in pending["files"]:
                 self._log_files(folder, what)
             for call, what, kept in pending["calls"]:
@@ -190,25 +190,25 @@ class RecordWriter:
                     self.keep([kept], error)
             for end in pending["end"]:
                 self._end(end)
-            pending["files"], pending["calls"], pending["end"] = [], [], []
             if self.heartbeat and time.monotonic() >= beat and self.run_id and not self.taken_over:
                 beat = time.monotonic() + self.heartbeat_s
                 self.taken_over, _ = self._store(lambda: self.heartbeat(self.client, self.run_id), "")
 
-    def _take(self, pending: dict[str, list], until: float | None) -> bool:
-        """Moves what is queued into `pending`, waiting for the first item until `until`
-        (time.monotonic(); None: as long as it takes). True once close() has been called."""
+    def _take(self, until: float | None) -> tuple[defaultdict[str, list], bool]:
+        """What is queued, by kind, waiting for the first item until `until` (time.monotonic();
+        None: as long as it takes); True once close() has been called."""
+        pending: defaultdict[str, list] = defaultdict(list)
         try:
             timeout = None if until is None else max(0.0, until - time.monotonic())
             items = [self.queue.get(timeout=timeout)]
         except queue.Empty:
-            return False
+            return pending, False
         while not self.queue.empty():
             items.append(self.queue.get())
         for item in items:
             if item is not None:
                 pending[item[0]] += item[1]
-        return None in items
+        return pending, None in items
 
     def _store(self, call: Callable[[], T], what: str) -> tuple[T | None, str | None]:
         """call(), retried with backoff while it fails transiently and the store is not down;
@@ -254,12 +254,10 @@ class RecordWriter:
         """call() once the run is open; None when it was recorded, else why not."""
         return self._store(call, what)[1] if self.run_id else self.open_error or "the run is not open"
 
-    def _write(self, pending: dict[str, list]) -> None:
-        """Writes the pending metrics, params and tags in batches; keeps what it does not take."""
+    def _write(self, metrics: list, params: list, tags: list) -> None:
+        """Writes metrics, params and tags in batches; keeps what the store does not take."""
         from mlflow.entities import Metric, Param, RunTag
 
-        metrics, params, tags = pending["metrics"], pending["params"], pending["tags"]
-        pending["metrics"], pending["params"], pending["tags"] = [], [], []
         for m, p, t in batches(metrics, params, tags):
             batch = {"metrics": [Metric(*x) for x in m], "params": [Param(*x) for x in p]}
             batch["tags"] = [RunTag(*x) for x in t]
