@@ -38,15 +38,13 @@ CONFIG_ARTIFACT = "config/config.yaml"
 
 
 class Untracked:
-    """The run's handle with tracking off (mlflow.enabled=false): RecordWriter's calls, doing
-    nothing."""
+    """The run's handle with tracking off (mlflow.enabled=false): the RecordWriter calls the runner
+    makes whether or not the run is `enabled`, doing nothing."""
 
     enabled = False
 
     def wait_open(self) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-    def log_params(self, params: dict[str, str]) -> None: ...
-    def log_files(self, files: Files, what: str) -> None: ...
     def flush(self) -> None: ...
     def set_checkpoint(self, path: Path) -> None: ...
 
@@ -170,8 +168,7 @@ def start_run(
 
 def snapshot_files(folder: Path | None) -> Files:
     """The run folder's .hydra snapshot (Hydra's config, overrides and its own), beside the config."""
-    snapshot = folder / ".hydra" if folder is not None else None
-    paths = sorted(p for p in snapshot.glob("*") if p.is_file()) if snapshot and snapshot.is_dir() else []
+    paths = sorted(p for p in (folder / ".hydra").glob("*") if p.is_file()) if folder is not None else []
     return {f"{Path(CONFIG_ARTIFACT).parent}/hydra/{path.name}": path.read_bytes() for path in paths}
 
 
