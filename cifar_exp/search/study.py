@@ -156,7 +156,7 @@ def stored_best(name: str, storage: str) -> int | None:
     return None if best is None else best.number
 
 
-def make_sampler(sampler: DictConfig, trials_so_far: int = 0) -> Any:
+def make_sampler(sampler: DictConfig, trials_so_far: int) -> Any:
     """The sampler, seeded with sampler.seed plus the trials the study holds already: a continued
     study draws new values (seeded afresh, it would repeat its first trials), still reproducibly."""
     import optuna

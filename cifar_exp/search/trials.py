@@ -1,10 +1,9 @@
 """The search loop behind `hydra/sweeper=optuna` (hydra_plugins/cifar_exp_search): asks the study
-for a trial whenever a
-job slot frees up (n_jobs at once, never waiting for a batch), launches each trial as one job on
-the configured launcher, and tells the study how it ended: complete with its metric, pruned, or
-failed (a diverged loss). A search stopped by Ctrl-C, a crashed worker or an error continues when
-the same command runs again: finished and pruned trials stay, interrupted ones run again under
-their own numbers (their runs resume from the last checkpoint)."""
+for a trial whenever a job slot frees up (n_jobs at once, never waiting for a batch), launches each
+trial as one job on the configured launcher, and tells the study how it ended: complete with its
+metric, pruned, or failed (a diverged loss). A search stopped by Ctrl-C, a crashed worker or an
+error continues when the same command runs again: finished and pruned trials stay, interrupted
+ones run again under their own numbers (their runs resume from the last checkpoint)."""
 
 from __future__ import annotations
 
