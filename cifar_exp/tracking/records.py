@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from cifar_exp.errors import first_line
 from cifar_exp.tracking.identity import CHECKPOINT_TAG
-from cifar_exp.tracking.leases import TakenOver
+from cifar_exp.tracking.leases import HEARTBEAT_S, TakenOver
 from cifar_exp.tracking.store import backoff, retry_seconds, transient
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class RecordWriter:
     """The run's handle for the runner, and its one writer to the store: the training loop only
     puts plain tuples on a queue, written in order from the writer's thread. With an `opener`, the
     thread first opens the run; until then records wait on the queue. `heartbeat(client, run_id)`
-    runs every `heartbeat_s` (the lease): it returns who took the run over, if someone did, and
+    runs every HEARTBEAT_S (the lease): it returns who took the run over, if someone did, and
     from then on nothing more is written. `recorded`: the (metric, step) points a resumed run holds
     already, not recorded twice."""
 
@@ -72,13 +72,12 @@ class RecordWriter:
         opener: Opener | None = None,
         uri: str = "the store",
         heartbeat: Call | None = None,
-        heartbeat_s: float = 60.0,
         recorded: set[tuple[str, int]] | None = None,
     ) -> None:
         self.client, self.run_id, self.opener, self.uri = client, run_id, opener, uri
         self.spill_path = spill_path  # None: what the store does not take is lost (and counted)
         self.retry_s = retry_seconds() if retry_s is None else retry_s
-        self.heartbeat, self.heartbeat_s = heartbeat, heartbeat_s
+        self.heartbeat = heartbeat
         self.failing_since: float | None = None  # time.monotonic() of an outage's first failure
         self.down = False  # failing for retry_s: each call is tried once, what fails is kept
         self.ended_at: float | None = None  # time.monotonic() of close()
@@ -175,7 +174,7 @@ class RecordWriter:
             opened, self.open_error = self._store(self.opener, "open the run")
             self.client, self.run_id = opened or (None, None)
         self.opened.set()
-        beat, closing = time.monotonic() + self.heartbeat_s, False
+        beat, closing = time.monotonic() + HEARTBEAT_S, False
         while not closing:
             pending, closing = self._take(beat if self.heartbeat else None)
             if self.taken_over:  # not this process's run any more: what it would write is not kept
@@ -191,7 +190,7 @@ class RecordWriter:
             for end in pending["end"]:
                 self._end(end)
             if self.heartbeat and time.monotonic() >= beat and self.run_id and not self.taken_over:
-                beat = time.monotonic() + self.heartbeat_s
+                beat = time.monotonic() + HEARTBEAT_S
                 self.taken_over, _ = self._store(lambda: self.heartbeat(self.client, self.run_id), "")
 
     def _take(self, until: float | None) -> tuple[defaultdict[str, list], bool]:

@@ -138,7 +138,6 @@ def start_run(
         opener=opener(cfg.mlflow, name, tags, run_id, lease),
         uri=uri,
         heartbeat=leases.heartbeat(lease),
-        heartbeat_s=leases.HEARTBEAT_S,
         recorded=resume.recorded if resume else None,
     )
     cleared = resume.interrupted if resume else ()
