@@ -8,7 +8,6 @@ ones run again under their own numbers (their runs resume from the last checkpoi
 from __future__ import annotations
 
 import logging
-import math
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -84,9 +83,7 @@ class Trials:
             study_name=claim.name,
             storage=study.open_storage(claim.storage),
             # its steps are the trials' reports: reports_per_epoch of them an epoch
-            pruner=study.make_pruner(
-                sweeper.pruner, math.ceil(config.trainer.epochs) * sweeper.reports_per_epoch
-            ),
+            pruner=study.make_pruner(sweeper.pruner, config.trainer.epochs, sweeper.reports_per_epoch),
             direction=str(sweeper.direction),
             load_if_exists=True,
         )
