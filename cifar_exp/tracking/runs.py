@@ -140,7 +140,6 @@ def start_run(
         heartbeat=leases.heartbeat(lease),
         recorded=resume.recorded if resume else None,
     )
-    cleared = resume.interrupted if resume else ()
     try:
         if run_id is None:  # a resumed run keeps the config it was first recorded with
             # the checkout's uncommitted diff, when it is dirty: git is asked from the writer's thread
@@ -162,7 +161,7 @@ def start_run(
         _end(writer, lease, "FAILED", first_line(e, most=5000))
         raise
     else:
-        _end(writer, lease, "FINISHED", None, cleared=cleared)
+        _end(writer, lease, "FINISHED", None, cleared=resume.interrupted if resume else ())
 
 
 def snapshot_files(folder: Path | None) -> Files:
