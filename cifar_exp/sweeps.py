@@ -89,11 +89,12 @@ class SweepCallback(Callback):
             "hydra_sweep_dir": str(config.hydra.sweep.dir),
         }
         earlier = None
-        if claim is not None:  # the parent of an earlier, stopped search of this study continues
+        if claim is not None:  # the parent of an earlier search of this study (stopped, or fewer trials)
             sweeper = config.hydra.sweeper
             tags[STUDY], tags[STORAGE] = claim.name, claim.storage
             tags["search/metric"], tags["search/direction"] = sweeper.metric, str(sweeper.direction)
-            earlier = search_parent(client, experiment_id, claim.name)
+            found = client.search_runs([experiment_id], f"tags.`{STUDY}` = '{claim.name}'", max_results=1)
+            earlier = found[0].info.run_id if found else None
         name = sweep_name(swept, self.search, time.time())
         self.parent_id = open_parent(client, experiment_id, name, tags, {**fixed, **swept}, earlier)
         atexit.register(self.close)
@@ -138,14 +139,6 @@ class SweepCallback(Callback):
         if self.claim is not None:
             self.claim.release()
             self.claim = None
-
-
-def search_parent(client: Any, experiment_id: str, study_name: str) -> str | None:
-    """The parent run of an earlier search of this study (stopped, or run with fewer trials)."""
-    found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{STUDY}` = '{study_name}'", max_results=1
-    )
-    return found[0].info.run_id if found else None
 
 
 def open_parent(

@@ -156,7 +156,7 @@ def stored_best(name: str, storage: str) -> int | None:
     return None if best is None else best.number
 
 
-def make_sampler(sampler: DictConfig, trials_so_far: int = 0) -> Any:
+def make_sampler(sampler: DictConfig, trials_so_far: int) -> Any:
     """The sampler, seeded with sampler.seed plus the trials the study holds already: a continued
     study draws new values (seeded afresh, it would repeat its first trials), still reproducibly."""
     import optuna
@@ -167,15 +167,15 @@ def make_sampler(sampler: DictConfig, trials_so_far: int = 0) -> Any:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=sampler.n_startup_trials)
 
 
-def make_pruner(pruner: DictConfig, reports: float) -> Any:
-    """The pruner; its steps are a trial's reports (1-based; reports_per_epoch an epoch),
-    `reports` a trial's whole budget."""
+def make_pruner(pruner: DictConfig, epochs: float, reports_per_epoch: int) -> Any:
+    """The pruner; its steps are a trial's reports (1-based; reports_per_epoch an epoch), and its
+    whole budget the reports of a trial never pruned (its epochs rounded up, as the loop counts)."""
     import optuna
 
     if pruner.name == PrunerName.hyperband:
         return optuna.pruners.HyperbandPruner(
             min_resource=pruner.min_resource,
-            max_resource=max(pruner.min_resource, math.ceil(reports)),
+            max_resource=max(pruner.min_resource, math.ceil(epochs) * reports_per_epoch),
             reduction_factor=pruner.reduction_factor,
         )
     if pruner.name == PrunerName.successive_halving:

@@ -6,7 +6,6 @@ the job its trial as it starts (see sweeps.SweepCallback)."""
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,12 +28,7 @@ class TrialLink:
     metric: str
     pruner: DictConfig
     epochs: float
-    reports_per_epoch: int = 1
-
-    @property
-    def reports(self) -> int:
-        """The reports a trial that is never pruned makes: the pruner's whole budget."""
-        return math.ceil(self.epochs) * self.reports_per_epoch
+    reports_per_epoch: int
 
 
 def link(config: DictConfig) -> TrialLink | None:
@@ -62,7 +56,7 @@ class Reporter:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = study.open_storage(link.storage)
-        pruner = study.make_pruner(link.pruner, link.reports)  # its steps are reports
+        pruner = study.make_pruner(link.pruner, link.epochs, link.reports_per_epoch)
         found = optuna.load_study(study_name=link.study_name, storage=storage, pruner=pruner)
         study_id = storage.get_study_id_from_name(link.study_name)
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, link.number)

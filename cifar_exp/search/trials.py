@@ -1,15 +1,13 @@
 """The search loop behind `hydra/sweeper=optuna` (hydra_plugins/cifar_exp_search): asks the study
-for a trial whenever a
-job slot frees up (n_jobs at once, never waiting for a batch), launches each trial as one job on
-the configured launcher, and tells the study how it ended: complete with its metric, pruned, or
-failed (a diverged loss). A search stopped by Ctrl-C, a crashed worker or an error continues when
-the same command runs again: finished and pruned trials stay, interrupted ones run again under
-their own numbers (their runs resume from the last checkpoint)."""
+for a trial whenever a job slot frees up (n_jobs at once, never waiting for a batch), launches each
+trial as one job on the configured launcher, and tells the study how it ended: complete with its
+metric, pruned, or failed (a diverged loss). A search stopped by Ctrl-C, a crashed worker or an
+error continues when the same command runs again: finished and pruned trials stay, interrupted
+ones run again under their own numbers (their runs resume from the last checkpoint)."""
 
 from __future__ import annotations
 
 import logging
-import math
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -85,9 +83,7 @@ class Trials:
             study_name=claim.name,
             storage=study.open_storage(claim.storage),
             # its steps are the trials' reports: reports_per_epoch of them an epoch
-            pruner=study.make_pruner(
-                sweeper.pruner, math.ceil(config.trainer.epochs) * sweeper.reports_per_epoch
-            ),
+            pruner=study.make_pruner(sweeper.pruner, config.trainer.epochs, sweeper.reports_per_epoch),
             direction=str(sweeper.direction),
             load_if_exists=True,
         )
@@ -118,30 +114,27 @@ class Trials:
         trial = self.study.ask(self.distributions)
         return trial.number, trial.params
 
-    def launch(self, launcher: Any, number: int, params: dict[str, Any]) -> JobReturn:
+    def launch(self, launcher: Any, number: int, params: dict[str, Any]) -> JobReturn | BaseException:
         """One trial as one job; its number is the job's number, so the job finds its trial."""
         name = f"hydra.sweeper.study_name={_quoted(self.claim.name)}"
         storage = f"hydra.sweeper.storage={_quoted(self.claim.storage)}"
         overrides = [*self.fixed, *space.overrides(params), name, storage]
         log.info(f"trial {number}: {' '.join(space.overrides(params))}")
-        return launcher.launch([overrides], initial_job_idx=number)[0]
+        try:
+            return launcher.launch([overrides], initial_job_idx=number)[0]
+        except Exception as e:  # the launcher itself failed (a worker process died)
+            return e
 
     def run(self, launcher: Any, n_jobs: int) -> list[Any]:
         if n_jobs == 1:  # in this thread: Ctrl-C and signals reach an in-process trial as usual
             while (trial := self.next()) is not None:
-                self.tell(*trial, self._launched(launcher, *trial))
+                self.tell(*trial, self.launch(launcher, *trial))
         else:
             self._run_parallel(launcher, n_jobs)
         if self.stopping is not None:
             raise self.stopping
         self._log_best()
         return self.returns
-
-    def _launched(self, launcher: Any, number: int, params: dict[str, Any]) -> JobReturn | BaseException:
-        try:
-            return self.launch(launcher, number, params)
-        except Exception as e:  # the launcher itself failed (a worker process died)
-            return e
 
     def _run_parallel(self, launcher: Any, n_jobs: int) -> None:
         """n_jobs trials at once; a slot that frees up starts the next trial at once."""
@@ -150,7 +143,7 @@ class Trials:
         try:
             while True:
                 while len(running) < n_jobs and (trial := self.next()) is not None:
-                    running[pool.submit(self._launched, launcher, *trial)] = trial
+                    running[pool.submit(self.launch, launcher, *trial)] = trial
                 if not running:
                     break
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)

@@ -43,14 +43,10 @@ class JobContext:
 
 def flatten(node: Any, prefix: str = "") -> dict[str, str]:
     """Every leaf of a config as a dotted key: {'model.conv1_out': '6', ...}."""
-    if isinstance(node, dict):
-        items = node.items()
-    elif isinstance(node, list):
-        return {prefix.rstrip("."): json.dumps(node)}
-    else:
-        return {prefix.rstrip("."): str(node)}
+    if not isinstance(node, dict):
+        return {prefix.rstrip("."): json.dumps(node) if isinstance(node, list) else str(node)}
     out: dict[str, str] = {}
-    for key, value in items:
+    for key, value in node.items():
         out.update(flatten(value, f"{prefix}{key}."))
     return out
 
@@ -158,14 +154,14 @@ def resumable(run: Any) -> bool:
     return bool(interrupted and path and Path(path).is_file())
 
 
-def checkpoint_path(ref: str, cfg: TrackingConfig | None = None) -> Path:
+def checkpoint_path(ref: str, cfg: TrackingConfig) -> Path:
     """`ref` is a checkpoint file, or an MLflow run id whose `checkpoint` tag names one."""
     if Path(ref).is_file():
         return Path(ref)
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(cfg or TrackingConfig())
+    uri = tracking_uri(cfg)
     try:
         run = MlflowClient(uri).get_run(ref)
     except MlflowException:

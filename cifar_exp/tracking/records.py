@@ -14,13 +14,14 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from cifar_exp.errors import first_line
 from cifar_exp.tracking.identity import CHECKPOINT_TAG
-from cifar_exp.tracking.leases import TakenOver
+from cifar_exp.tracking.leases import HEARTBEAT_S, TakenOver
 from cifar_exp.tracking.store import backoff, retry_seconds, transient
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class RecordWriter:
     """The run's handle for the runner, and its one writer to the store: the training loop only
     puts plain tuples on a queue, written in order from the writer's thread. With an `opener`, the
     thread first opens the run; until then records wait on the queue. `heartbeat(client, run_id)`
-    runs every `heartbeat_s` (the lease): it returns who took the run over, if someone did, and
+    runs every HEARTBEAT_S (the lease): it returns who took the run over, if someone did, and
     from then on nothing more is written. `recorded`: the (metric, step) points a resumed run holds
     already, not recorded twice."""
 
@@ -71,13 +72,12 @@ class RecordWriter:
         opener: Opener | None = None,
         uri: str = "the store",
         heartbeat: Call | None = None,
-        heartbeat_s: float = 60.0,
         recorded: set[tuple[str, int]] | None = None,
     ) -> None:
         self.client, self.run_id, self.opener, self.uri = client, run_id, opener, uri
         self.spill_path = spill_path  # None: what the store does not take is lost (and counted)
         self.retry_s = retry_seconds() if retry_s is None else retry_s
-        self.heartbeat, self.heartbeat_s = heartbeat, heartbeat_s
+        self.heartbeat = heartbeat
         self.failing_since: float | None = None  # time.monotonic() of an outage's first failure
         self.down = False  # failing for retry_s: each call is tried once, what fails is kept
         self.ended_at: float | None = None  # time.monotonic() of close()
@@ -174,13 +174,12 @@ class RecordWriter:
             opened, self.open_error = self._store(self.opener, "open the run")
             self.client, self.run_id = opened or (None, None)
         self.opened.set()
-        pending: dict[str, list] = {key: [] for key in ("metrics", "params", "tags", "files", "calls", "end")}
-        beat, closing = time.monotonic() + self.heartbeat_s, False
+        beat, closing = time.monotonic() + HEARTBEAT_S, False
         while not closing:
-            closing = self._take(pending, beat if self.heartbeat else None)
+            pending, closing = self._take(beat if self.heartbeat else None)
             if self.taken_over:  # not this process's run any more: what it would write is not kept
-                pending = {key: [] for key in pending}
-            self._write(pending)
+                pending.clear()
+            self._write(pending["metrics"], pending["params"], pending["tags"])
             for folder, what in pending["files"]:
                 self._log_files(folder, what)
             for call, what, kept in pending["calls"]:
@@ -190,25 +189,25 @@ class RecordWriter:
                     self.keep([kept], error)
             for end in pending["end"]:
                 self._end(end)
-            pending["files"], pending["calls"], pending["end"] = [], [], []
             if self.heartbeat and time.monotonic() >= beat and self.run_id and not self.taken_over:
-                beat = time.monotonic() + self.heartbeat_s
+                beat = time.monotonic() + HEARTBEAT_S
                 self.taken_over, _ = self._store(lambda: self.heartbeat(self.client, self.run_id), "")
 
-    def _take(self, pending: dict[str, list], until: float | None) -> bool:
-        """Moves what is queued into `pending`, waiting for the first item until `until`
-        (time.monotonic(); None: as long as it takes). True once close() has been called."""
+    def _take(self, until: float | None) -> tuple[defaultdict[str, list], bool]:
+        """What is queued, by kind, waiting for the first item until `until` (time.monotonic();
+        None: as long as it takes); True once close() has been called."""
+        pending: defaultdict[str, list] = defaultdict(list)
         try:
             timeout = None if until is None else max(0.0, until - time.monotonic())
             items = [self.queue.get(timeout=timeout)]
         except queue.Empty:
-            return False
+            return pending, False
         while not self.queue.empty():
             items.append(self.queue.get())
         for item in items:
             if item is not None:
                 pending[item[0]] += item[1]
-        return None in items
+        return pending, None in items
 
     def _store(self, call: Callable[[], T], what: str) -> tuple[T | None, str | None]:
         """call(), retried with backoff while it fails transiently and the store is not down;
@@ -254,12 +253,10 @@ class RecordWriter:
         """call() once the run is open; None when it was recorded, else why not."""
         return self._store(call, what)[1] if self.run_id else self.open_error or "the run is not open"
 
-    def _write(self, pending: dict[str, list]) -> None:
-        """Writes the pending metrics, params and tags in batches; keeps what it does not take."""
+    def _write(self, metrics: list, params: list, tags: list) -> None:
+        """Writes metrics, params and tags in batches; keeps what the store does not take."""
         from mlflow.entities import Metric, Param, RunTag
 
-        metrics, params, tags = pending["metrics"], pending["params"], pending["tags"]
-        pending["metrics"], pending["params"], pending["tags"] = [], [], []
         for m, p, t in batches(metrics, params, tags):
             batch = {"metrics": [Metric(*x) for x in m], "params": [Param(*x) for x in p]}
             batch["tags"] = [RunTag(*x) for x in t]

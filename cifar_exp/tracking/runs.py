@@ -38,15 +38,13 @@ CONFIG_ARTIFACT = "config/config.yaml"
 
 
 class Untracked:
-    """The run's handle with tracking off (mlflow.enabled=false): RecordWriter's calls, doing
-    nothing."""
+    """The run's handle with tracking off (mlflow.enabled=false): the RecordWriter calls the runner
+    makes whether or not the run is `enabled`, doing nothing."""
 
     enabled = False
 
     def wait_open(self) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-    def log_params(self, params: dict[str, str]) -> None: ...
-    def log_files(self, files: Files, what: str) -> None: ...
     def flush(self) -> None: ...
     def set_checkpoint(self, path: Path) -> None: ...
 
@@ -140,10 +138,8 @@ def start_run(
         opener=opener(cfg.mlflow, name, tags, run_id, lease),
         uri=uri,
         heartbeat=leases.heartbeat(lease),
-        heartbeat_s=leases.HEARTBEAT_S,
         recorded=resume.recorded if resume else None,
     )
-    cleared = resume.interrupted if resume else ()
     try:
         if run_id is None:  # a resumed run keeps the config it was first recorded with
             # the checkout's uncommitted diff, when it is dirty: git is asked from the writer's thread
@@ -165,13 +161,12 @@ def start_run(
         _end(writer, lease, "FAILED", first_line(e, most=5000))
         raise
     else:
-        _end(writer, lease, "FINISHED", None, cleared=cleared)
+        _end(writer, lease, "FINISHED", None, cleared=resume.interrupted if resume else ())
 
 
 def snapshot_files(folder: Path | None) -> Files:
     """The run folder's .hydra snapshot (Hydra's config, overrides and its own), beside the config."""
-    snapshot = folder / ".hydra" if folder is not None else None
-    paths = sorted(p for p in snapshot.glob("*") if p.is_file()) if snapshot and snapshot.is_dir() else []
+    paths = sorted(p for p in (folder / ".hydra").glob("*") if p.is_file()) if folder is not None else []
     return {f"{Path(CONFIG_ARTIFACT).parent}/hydra/{path.name}": path.read_bytes() for path in paths}
 
 

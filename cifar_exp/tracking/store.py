@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,7 +35,7 @@ T = TypeVar("T")
 
 def tracking_uri(cfg: TrackingConfig) -> str:
     """mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else the project's SQLite store."""
-    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store_uri()
+    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{STORE_DIR / 'mlflow.db'}"
 
 
 def limit_http_retries() -> None:
@@ -45,10 +45,6 @@ def limit_http_retries() -> None:
         os.environ.setdefault(name, value)
     # urllib3 says each of those retries in a line of its own; our own retrying says an outage once
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
-
-
-def default_store_uri() -> str:
-    return f"sqlite:///{STORE_DIR / 'mlflow.db'}"
 
 
 def ensure_experiment(cfg: TrackingConfig, retry: bool = True) -> str:
@@ -126,18 +122,15 @@ def hide_default_experiment(client: Any) -> None:
         log.debug(f"MLflow: kept the Default experiment ({first_line(e)})")
 
 
-@contextlib.contextmanager
-def creation_lock(uri: str) -> Iterator[None]:
+def creation_lock(uri: str) -> contextlib.AbstractContextManager:
     """For a SQLite store: one process at a time opens it first, creating or migrating its tables,
     and creates the experiment. (MLflow's table creation races: of four processes opening a fresh
     file at once, three failed, with migrations colliding.) Locks <database>.lock; elsewhere a no-op."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
     from filelock import FileLock
 
-    with FileLock(f"{uri.removeprefix('sqlite:///')}.lock"):
-        yield
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    return FileLock(f"{uri.removeprefix('sqlite:///')}.lock")
 
 
 def local_store_folder(uri: str) -> Path | None:

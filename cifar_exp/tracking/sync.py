@@ -24,7 +24,7 @@ from cifar_exp.errors import UserError, first_line
 from cifar_exp.run_names import run_name
 from cifar_exp.tracking import leases
 from cifar_exp.tracking.identity import HASH_TAG, config_hash
-from cifar_exp.tracking.records import UNRECORDED_ARTIFACTS, UNRECORDED_METRICS, batches
+from cifar_exp.tracking.records import UNRECORDED_ARTIFACTS, UNRECORDED_METRICS, batches, write_files
 from cifar_exp.tracking.store import ensure_experiment, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,6 @@ def _open_never_opened(client: Any, folder: Path, uri: str, start: int | None) -
     tagged and named as the run would have been, with the .hydra snapshot as its config."""
     from omegaconf import OmegaConf
 
-    from cifar_exp.tracking.records import write_files
     from cifar_exp.tracking.runs import CONFIG_ARTIFACT, snapshot_files
 
     recorded = _recorded(folder)
