@@ -12,12 +12,6 @@ from cifar_exp.errors import UserError
 from cifar_exp.ranges import MAX_EPOCHS, Range, Width
 
 
-def _check_widths(prefix: str, **widths: int) -> None:
-    for key, value in widths.items():
-        if value < 1:
-            raise UserError(f"{prefix}.{key}={value}: must be a positive integer")
-
-
 class Network(nn.Module):
     """What the training loop may ask of every network: logits for N x 3 x H x W normalised
     images, and two hooks it always calls, which do nothing unless a network overrides them."""
@@ -56,14 +50,6 @@ class CNN(Network):
         num_classes: int = 10,
     ) -> None:
         super().__init__()
-        _check_widths(
-            "model",
-            conv1_out=conv1_out,
-            conv2_out=conv2_out,
-            fc1_out=fc1_out,
-            fc2_out=fc2_out,
-            kernel_size=kernel_size,
-        )
         size = 32  # pixels of the input images
         for layer in ("conv1", "conv2"):
             if kernel_size > size:
@@ -152,7 +138,6 @@ class Airbench94(Network):
         num_classes: int = 10,
     ) -> None:
         super().__init__()
-        _check_widths("model", whiten_width=whiten_width, block1=block1, block2=block2, block3=block3)
         self.whiten_bias_epochs = whiten_bias_epochs
         if whiten_width % 2 or whiten_width > 24:
             raise UserError(
