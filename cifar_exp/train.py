@@ -246,13 +246,8 @@ class Loop:
             return self._fit()
 
     def _fit(self) -> tuple[dict[str, float], torch.Tensor]:
-        if self.progress.epoch > self.epochs:  # whole epochs: a cut-short last one counts
-            metrics = self.evaluate_epoch()
-            test, confusion = self.evaluate_test(metrics)
-            if not self.test_each_epoch:  # the epochs recorded only the validation split
-                self.on_metrics(test, self.progress.step)
-            return {**metrics, **test}, confusion
-        metrics: dict[str, float] = {}
+        ended = self.progress.epoch > self.epochs  # whole epochs: a cut-short last one counts
+        metrics = self.evaluate_epoch() if ended else {}
         while self.progress.epoch <= self.epochs:
             epoch = self.progress.epoch
             metrics = self.train_epoch()
@@ -267,7 +262,8 @@ class Loop:
                 self.on_report(epoch * self.reports_per_epoch, metrics, epoch == self.epochs)
         test, confusion = self.evaluate_test(metrics)
         if not self.test_each_epoch:  # the test split's one evaluation (else the last epoch's was)
-            log.info(f"test (once, at the end): {describe(test)}")
+            if not ended:
+                log.info(f"test (once, at the end): {describe(test)}")
             self.on_metrics(test, self.progress.step)
         return {**metrics, **test}, confusion
 
