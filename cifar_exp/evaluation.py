@@ -22,9 +22,7 @@ def chosen_metric(name: str, logged: list[dict[str, Any]]) -> str:
     return name
 
 
-def mixed_precision(
-    device: torch.device, enabled: bool, dtype: str = "bfloat16"
-) -> contextlib.AbstractContextManager:
+def mixed_precision(device: torch.device, enabled: bool, dtype: str) -> contextlib.AbstractContextManager:
     """Mixed precision on CUDA when enabled; nothing elsewhere."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=getattr(torch, dtype))
