@@ -38,8 +38,6 @@ def replacing(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
 
 def _remove_stale_temporaries(path: Path) -> None:
     for leftover in path.parent.glob(f".{path.name}.*.tmp"):
-        try:
+        with contextlib.suppress(OSError):  # another process removed or renamed it
             if time.time() - leftover.stat().st_mtime > STALE_S:
                 leftover.unlink()
-        except OSError:
-            pass  # another process removed or renamed it
