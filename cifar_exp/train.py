@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -24,7 +25,7 @@ from cifar_exp.errors import UserError
 from cifar_exp.evaluation import describe, evaluate, mixed_precision
 from cifar_exp.evaluation import predict_logits as predict_logits  # run.py and tests import it here
 from cifar_exp.precision import sum_loss_hyperparameters
-from cifar_exp.schedules import Lookahead, lr_factor
+from cifar_exp.schedules import Lookahead, onecycle
 from cifar_exp.step_clock import StepClock
 
 log = logging.getLogger(__name__)
@@ -197,10 +198,8 @@ class Loop:
             self.loss_scale = cfg.batch_size // self.world
             sum_loss_hyperparameters(optimizer, self.loss_scale)  # before the scheduler reads lr
         self.scheduler = None
-        if cfg.lr_schedule != "constant":
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda s: lr_factor(cfg.lr_schedule, s, total, cfg.warmup_fraction)
-            )
+        if cfg.lr_schedule != "constant":  # onecycle
+            self.scheduler = LambdaLR(optimizer, lambda s: onecycle(s, total, cfg.warmup_fraction))
         self.lookahead = Lookahead(model, total) if cfg.lookahead else None
         self.random_flip = cfg.flip and not cfg.alternate_flip
         self.train_images = data.train_images
