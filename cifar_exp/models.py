@@ -176,8 +176,7 @@ class Airbench94(Network):
         """Set the first layer to whiten 2x2 patches of `images` (normalised, N x 3 x H x W):
         the eigenvectors of the patch covariance, scaled by 1/sqrt(eigenvalue), and their negatives."""
         c, (h, w) = images.shape[1], self.whiten.weight.shape[2:]
-        patches = images.unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w)
-        patches = patches.float()
+        patches = images.unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w).float()
         covariance = patches.T @ patches / len(patches)
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
         eigenvalues = eigenvalues.flip(0).view(-1, 1, 1, 1)
