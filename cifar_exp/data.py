@@ -152,9 +152,8 @@ def _read_sample() -> decoded_cache.Decoded:
     files: dict[str, list[tuple[str, bytes]]] = {"train": [], "test": []}
     with tarfile.open(SAMPLE) as tar:
         for member in tar:
-            if member.isfile():
-                split = member.name.split("/")[0]
-                files[split].append((member.name, tar.extractfile(member).read()))
+            if member.isfile():  # {train,test}/<class>/<file>
+                files[member.name.split("/")[0]].append((member.name, tar.extractfile(member).read()))
     tensors = {}
     for split, named in files.items():
         named.sort()
