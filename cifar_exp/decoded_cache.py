@@ -92,10 +92,8 @@ def load(source: Source, decode: Callable[[], Decoded], folder: Path | None) -> 
         return decode()
     path = folder / source.filename()
     key = source.key()  # before decoding: a file changed meanwhile makes the next run decode again
-    if key is not None:
-        found = _read_reporting(path, key, source.kind)
-        if found is not None:
-            return found
+    if key is not None and (found := _read_reporting(path, key, source.kind)) is not None:
+        return found
     started = time.perf_counter()
     tensors, info = decode()
     key = key or source.key()  # files a loader fetched or unpacked exist now
