@@ -28,8 +28,6 @@ HELD_GPU_LOCKS: list[BaseFileLock] = []
 def select_device(cfg: DeviceConfig, batch_size: int) -> torch.device:
     """auto: CUDA when a GPU is visible, else CPU. On CPU also sets torch's thread count:
     `threads`, or with threads=0 one thread for small batches and torch's default otherwise."""
-    if cfg.threads < 0:
-        raise UserError(f"device.threads={cfg.threads}: must be 0 (automatic) or more")
     if cfg.name == "ddp":
         return _init_distributed(cfg)
     if cfg.name == "cuda" and not torch.cuda.is_available():
