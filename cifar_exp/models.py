@@ -222,13 +222,11 @@ class ResNet18(Network):
         num_classes: int = 10,
     ) -> None:
         super().__init__()
-        widths = [width1, width2, width3, width4]
         self.stem = nn.Sequential(
             nn.Conv2d(3, width1, 3, padding=1, bias=False), nn.BatchNorm2d(width1), nn.ReLU()
         )
         stages, channels = [], width1
-        for i, width in enumerate(widths):
-            stride = 1 if i == 0 else 2
+        for width, stride in zip((width1, width2, width3, width4), (1, 2, 2, 2), strict=True):
             stages += [_BasicBlock(channels, width, stride), _BasicBlock(width, width, 1)]
             channels = width
         self.stages = nn.Sequential(*stages)
