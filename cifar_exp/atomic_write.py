@@ -16,30 +16,24 @@ STALE_S = 3600  # a temporary file older than this was left by a killed writer
 
 
 @contextlib.contextmanager
-def replacing(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+def replacing(path: Path) -> Iterator[BinaryIO]:
     """A binary file to write what replaces `path` (its folder is made if missing). When the block
-    ends, the file is fsynced, given `mode` (mkstemp's 0o600 would hide a shared cache from the
+    ends, the file is fsynced, given mode 0o644 (mkstemp's 0o600 would hide a shared cache from the
     team) and renamed over `path`; when the block or any of these steps raises, it is removed and
     `path` is left as it was. Temporaries a killed writer left behind are removed after STALE_S."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):  # another process removed or renamed it
+            if time.time() - leftover.stat().st_mtime > STALE_S:
+                leftover.unlink()
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(temporary, mode)
+        os.chmod(temporary, 0o644)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
-        try:
-            if time.time() - leftover.stat().st_mtime > STALE_S:
-                leftover.unlink()
-        except OSError:
-            pass  # another process removed or renamed it

@@ -89,8 +89,7 @@ def load(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means: not a checkpoint we can use
-        reason = first_line(e)
-        raise UserError(f"{path} is not a readable cifar_exp checkpoint ({reason})") from None
+        raise UserError(f"{path} is not a readable cifar_exp checkpoint ({first_line(e)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a cifar_exp checkpoint (no 'format: {FORMAT}' entry)")
     return state

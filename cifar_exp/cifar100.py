@@ -26,13 +26,6 @@ def load_cifar100(
 ) -> ImageData:
     """torchvision's CIFAR100 under `root`: 50,000 training and 10,000 test images, 100 classes."""
     source = decoded_cache.Source("cifar100", Path(root) / "cifar-100-python", FILES, "torchvision pickles")
-    folder = decoded_cache.cache_folder(cache, cache_dir)
-    tensors, info = decoded_cache.load(source, lambda: _read(root, download), folder)
-    return ImageData(**tensors, classes=info["classes"], mean=tuple(mean), std=tuple(std), name="cifar100")
-
-
-def _read(root: str, download: bool) -> decoded_cache.Decoded:
-    from torchvision.datasets import CIFAR100
 
     def not_found(reason: str) -> UserError:
         return UserError(
@@ -40,4 +33,8 @@ def _read(root: str, download: bool) -> decoded_cache.Decoded:
             "go online (dataset.download=true) or put cifar-100-python.tar.gz there"
         )
 
-    return read_torchvision(CIFAR100, root, download, not_found)
+    folder = decoded_cache.cache_folder(cache, cache_dir)
+    tensors, info = decoded_cache.load(
+        source, lambda: read_torchvision("CIFAR100", root, download, not_found), folder
+    )
+    return ImageData(**tensors, classes=info["classes"], mean=tuple(mean), std=tuple(std), name="cifar100")

@@ -69,10 +69,13 @@ def load_cifar10(
 ) -> ImageData:
     """torchvision's CIFAR10 under `root`; its `.data` is already an N x 32 x 32 x 3 uint8 array.
     Neither there nor downloadable: with `fallback`, the bundled sample after one warning line."""
-    folder = decoded_cache.cache_folder(cache, cache_dir)
+    pickles = Path(root) / "cifar-10-batches-py"
+    source = decoded_cache.Source("cifar10", pickles, CIFAR10_FILES, "torchvision pickles")
     try:
         tensors, info = decoded_cache.load(
-            _cifar10_source(root), lambda: _read_cifar10(root, download), folder
+            source,
+            lambda: read_torchvision("CIFAR10", root, download, lambda why: Cifar10NotFound(root, why)),
+            decoded_cache.cache_folder(cache, cache_dir),
         )
     except Cifar10NotFound as e:
         if not fallback:
@@ -105,28 +108,19 @@ class Cifar10NotFound(UserError):
         return type(self), (self.root, self.reason)
 
 
-def _cifar10_source(root: str) -> decoded_cache.Source:
-    return decoded_cache.Source(
-        "cifar10", Path(root) / "cifar-10-batches-py", CIFAR10_FILES, "torchvision pickles"
-    )
-
-
-def _read_cifar10(root: str, download: bool) -> decoded_cache.Decoded:
-    from torchvision.datasets import CIFAR10
-
-    return read_torchvision(CIFAR10, root, download, lambda reason: Cifar10NotFound(root, reason))
-
-
 def read_torchvision(
-    dataset: type, root: str, download: bool, not_found: Callable[[str], Exception]
+    dataset: str, root: str, download: bool, not_found: Callable[[str], Exception]
 ) -> decoded_cache.Decoded:
-    """A torchvision CIFAR dataset's two splits under `root` as uint8 N x 3 x 32 x 32 tensors and
-    int64 labels (its `.data` is N x 32 x 32 x 3); `not_found(reason)` is raised when a split
-    cannot be read (offline download, bad archive, no files and download=false)."""
+    """torchvision.datasets.`dataset` (CIFAR10, CIFAR100; imported only to decode): its two splits
+    under `root` as uint8 N x 3 x 32 x 32 tensors and int64 labels (its `.data` is N x 32 x 32 x 3);
+    `not_found(reason)` is raised when a split cannot be read (offline download, bad archive, no
+    files and download=false)."""
+    from torchvision import datasets
+
     splits = []
     for train in (True, False):
         try:
-            splits.append(dataset(root, train=train, download=download))
+            splits.append(getattr(datasets, dataset)(root, train=train, download=download))
         except Exception as e:
             raise not_found(first_line(e)) from None
     tensors = {}
@@ -158,9 +152,8 @@ def _read_sample() -> decoded_cache.Decoded:
     files: dict[str, list[tuple[str, bytes]]] = {"train": [], "test": []}
     with tarfile.open(SAMPLE) as tar:
         for member in tar:
-            if member.isfile():
-                split = member.name.split("/")[0]
-                files[split].append((member.name, tar.extractfile(member).read()))
+            if member.isfile():  # {train,test}/<class>/<file>
+                files[member.name.split("/")[0]].append((member.name, tar.extractfile(member).read()))
     tensors = {}
     for split, named in files.items():
         named.sort()

@@ -66,9 +66,8 @@ class Source:
             except FileNotFoundError:
                 return None
             parts.append(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}")
-        return hashlib.sha256(
-            "\0".join(parts).encode("utf-8", "surrogateescape")
-        ).hexdigest()  # any file name
+        joined = "\0".join(parts).encode("utf-8", "surrogateescape")  # any file name
+        return hashlib.sha256(joined).hexdigest()
 
     def filename(self) -> str:
         root = hashlib.sha256(os.path.abspath(self.root).encode()).hexdigest()[:16]
@@ -80,10 +79,8 @@ def cache_folder(cache: bool, cache_dir: str | None) -> Path | None:
     $XDG_CACHE_HOME/cifar_exp, else ~/.cache/cifar_exp; None with caching off."""
     if not cache:
         return None
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    if os.environ.get(ENV_DIR):
-        return Path(os.environ[ENV_DIR]).expanduser()
+    if chosen := cache_dir or os.environ.get(ENV_DIR):
+        return Path(chosen).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "cifar_exp"
 
@@ -95,14 +92,12 @@ def load(source: Source, decode: Callable[[], Decoded], folder: Path | None) -> 
         return decode()
     path = folder / source.filename()
     key = source.key()  # before decoding: a file changed meanwhile makes the next run decode again
-    if key is not None:
-        found = _read_reporting(path, key, source.kind)
-        if found is not None:
-            return found
+    if key is not None and (found := _read_reporting(path, key, source.kind)) is not None:
+        return found
     started = time.perf_counter()
     tensors, info = decode()
     key = key or source.key()  # files a loader fetched or unpacked exist now
-    if key is not None and _write_reporting(path, key, tensors, info):
+    if key is not None and _write(path, key, tensors, info):
         log.info(f"decoded {source.kind} in {time.perf_counter() - started:.1f} s; cached as {path}")
     return tensors, info
 
@@ -151,20 +146,9 @@ def crc32(tensor: torch.Tensor) -> int:
 
 
 # ---------------------------------------------------------------- writing
-def _write_reporting(path: Path, key: str, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> bool:
-    try:
-        write(path, key, tensors, info)
-        return True
-    except OSError as e:  # read-only, full, not a folder, no permission
-        log.warning(
-            f"cannot write the decoded-data cache in {path.parent} ({first_line(e)}): decoding on every "
-            f"run; dataset.cache_dir=DIR picks another place, dataset.cache=false turns it off"
-        )
-        return False
-
-
-def write(path: Path, key: str, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
-    """Writes `path` whole or not at all (atomic_write.replacing)."""
+def _write(path: Path, key: str, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> bool:
+    """Writes `path` whole or not at all (atomic_write.replacing); where it cannot, False after
+    one warning."""
     from safetensors.torch import save
 
     # each its own copy: safetensors refuses tensors that share memory (a loader may return views)
@@ -174,5 +158,13 @@ def write(path: Path, key: str, tensors: dict[str, torch.Tensor], info: dict[str
     crcs = {name: crc32(t) for name, t in tensors.items()}
     header = json.dumps({"format": FORMAT, "key": key, "info": info, "crc32": crcs})
     data = save(tensors, metadata={HEADER: header, HEADER_CRC: str(zlib.crc32(header.encode()))})
-    with replacing(path) as f:
-        f.write(data)
+    try:
+        with replacing(path) as f:
+            f.write(data)
+    except OSError as e:  # read-only, full, not a folder, no permission
+        log.warning(
+            f"cannot write the decoded-data cache in {path.parent} ({first_line(e)}): decoding on every "
+            f"run; dataset.cache_dir=DIR picks another place, dataset.cache=false turns it off"
+        )
+        return False
+    return True

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from filelock import BaseFileLock, FileLock, Timeout
 from torch import nn
 
@@ -27,8 +28,6 @@ HELD_GPU_LOCKS: list[BaseFileLock] = []
 def select_device(cfg: DeviceConfig, batch_size: int) -> torch.device:
     """auto: CUDA when a GPU is visible, else CPU. On CPU also sets torch's thread count:
     `threads`, or with threads=0 one thread for small batches and torch's default otherwise."""
-    if cfg.threads < 0:
-        raise UserError(f"device.threads={cfg.threads}: must be 0 (automatic) or more")
     if cfg.name == "ddp":
         return _init_distributed(cfg)
     if cfg.name == "cuda" and not torch.cuda.is_available():
@@ -52,10 +51,6 @@ def cudnn_autotune(device: torch.device, fixed_shapes: bool) -> bool:
 
 def _init_distributed(cfg: DeviceConfig) -> torch.device:
     """Joins the process group torchrun set up: NCCL on GPUs (one per local rank), gloo on CPU."""
-    import os
-
-    import torch.distributed as dist
-
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise UserError("device=ddp needs torchrun: torchrun --nproc_per_node=N -m cifar_exp device=ddp ...")
     cuda = torch.cuda.is_available()
@@ -72,8 +67,6 @@ def _init_distributed(cfg: DeviceConfig) -> torch.device:
 
 def distributed() -> tuple[int, int]:
     """(rank, world size): (0, 1) outside DDP."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -84,22 +77,16 @@ def wrap_model(model: nn.Module, device: torch.device, data_parallel: bool) -> t
     GPUs visible and `data_parallel`, in DataParallel. Returns the model to train and the number
     of GPUs it uses (0 on CPU; under DDP, the GPUs of all processes)."""
     model = model.to(device)
-    if _ddp_requested():
+    if dist.is_available() and dist.is_initialized():
         cuda = device.type == "cuda"
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-        return ddp, distributed()[1] if cuda else 0
+        return ddp, dist.get_world_size() if cuda else 0
     if device.type != "cuda":
         return model, 0
     gpus = torch.cuda.device_count()
     if data_parallel and gpus > 1:
         return nn.DataParallel(model), gpus
     return model, 1
-
-
-def _ddp_requested() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
 
 
 def claim_gpu(job_num: int, lock_dir: Path) -> int | None:

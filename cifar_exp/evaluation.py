@@ -22,9 +22,7 @@ def chosen_metric(name: str, logged: list[dict[str, Any]]) -> str:
     return name
 
 
-def mixed_precision(
-    device: torch.device, enabled: bool, dtype: str = "bfloat16"
-) -> contextlib.AbstractContextManager:
+def mixed_precision(device: torch.device, enabled: bool, dtype: str) -> contextlib.AbstractContextManager:
     """Mixed precision on CUDA when enabled; nothing elsewhere."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=getattr(torch, dtype))
@@ -69,9 +67,8 @@ def evaluate(
         with mixed_precision(images.device, autocast, autocast_dtype):
             logits = predict_logits(model, x, tta).float()
         total_loss += F.cross_entropy(logits, y, reduction="sum")
-        confusion += torch.bincount(y * n_classes + logits.argmax(1), minlength=n_classes**2).view(
-            n_classes, n_classes
-        )
+        pairs = y * n_classes + logits.argmax(1)  # true class * n_classes + predicted
+        confusion += torch.bincount(pairs, minlength=n_classes**2).view(n_classes, n_classes)
     confusion = confusion.cpu()
     correct, total = confusion.diag().tolist(), confusion.sum(1).tolist()
     metrics = {f"{split}/loss": total_loss.item() / len(images), f"{split}/acc": sum(correct) / sum(total)}

@@ -45,9 +45,8 @@ def hold_out(data: ImageData, val_size: float, split_seed: int) -> ImageData:
     exact = per_class.double() * count / n
     quota = exact.floor().long()
     remainder = count - int(quota.sum())
-    order = sorted(range(len(per_class)), key=lambda k: (-(exact[k] - quota[k]).item(), k))
-    for k in order[:remainder]:
-        quota[k] += 1
+    order = torch.argsort(exact - quota, descending=True, stable=True)  # ties: the lower class first
+    quota[order[:remainder]] += 1
     emptied = [data.classes[k] for k in range(len(per_class)) if per_class[k] and quota[k] >= per_class[k]]
     if emptied:
         raise UserError(

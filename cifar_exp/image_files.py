@@ -53,10 +53,6 @@ def ignored(name: str) -> bool:
     return name.startswith(".") or name.lower() in SYSTEM_FILES
 
 
-def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
-
-
 @dataclass
 class Listing:
     """One split of an image folder: split/<class>/... -> image files (paths relative to the
@@ -105,11 +101,11 @@ def _overlap(target: str, real: str, owner: str) -> str:
     return f"a folder that holds {owner}" if _within(real, target) else f"inside {owner}"
 
 
-def list_splits(root: Path, splits: Sequence[str] = ("train", "test")) -> dict[str, Listing]:
-    """Each split's listing, with links checked across all of them (a train link and a test link
-    to the same folder would put the same images in both)."""
+def list_splits(root: Path) -> dict[str, Listing]:
+    """train/'s and test/'s listings, with links checked across both (a train link and a test
+    link to the same folder would put the same images in both)."""
     links = Links(root)
-    return {split: list_split(root, split, links) for split in splits}
+    return {split: list_split(root, split, links) for split in ("train", "test")}
 
 
 def list_split(root: Path, split: str, links: Links | None = None) -> Listing:
@@ -142,7 +138,7 @@ def _scan(folder: str, relative: str, listing: Listing, links: Links) -> list[st
                 if entry.is_symlink():
                     links.follow(entry.path, path)
                 found += _scan(entry.path, path, listing, links)
-            elif not is_image_name(entry.name):
+            elif os.path.splitext(entry.name)[1].lower() not in IMAGE_SUFFIXES:
                 listing.strays.append(path)
             elif entry.is_symlink() and not os.path.exists(entry.path):
                 listing.broken.append(path)

@@ -12,12 +12,6 @@ from cifar_exp.errors import UserError
 from cifar_exp.ranges import MAX_EPOCHS, Range, Width
 
 
-def _check_widths(prefix: str, **widths: int) -> None:
-    for key, value in widths.items():
-        if value < 1:
-            raise UserError(f"{prefix}.{key}={value}: must be a positive integer")
-
-
 class Network(nn.Module):
     """What the training loop may ask of every network: logits for N x 3 x H x W normalised
     images, and two hooks it always calls, which do nothing unless a network overrides them."""
@@ -56,14 +50,6 @@ class CNN(Network):
         num_classes: int = 10,
     ) -> None:
         super().__init__()
-        _check_widths(
-            "model",
-            conv1_out=conv1_out,
-            conv2_out=conv2_out,
-            fc1_out=fc1_out,
-            fc2_out=fc2_out,
-            kernel_size=kernel_size,
-        )
         size = 32  # pixels of the input images
         for layer in ("conv1", "conv2"):
             if kernel_size > size:
@@ -152,7 +138,6 @@ class Airbench94(Network):
         num_classes: int = 10,
     ) -> None:
         super().__init__()
-        _check_widths("model", whiten_width=whiten_width, block1=block1, block2=block2, block3=block3)
         self.whiten_bias_epochs = whiten_bias_epochs
         if whiten_width % 2 or whiten_width > 24:
             raise UserError(
@@ -191,8 +176,7 @@ class Airbench94(Network):
         """Set the first layer to whiten 2x2 patches of `images` (normalised, N x 3 x H x W):
         the eigenvectors of the patch covariance, scaled by 1/sqrt(eigenvalue), and their negatives."""
         c, (h, w) = images.shape[1], self.whiten.weight.shape[2:]
-        patches = images.unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w)
-        patches = patches.float()
+        patches = images.unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w).float()
         covariance = patches.T @ patches / len(patches)
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
         eigenvalues = eigenvalues.flip(0).view(-1, 1, 1, 1)
@@ -238,13 +222,11 @@ class ResNet18(Network):
         num_classes: int = 10,
     ) -> None:
         super().__init__()
-        widths = [width1, width2, width3, width4]
         self.stem = nn.Sequential(
             nn.Conv2d(3, width1, 3, padding=1, bias=False), nn.BatchNorm2d(width1), nn.ReLU()
         )
         stages, channels = [], width1
-        for i, width in enumerate(widths):
-            stride = 1 if i == 0 else 2
+        for width, stride in zip((width1, width2, width3, width4), (1, 2, 2, 2), strict=True):
             stages += [_BasicBlock(channels, width, stride), _BasicBlock(width, width, 1)]
             channels = width
         self.stages = nn.Sequential(*stages)

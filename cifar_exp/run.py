@@ -60,7 +60,6 @@ def run(
     if context.store_uri and context.store_uri != tracking_uri(cfg.mlflow):  # the sweep's store
         cfg = OmegaConf.merge(cfg, {"mlflow": {"tracking_uri": context.store_uri}})
     validate(cfg)  # every range, before anything is built or recorded
-    number = context.trial.number if context.trial else None  # a search trial's: its own child
     previous = trial.earlier_run(cfg, context)  # in a re-run sweep or search: the job's earlier run
     if previous and previous.status == "FINISHED":
         log.info(f"skipped: run {previous.run_id} already finished this config")
@@ -84,7 +83,7 @@ def run(
     continued = resume.run_id if resume else None  # a finished sweep that holds it is summarised again
     with (
         sweep_refresh.refreshed_after(cfg.mlflow, continued),
-        runs.start_run(cfg, device.type, gpus, resume, run_tags(data, tags, number), context) as tracker,
+        runs.start_run(cfg, device.type, gpus, resume, run_tags(data, tags, context), context) as tracker,
     ):
         path = checkpoints.file_path(cfg.trainer.checkpoint)
         # the run id once the run is open; metrics flushed before each checkpoint, tagged after
@@ -123,12 +122,12 @@ def resume_point(
     return resume_from, state, resume
 
 
-def run_tags(data: ImageData, tags: dict[str, str] | None, number: int | None) -> dict[str, str]:
+def run_tags(data: ImageData, tags: dict[str, str] | None, context: JobContext) -> dict[str, str]:
     """The tags a new run starts with: where its data came from, the caller's `tags`, and a search
     trial's number (one child per trial, found again by it: previous_trial_run)."""
     extra_tags = {"data": data.source, **(tags or {})}
-    if number is not None:
-        extra_tags[identity.TRIAL_TAG] = str(number)
+    if context.trial:
+        extra_tags[identity.TRIAL_TAG] = str(context.trial.number)
     return extra_tags
 
 
@@ -190,16 +189,13 @@ def param_groups(net: torch.nn.Module, optimizer: DictConfig) -> list[dict]:
     """Trainable parameters. With optimizer.norm_bias_lr_scale, BatchNorm shifts get lr * scale and
     weight decay / scale, so their decay per step (lr * weight_decay) stays that of the other
     parameters (airbench)."""
-    norm_bias_lr_scale = optimizer.norm_bias_lr_scale
+    scale = optimizer.norm_bias_lr_scale
     trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     norm = [p for n, p in trainable if "norm" in n]
-    if norm_bias_lr_scale == 1.0 or not norm:
+    if scale == 1.0 or not norm:
         return [{"params": [p for _, p in trainable]}]
     rest = [p for n, p in trainable if "norm" not in n]
-    scaled = {
-        "lr": optimizer.lr * norm_bias_lr_scale,
-        "weight_decay": optimizer.weight_decay / norm_bias_lr_scale,
-    }
+    scaled = {"lr": optimizer.lr * scale, "weight_decay": optimizer.weight_decay / scale}
     return [{"params": norm, **scaled}, {"params": rest}]
 
 

@@ -32,11 +32,9 @@ class Lookahead:
                 current.copy_(average)
 
 
-def lr_factor(schedule: str, step: int, total_steps: int, warmup_fraction: float) -> float:
-    """Multiplier of the base learning rate at `step`. onecycle: linear 0.2 -> 1 over the warm-up,
-    then linear 1 -> 0.07 to the end (airbench's shape)."""
-    if schedule == "constant":
-        return 1.0
+def onecycle(step: int, total_steps: int, warmup_fraction: float) -> float:
+    """trainer.lr_schedule=onecycle's multiplier of the base learning rate at `step`: linear
+    0.2 -> 1 over the warm-up, then linear 1 -> 0.07 to the end (airbench's shape)."""
     warmup = max(1, int(total_steps * warmup_fraction))
     if step < warmup:
         return 0.2 + 0.8 * step / warmup

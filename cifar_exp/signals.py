@@ -94,6 +94,5 @@ def deferred() -> Iterator[None]:
         yield
     finally:
         _deferring = False
-        if _pending is not None:  # asked for, but the loop ended before acting on it
-            stop, _pending = _pending, None
+        if (stop := take()) is not None:  # asked for, but the loop ended before acting on it
             raise stop

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -24,7 +25,7 @@ from cifar_exp.errors import UserError
 from cifar_exp.evaluation import describe, evaluate, mixed_precision
 from cifar_exp.evaluation import predict_logits as predict_logits  # run.py and tests import it here
 from cifar_exp.precision import sum_loss_hyperparameters
-from cifar_exp.schedules import Lookahead, lr_factor
+from cifar_exp.schedules import Lookahead, onecycle
 from cifar_exp.step_clock import StepClock
 
 log = logging.getLogger(__name__)
@@ -197,10 +198,8 @@ class Loop:
             self.loss_scale = cfg.batch_size // self.world
             sum_loss_hyperparameters(optimizer, self.loss_scale)  # before the scheduler reads lr
         self.scheduler = None
-        if cfg.lr_schedule != "constant":
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda s: lr_factor(cfg.lr_schedule, s, total, cfg.warmup_fraction)
-            )
+        if cfg.lr_schedule != "constant":  # onecycle
+            self.scheduler = LambdaLR(optimizer, lambda s: onecycle(s, total, cfg.warmup_fraction))
         self.lookahead = Lookahead(model, total) if cfg.lookahead else None
         self.random_flip = cfg.flip and not cfg.alternate_flip
         self.train_images = data.train_images
@@ -246,13 +245,8 @@ class Loop:
             return self._fit()
 
     def _fit(self) -> tuple[dict[str, float], torch.Tensor]:
-        if self.progress.epoch > self.epochs:  # whole epochs: a cut-short last one counts
-            metrics = self.evaluate_epoch()
-            test, confusion = self.evaluate_test(metrics)
-            if not self.test_each_epoch:  # the epochs recorded only the validation split
-                self.on_metrics(test, self.progress.step)
-            return {**metrics, **test}, confusion
-        metrics: dict[str, float] = {}
+        ended = self.progress.epoch > self.epochs  # whole epochs: a cut-short last one counts
+        metrics = self.evaluate_epoch() if ended else {}
         while self.progress.epoch <= self.epochs:
             epoch = self.progress.epoch
             metrics = self.train_epoch()
@@ -267,7 +261,8 @@ class Loop:
                 self.on_report(epoch * self.reports_per_epoch, metrics, epoch == self.epochs)
         test, confusion = self.evaluate_test(metrics)
         if not self.test_each_epoch:  # the test split's one evaluation (else the last epoch's was)
-            log.info(f"test (once, at the end): {describe(test)}")
+            if not ended:
+                log.info(f"test (once, at the end): {describe(test)}")
             self.on_metrics(test, self.progress.step)
         return {**metrics, **test}, confusion
 
