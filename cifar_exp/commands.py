@@ -266,7 +266,8 @@ def predict(uri: str, run_id: str, images: list[str], top: int, trust: bool) -> 
     from omegaconf import OmegaConf
 
     from cifar_exp.config import build
-    from cifar_exp.data import normalise, read_image
+    from cifar_exp.data import normalise
+    from cifar_exp.image_files import decode_image
 
     missing = [path for path in images if not Path(path).is_file()]
     if missing:  # before the run's files are fetched
@@ -281,7 +282,7 @@ def predict(uri: str, run_id: str, images: list[str], top: int, trust: bool) -> 
     model.eval()
     mean, std = tuple(cfg.dataset.mean), tuple(cfg.dataset.std)
     for path in images:
-        x = normalise(read_image(Path(path))[None], mean, std, torch.float32)
+        x = normalise(decode_image(Path(path), path)[None], mean, std, torch.float32)
         with torch.no_grad():
             probs = torch.softmax(model(x), 1)[0]
         values, indices = probs.topk(min(top, len(probs)))

@@ -36,7 +36,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from cifar_exp.errors import UserError, first_line
-from cifar_exp.hydra_private import strict_bools
+from cifar_exp.hydra_private import full_key, strict_bools
 
 
 # ---------------------------------------------------------------- closed sets of choices
@@ -324,11 +324,7 @@ def check_arguments(node: Any, made: Any, key: str) -> None:
 def group_of(node: Any) -> str:
     """Where a node sits in the composed config ("model"); run.load_data builds the dataset from
     its YAML alone, known by the keys only a dataset has; "config" for any other free node."""
-    try:
-        key = str(node._get_full_key(None))
-    except AttributeError:
-        key = ""
-    return key or ("dataset" if "val_size" in node else "config")
+    return full_key(node) or ("dataset" if "val_size" in node else "config")
 
 
 # Keys this project reads itself, never arguments of the `_target_`: build() leaves them out.

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from cifar_exp import decoded_cache, image_files
 from cifar_exp.errors import UserError, first_line
 from cifar_exp.image_files import IMAGE_SIZE
-from cifar_exp.image_files import read_image as read_image  # commands.predict reads images through here
 
 log = logging.getLogger(__name__)
 

@@ -213,11 +213,6 @@ def decode_rule() -> str:
     )
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """One image file as uint8 3 x 32 x 32."""
-    return decode_image(path, path)
-
-
 def decode_image(file: Path | str | BinaryIO, name: Path | str) -> torch.Tensor:
     """uint8 3 x 32 x 32 from any image file Pillow reads; UndecodableImage names `name`."""
     from PIL import Image, ImageOps

@@ -12,10 +12,9 @@ from typing import Any
 from cifar_exp.config import TrackingConfig
 from cifar_exp.errors import first_line
 from cifar_exp.sweep_summary import summarise
-from cifar_exp.tracking import store
+from cifar_exp.tracking import identity, store
 
 log = logging.getLogger(__name__)
-LINK_PREFIX = "linked/"  # a later sweep's tag per finished run it took over (identity.previous_run)
 
 
 @contextlib.contextmanager
@@ -39,7 +38,7 @@ def refresh(client: Any, run_id: str) -> list[str]:
     `cifar-exp compare` reads the children live."""
     try:
         run = client.get_run(run_id)
-        linking = f"tags.`{LINK_PREFIX}{run_id}` != ''"
+        linking = f"tags.`{identity.LINK_PREFIX}{run_id}` != ''"
         linked = client.search_runs([run.info.experiment_id], linking, max_results=1000)
         parents = [run.data.tags.get("mlflow.parentRunId"), *(p.info.run_id for p in linked)]
         refreshed = []

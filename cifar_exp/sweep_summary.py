@@ -100,7 +100,11 @@ def sweep_children(client: Any, parent: Any) -> list[Any]:
         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
         max_results=10000,
     )
-    linked = [client.get_run(k.removeprefix("linked/")) for k in parent.data.tags if k.startswith("linked/")]
+    linked = [
+        client.get_run(k.removeprefix(identity.LINK_PREFIX))
+        for k in parent.data.tags
+        if k.startswith(identity.LINK_PREFIX)
+    ]
     return sorted([*linked, *children], key=lambda run: run.info.start_time)
 
 

@@ -70,3 +70,12 @@ def test_omegaconf_converts_every_bool_in_the_method_we_wrap() -> None:
     assert getattr(BooleanNode._validate_and_convert_impl, "strict", False)  # ours, installed
     with pytest.raises(Exception, match="use true or false"):
         OmegaConf.merge(OmegaConf.structured({"flip": BooleanNode(False)}), {"flip": -1})
+
+
+def test_a_nodes_path_in_its_config_is_read_from_omegaconf() -> None:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"model": {"conv1_out": 6}, "trainer": {"lr": 0.1}})
+    assert hydra_private.full_key(cfg.model) == "model"
+    assert hydra_private.full_key(OmegaConf.create({"lr": 0.1})) == ""
+    assert hydra_private.full_key(3) == ""

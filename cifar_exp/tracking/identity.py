@@ -19,6 +19,8 @@ from cifar_exp.config import TrackingConfig
 from cifar_exp.errors import UserError
 from cifar_exp.tracking.store import PROJECT_ROOT, tracking_uri
 
+LINK_PREFIX = "linked/"  # a later sweep's tag per finished run it took over (previous_run)
+
 if TYPE_CHECKING:
     from cifar_exp.search.trial import TrialLink
 
@@ -137,7 +139,7 @@ def previous_run(cfg: DictConfig, parent: str | None) -> PreviousRun | None:
     )
     for run in runs:
         if run.info.status == "FINISHED":
-            client.set_tag(parent, f"linked/{run.info.run_id}", "finished in an earlier sweep")
+            client.set_tag(parent, f"{LINK_PREFIX}{run.info.run_id}", "finished in an earlier sweep")
             return PreviousRun(run.info.run_id, "FINISHED", dict(run.data.metrics), None)
     for run in runs:
         if resumable(run):
