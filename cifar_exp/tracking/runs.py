@@ -104,6 +104,15 @@ def opener(
     return open_run
 
 
+def _record_config(writer: RecordWriter, cfg: DictConfig, folder: Path | None) -> None:
+    """A new run's first records: the checkout's uncommitted diff when it is dirty (git is asked
+    from the writer's thread), the flattened params, the resolved config and Hydra's snapshot."""
+    writer.call(lambda client, run_id: writer.log_files(code_files(), "the uncommitted diff"))
+    writer.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    config = {CONFIG_ARTIFACT: OmegaConf.to_yaml(cfg, resolve=True), **snapshot_files(folder)}
+    writer.log_files(config, "the config")
+
+
 @contextlib.contextmanager
 def start_run(
     cfg: DictConfig,
@@ -142,11 +151,7 @@ def start_run(
     )
     try:
         if run_id is None:  # a resumed run keeps the config it was first recorded with
-            # the checkout's uncommitted diff, when it is dirty: git is asked from the writer's thread
-            writer.call(lambda client, run_id: writer.log_files(code_files(), "the uncommitted diff"))
-            writer.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
-            config = {CONFIG_ARTIFACT: OmegaConf.to_yaml(cfg, resolve=True), **snapshot_files(folder)}
-            writer.log_files(config, "the config")
+            _record_config(writer, cfg, folder)
         yield writer
     except leases.TakenOver:  # another process continues the run: it is theirs to end
         writer.close(None)
