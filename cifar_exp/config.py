@@ -231,7 +231,8 @@ def schema_of(made: Any, group: str) -> type:
     fields = [("_target_", str, field(default=f"{made.__module__}.{made.__qualname__}"))]
     for f in dataclasses.fields(built):
         if f.name not in own:
-            default = MISSING if f.default is f.default_factory is dataclasses.MISSING else f.default
+            no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            default = MISSING if no_default else f.default
             # a list default keeps its factory: a new list per config
             fields.append((f.name, f.type, field(default=default, default_factory=f.default_factory)))
     schema = dataclasses.make_dataclass(f"{group}_{made.__name__}_schema", fields, bases=(base,))

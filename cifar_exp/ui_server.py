@@ -89,6 +89,8 @@ def stop_group(server: subprocess.Popen) -> None:
         deadline = time.monotonic() + STOP_GRACE_S
         while time.monotonic() < deadline and _group_alive(server):
             time.sleep(0.1)
+        if not _group_alive(server):  # gone: no SIGKILL to a group id that may be reused
+            return
 
 
 def _group_alive(server: subprocess.Popen) -> bool:
